@@ -1,0 +1,199 @@
+"""Settings: read once from the environment (and `.env`), then passed around as one object.
+
+`create_app(settings=...)` takes a `Settings` so that tests and embedding apps never
+patch the environment. A bad value raises `SettingsError` naming the variable, and the
+entry point turns that into one line on stderr instead of a traceback at first request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from starlette.config import Config
+
+PROVIDERS = ("openai", "anthropic", "echo")
+
+DEFAULT_MODELS = {
+    "openai": "gpt-4o-mini",
+    "anthropic": "claude-haiku-4-5",
+    "echo": "echo",
+}
+
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+ANTHROPIC_BASE_URL = "https://api.anthropic.com"
+
+_PERIODS = {
+    "s": 1,
+    "sec": 1,
+    "second": 1,
+    "seconds": 1,
+    "m": 60,
+    "min": 60,
+    "minute": 60,
+    "minutes": 60,
+    "h": 3600,
+    "hour": 3600,
+    "hours": 3600,
+}
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*([a-z]+)\s*$")
+
+
+class SettingsError(ValueError):
+    """A setting could not be parsed; the message names the variable."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """At most `count` events in any window of `window_s` seconds."""
+
+    count: int
+    window_s: int
+
+    @classmethod
+    def parse(cls, text: str) -> Rate:
+        match = _RATE.match(text.lower())
+        if not match or match.group(2) not in _PERIODS or int(match.group(1)) < 1:
+            raise ValueError(f"{text!r} is not a rate like 60/minute (per second, minute or hour)")
+        return cls(int(match.group(1)), _PERIODS[match.group(2)])
+
+    def __str__(self) -> str:
+        unit = {1: "second", 60: "minute", 3600: "hour"}.get(self.window_s)
+        return f"{self.count}/{unit}" if unit else f"{self.count}/{self.window_s}s"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything the service reads from its environment, typed and validated."""
+
+    provider: str = "echo"
+    model: str = ""
+    models: tuple[str, ...] = ()
+    openai_api_key: str = field(default="", repr=False)
+    openai_base_url: str = OPENAI_BASE_URL
+    anthropic_api_key: str = field(default="", repr=False)
+    anthropic_base_url: str = ANTHROPIC_BASE_URL
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    api_keys_file: Path | None = None
+    rate_limit: Rate = Rate(60, 60)
+    timeout_s: float = 60.0
+    connect_timeout_s: float = 5.0
+    max_body_bytes: int = 1024 * 1024
+    max_connections: int = 1000
+    ping_interval_s: float = 15.0
+    prices_file: Path | None = None
+    provider_was_defaulted: bool = False
+
+    def __post_init__(self) -> None:
+        if self.provider not in PROVIDERS:
+            raise SettingsError(
+                f"LLM_PROVIDER: {self.provider!r} is not one of {', '.join(PROVIDERS)}"
+            )
+        if not self.model:
+            object.__setattr__(self, "model", DEFAULT_MODELS[self.provider])
+        if not self.models:
+            object.__setattr__(self, "models", (self.model,))
+        elif self.model not in self.models:
+            object.__setattr__(self, "models", (self.model, *self.models))
+        if self.provider == "anthropic" and not self.anthropic_api_key:
+            raise SettingsError("ANTHROPIC_API_KEY: required when LLM_PROVIDER=anthropic")
+        if (
+            self.provider == "openai"
+            and not self.openai_api_key
+            and self.openai_base_url.rstrip("/") == OPENAI_BASE_URL
+        ):
+            raise SettingsError(
+                "OPENAI_API_KEY: required when LLM_PROVIDER=openai talks to api.openai.com "
+                "(set OPENAI_BASE_URL for a server that needs no key)"
+            )
+        for name, value in (
+            ("LLM_TIMEOUT_S", self.timeout_s),
+            ("LLM_CONNECT_TIMEOUT_S", self.connect_timeout_s),
+        ):
+            if not (value > 0 and math.isfinite(value)):
+                raise SettingsError(f"{name}: must be a positive number of seconds, got {value}")
+        if self.max_body_bytes < 1:
+            raise SettingsError(f"MAX_BODY_BYTES: must be positive, got {self.max_body_bytes}")
+        if not (self.ping_interval_s > 0 and math.isfinite(self.ping_interval_s)):
+            raise SettingsError(
+                f"SSE_PING_INTERVAL_S: must be a positive number, got {self.ping_interval_s}"
+            )
+        if self.max_connections < 1:
+            raise SettingsError(
+                f"LLM_MAX_CONNECTIONS: must be positive, got {self.max_connections}"
+            )
+
+    def replace(self, **changes: object) -> Settings:
+        """A copy with some fields changed (tests use it to vary one setting)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, env_file: str | Path | None = ".env"
+    ) -> Settings:
+        """Parse the environment; `.env` in the working directory fills in what it lacks."""
+        path = Path(env_file) if env_file is not None else None
+        config = Config(
+            path if path is not None and path.is_file() else None,
+            environ=os.environ if environ is None else environ,
+        )
+
+        def get(name: str, default: str = "") -> str:
+            return str(config(name, default=default)).strip()
+
+        def number(name: str, default: str, kind: type[float] | type[int]) -> float:
+            raw = get(name, default)
+            try:
+                return kind(raw)
+            except ValueError:
+                raise SettingsError(f"{name}: {raw!r} is not a number") from None
+
+        openai_key = get("OPENAI_API_KEY")
+        openai_base = get("OPENAI_BASE_URL")
+        anthropic_key = get("ANTHROPIC_API_KEY")
+        provider = get("LLM_PROVIDER").lower()
+        defaulted = not provider
+        if defaulted:
+            provider = (
+                "openai"
+                if openai_key or openai_base
+                else ("anthropic" if anthropic_key else "echo")
+            )
+        try:
+            rate = Rate.parse(get("RATE_LIMIT", "60/minute"))
+        except ValueError as exc:
+            raise SettingsError(f"RATE_LIMIT: {exc}") from None
+        keys_file = get("API_KEYS_FILE")
+        if keys_file and not Path(keys_file).is_file():
+            raise SettingsError(f"API_KEYS_FILE: {keys_file} is not a readable file")
+        prices_file = get("PRICES_FILE")
+        if prices_file and not Path(prices_file).is_file():
+            raise SettingsError(f"PRICES_FILE: {prices_file} is not a readable file")
+        return cls(
+            provider=provider,
+            provider_was_defaulted=defaulted,
+            model=get("LLM_MODEL"),
+            models=_split(get("LLM_MODELS")),
+            openai_api_key=openai_key,
+            openai_base_url=(openai_base or OPENAI_BASE_URL).rstrip("/"),
+            anthropic_api_key=anthropic_key,
+            anthropic_base_url=(get("ANTHROPIC_BASE_URL") or ANTHROPIC_BASE_URL).rstrip("/"),
+            api_keys=_split(get("API_KEYS")),
+            api_keys_file=Path(keys_file) if keys_file else None,
+            rate_limit=rate,
+            timeout_s=number("LLM_TIMEOUT_S", "60", float),
+            connect_timeout_s=number("LLM_CONNECT_TIMEOUT_S", "5", float),
+            max_body_bytes=int(number("MAX_BODY_BYTES", str(1024 * 1024), int)),
+            max_connections=int(number("LLM_MAX_CONNECTIONS", "1000", int)),
+            ping_interval_s=number("SSE_PING_INTERVAL_S", "15", float),
+            prices_file=Path(prices_file) if prices_file else None,
+        )
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())

@@ -1,0 +1,127 @@
+"""Token usage and what it costs.
+
+Prices are USD per million tokens, from the providers' published price lists
+(OpenAI and Anthropic, checked 2026-11). A model that is not in the table has an
+unknown price, and its cost is `None`: a made-up 0 would hide spend.
+A TOML file (`PRICES_FILE`) adds models or overrides these:
+
+    [models."my-finetune"]
+    input = 0.30
+    output = 1.20
+    cached_input = 0.15      # optional, defaults to input
+    cache_write = 0.375      # optional, defaults to input
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens of one call. `input_tokens` counts every input token, cached ones included."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    estimated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    input: float
+    output: float
+    cached_input: float | None = None
+    cache_write: float | None = None
+
+
+def _anthropic(input_: float, output: float) -> Price:
+    # Anthropic bills 5-minute cache writes at 1.25x and cache reads at 0.1x input.
+    return Price(input_, output, cached_input=input_ * 0.1, cache_write=input_ * 1.25)
+
+
+DEFAULT_PRICES: dict[str, Price] = {
+    # OpenAI
+    "gpt-5.4": Price(2.50, 15.00, cached_input=0.25),
+    "gpt-5.1": Price(1.25, 10.00, cached_input=0.125),
+    "gpt-5": Price(1.25, 10.00, cached_input=0.125),
+    "gpt-5-mini": Price(0.25, 2.00, cached_input=0.025),
+    "gpt-5-nano": Price(0.05, 0.40, cached_input=0.005),
+    "gpt-4.1": Price(2.00, 8.00, cached_input=0.50),
+    "gpt-4.1-mini": Price(0.40, 1.60, cached_input=0.10),
+    "gpt-4.1-nano": Price(0.10, 0.40, cached_input=0.025),
+    "gpt-4o": Price(2.50, 10.00, cached_input=1.25),
+    "gpt-4o-mini": Price(0.15, 0.60, cached_input=0.075),
+    "o3": Price(2.00, 8.00, cached_input=0.50),
+    "o4-mini": Price(1.10, 4.40, cached_input=0.275),
+    "o3-mini": Price(1.10, 4.40, cached_input=0.55),
+    # Anthropic
+    "claude-opus-4-6": _anthropic(5.00, 25.00),
+    "claude-sonnet-4-6": _anthropic(3.00, 15.00),
+    "claude-opus-4-5": _anthropic(5.00, 25.00),
+    "claude-sonnet-4-5": _anthropic(3.00, 15.00),
+    "claude-haiku-4-5": _anthropic(1.00, 5.00),
+    "claude-opus-4-1": _anthropic(15.00, 75.00),
+    "claude-opus-4": _anthropic(15.00, 75.00),
+    "claude-sonnet-4": _anthropic(3.00, 15.00),
+    "claude-3-7-sonnet": _anthropic(3.00, 15.00),
+    "claude-3-5-sonnet": _anthropic(3.00, 15.00),
+    "claude-3-5-haiku": _anthropic(0.80, 4.00),
+    "claude-3-haiku": _anthropic(0.25, 1.25),
+    # the echo provider costs nothing, and that is a known price
+    "echo": Price(0.0, 0.0),
+}
+
+# Providers answer with dated snapshots: gpt-4o-mini-2024-07-18, claude-haiku-4-5-20251001.
+_SNAPSHOT = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
+
+
+class PriceTable:
+    def __init__(self, prices: dict[str, Price] | None = None) -> None:
+        self._prices = dict(DEFAULT_PRICES if prices is None else prices)
+
+    @classmethod
+    def from_file(cls, path: Path | None) -> PriceTable:
+        """The default table, with the file's entries added on top."""
+        table = cls()
+        if path is None:
+            return table
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+        for model, entry in data.get("models", {}).items():
+            table._prices[model] = Price(
+                input=float(entry["input"]),
+                output=float(entry["output"]),
+                cached_input=_opt_float(entry.get("cached_input")),
+                cache_write=_opt_float(entry.get("cache_write")),
+            )
+        return table
+
+    def price(self, model: str) -> Price | None:
+        found = self._prices.get(model)
+        if found is None:
+            found = self._prices.get(_SNAPSHOT.sub("", model))
+        return found
+
+    def cost(self, model: str, usage: Usage) -> float | None:
+        price = self.price(model)
+        if price is None:
+            return None
+        cached = usage.cached_input_tokens
+        written = usage.cache_write_tokens
+        plain = max(usage.input_tokens - cached - written, 0)
+        total = (
+            plain * price.input
+            + cached * (price.input if price.cached_input is None else price.cached_input)
+            + written * (price.input if price.cache_write is None else price.cache_write)
+            + usage.output_tokens * price.output
+        )
+        return round(total / 1_000_000, 10)
+
+
+def _opt_float(value: object) -> float | None:
+    return None if value is None else float(value)  # type: ignore[arg-type]
