@@ -1,0 +1,603 @@
+"""Providers: plain REST calls through one shared httpx.AsyncClient, no provider SDKs.
+
+Every provider answers `complete()` with a `Completion`, and `stream()` with text
+chunks followed by one `StreamEnd`. Failures are raised as:
+
+    ProviderError               502 upstream_error: an answer we cannot use
+     ├── ProviderTimeout        504 upstream_timeout: no answer within the read timeout
+     ├── ProviderUnavailable    502 upstream_error: no connection, or the provider's 5xx
+     ├── ProviderRateLimited    429 rate_limit_exceeded: the provider is limiting us
+     ├── ProviderRejected       502 upstream_error: the provider refused our credentials
+     └── ProviderBadRequest     400 invalid_request: the provider refused this request
+
+The mapping to HTTP lives in one place, `server.py`. No message carries our provider
+key: provider messages are redacted, and credential failures never quote the provider.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import httpx
+
+from config import Settings
+from usage import Usage
+
+logger = logging.getLogger("text_tool")
+
+
+class ProviderError(Exception):
+    """The provider's answer could not be used."""
+
+
+class ProviderTimeout(ProviderError):
+    """The provider did not answer within the read timeout."""
+
+
+class ProviderUnavailable(ProviderError):
+    """No connection to the provider, or it failed on its side (5xx)."""
+
+
+class ProviderRateLimited(ProviderError):
+    """The provider rate-limited us (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ProviderRejected(ProviderError):
+    """The provider refused our credentials (HTTP 401/403)."""
+
+
+class ProviderBadRequest(ProviderError):
+    """The provider refused this request as invalid (HTTP 400, 404, 413, 422...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    model: str
+    messages: tuple[Message, ...]
+    system: str | None = None
+    max_tokens: int = 512
+    temperature: float = 0.0
+    request_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnd:
+    id: str
+    model: str
+    finish_reason: str
+    usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    id: str
+    model: str
+    text: str
+    finish_reason: str
+    usage: Usage
+
+
+class Provider:
+    """One LLM API. Subclasses set `name` and implement `complete` and `stream`."""
+
+    name: ClassVar[str]
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        raise NotImplementedError
+
+    def stream(self, request: ChatRequest) -> AsyncGenerator[str | StreamEnd, None]:
+        raise NotImplementedError
+
+
+class SharedClient:
+    """The app's one httpx.AsyncClient, made on first use: a mounted sub-app gets no
+    lifespan from its parent, so nothing else would create it in time."""
+
+    def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None):
+        self._settings = settings
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+
+    def get(self) -> httpx.AsyncClient:
+        if self._client is None or self._client.is_closed:
+            s = self._settings
+            self._client = httpx.AsyncClient(
+                transport=self._transport,
+                # httpx's defaults (100 connections, 5 s for everything) would queue the
+                # 101st concurrent stream and cut slow first tokens short.
+                limits=httpx.Limits(
+                    max_connections=s.max_connections,
+                    max_keepalive_connections=min(s.max_connections, 200),
+                    keepalive_expiry=30.0,
+                ),
+                timeout=httpx.Timeout(
+                    connect=s.connect_timeout_s,
+                    read=s.timeout_s,
+                    write=s.timeout_s,
+                    pool=s.connect_timeout_s,
+                ),
+            )
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+
+# --- helpers shared by the HTTP providers -------------------------------------------
+
+
+def _redact(text: str, secrets: tuple[str, ...]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    return text[:500]
+
+
+def _provider_message(body: bytes) -> str:
+    """The human message inside an OpenAI or Anthropic error body, if there is one."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return ""
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return str(error["message"])
+    if isinstance(error, str):
+        return error
+    return ""
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    raw = response.headers.get("retry-after-ms")
+    if raw:
+        with contextlib.suppress(ValueError):
+            return float(raw) / 1000
+    raw = response.headers.get("retry-after")
+    if raw:
+        with contextlib.suppress(ValueError):
+            value = float(raw)
+            if math.isfinite(value) and value >= 0:
+                return value
+    return None
+
+
+def status_error(response: httpx.Response, secrets: tuple[str, ...]) -> ProviderError:
+    """The exception for a provider's non-2xx answer (its body must have been read)."""
+    status = response.status_code
+    detail = _redact(_provider_message(response.content), secrets)
+    suffix = f": {detail}" if detail else ""
+    if status in (401, 403):
+        return ProviderRejected(f"the provider refused our provider key (HTTP {status})")
+    if status == 429:
+        return ProviderRateLimited(
+            f"the provider is rate limiting this service (HTTP 429){suffix}",
+            _retry_after(response),
+        )
+    if status == 408 or status >= 500:
+        return ProviderUnavailable(f"the provider failed (HTTP {status}){suffix}")
+    if 400 <= status < 500:
+        return ProviderBadRequest(f"the provider rejected the request (HTTP {status}){suffix}")
+    return ProviderError(f"unexpected provider answer (HTTP {status})")
+
+
+@contextlib.contextmanager
+def translate_transport_errors() -> Iterator[None]:
+    """httpx's exceptions, as ours: callers handle one hierarchy."""
+    try:
+        yield
+    except httpx.ConnectTimeout:
+        raise ProviderUnavailable("could not connect to the provider (connect timeout)") from None
+    except httpx.PoolTimeout:
+        raise ProviderUnavailable(
+            "too many concurrent provider calls; no connection was free in time"
+        ) from None
+    except httpx.TimeoutException:
+        raise ProviderTimeout("the provider did not answer in time") from None
+    except httpx.ConnectError:
+        raise ProviderUnavailable("could not connect to the provider") from None
+    except httpx.TransportError as exc:
+        raise ProviderUnavailable(
+            f"the connection to the provider failed ({type(exc).__name__})"
+        ) from None
+
+
+async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
+    """(event, data) pairs of a text/event-stream; lines split across reads are joined."""
+    event = ""
+    data: list[str] = []
+    async for line in response.aiter_lines():
+        if not line:
+            if data:
+                yield event or "message", "\n".join(data)
+            event, data = "", []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if name == "event":
+            event = value
+        elif name == "data":
+            data.append(value)
+    if data:
+        yield event or "message", "\n".join(data)
+
+
+def _json_object(data: str | bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except ValueError:
+        raise ProviderError("the provider sent an answer that is not JSON") from None
+    if not isinstance(value, dict):
+        raise ProviderError("the provider sent an answer that is not a JSON object")
+    return value
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def estimate_tokens(text: str) -> int:
+    """About four characters a token: used only when a server reports no usage."""
+    return max(1, math.ceil(len(text) / 4)) if text else 0
+
+
+class HttpProvider(Provider):
+    """What the OpenAI and Anthropic providers share: the client, URL, headers, errors."""
+
+    def __init__(self, client: SharedClient, *, base_url: str, api_key: str) -> None:
+        self._client = client
+        self._base_url = base_url.rstrip("/")
+        self._secrets = (api_key,) if api_key else ()
+
+    path: ClassVar[str]
+
+    def headers(self, request: ChatRequest) -> dict[str, str]:
+        headers = {"content-type": "application/json", "accept": "application/json"}
+        if request.request_id:
+            headers["x-request-id"] = request.request_id
+        return headers
+
+    async def post(self, request: ChatRequest, body: dict[str, Any]) -> dict[str, Any]:
+        with translate_transport_errors():
+            response = await self._client.get().post(
+                self._base_url + self.path, json=body, headers=self.headers(request)
+            )
+        if response.status_code != 200:
+            raise status_error(response, self._secrets)
+        return _json_object(response.content)
+
+    @contextlib.asynccontextmanager
+    async def open_stream(
+        self, request: ChatRequest, body: dict[str, Any]
+    ) -> AsyncIterator[AsyncIterator[tuple[str, str]]]:
+        """The provider's SSE events; the response is closed however the caller leaves."""
+        headers = self.headers(request) | {"accept": "text/event-stream"}
+        with translate_transport_errors():
+            async with self._client.get().stream(
+                "POST", self._base_url + self.path, json=body, headers=headers
+            ) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    raise status_error(response, self._secrets)
+                yield sse_events(response)
+
+
+# --- OpenAI and every OpenAI-compatible server ---------------------------------------
+
+_OPENAI_FINISH = {
+    "stop": "stop",
+    "length": "length",
+    "content_filter": "content_filter",
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",
+}
+
+
+def openai_usage(data: Any) -> Usage | None:
+    if not isinstance(data, dict):
+        return None
+    details = data.get("prompt_tokens_details")
+    cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    return Usage(
+        input_tokens=_int(data.get("prompt_tokens")),
+        output_tokens=_int(data.get("completion_tokens")),
+        cached_input_tokens=cached,
+    )
+
+
+class OpenAIProvider(HttpProvider):
+    name = "openai"
+    path = "/chat/completions"
+
+    def headers(self, request: ChatRequest) -> dict[str, str]:
+        headers = super().headers(request)
+        if self._secrets:
+            headers["authorization"] = f"Bearer {self._secrets[0]}"
+        return headers
+
+    @staticmethod
+    def body(request: ChatRequest, *, stream: bool) -> dict[str, Any]:
+        messages = [{"role": "system", "content": request.system}] if request.system else []
+        messages += [{"role": m.role, "content": m.content} for m in request.messages]
+        body: dict[str, Any] = {
+            "model": request.model,
+            "messages": messages,
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+        }
+        if stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        data = await self.post(request, self.body(request, stream=False))
+        try:
+            choice = data["choices"][0]
+            text = choice["message"].get("content") or ""
+            finish = str(choice.get("finish_reason") or "stop")
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise ProviderError("the provider's answer has no choices") from None
+        usage = openai_usage(data.get("usage"))
+        if usage is None:
+            usage = _estimated_usage(request, text, chunks=None)
+        return Completion(
+            id=str(data.get("id") or _new_id()),
+            model=str(data.get("model") or request.model),
+            text=str(text),
+            finish_reason=_OPENAI_FINISH.get(finish, "stop"),
+            usage=usage,
+        )
+
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[str | StreamEnd, None]:
+        id_, model, finish = "", "", None
+        usage: Usage | None = None
+        chunks: list[int] = []  # lengths only: the text itself is not kept
+        done = False
+        async with self.open_stream(request, self.body(request, stream=True)) as events:
+            async for _, data in events:
+                if data == "[DONE]":
+                    done = True
+                    break
+                obj = _json_object(data)
+                if "error" in obj:
+                    message = _redact(_provider_message(data.encode()), self._secrets)
+                    raise ProviderError(f"the provider failed mid-stream: {message}")
+                id_ = id_ or str(obj.get("id") or "")
+                model = model or str(obj.get("model") or "")
+                for choice in obj.get("choices") or ():
+                    if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                        continue
+                    delta = choice.get("delta") or {}
+                    text = delta.get("content") if isinstance(delta, dict) else None
+                    if isinstance(text, str) and text:
+                        chunks.append(len(text))
+                        yield text
+                    if choice.get("finish_reason"):
+                        finish = _OPENAI_FINISH.get(str(choice["finish_reason"]), "stop")
+                usage = openai_usage(obj.get("usage")) or usage
+        if not done and finish is None:
+            raise ProviderError("the provider's stream ended before the answer was complete")
+        if usage is None:
+            usage = _estimated_usage(request, None, chunks=len(chunks))
+        yield StreamEnd(
+            id=id_ or _new_id(),
+            model=model or request.model,
+            finish_reason=finish or "stop",
+            usage=usage,
+        )
+
+
+def _estimated_usage(request: ChatRequest, text: str | None, *, chunks: int | None) -> Usage:
+    """Token counts for a server that reports none: its stream sends about one token a
+    chunk; the prompt is estimated from its length. Logged, so nobody mistakes it."""
+    prompt = (request.system or "") + "".join(m.content for m in request.messages)
+    output = chunks if chunks is not None else estimate_tokens(text or "")
+    logger.warning(
+        "provider reported no usage; token counts are estimated",
+        extra={"event": "usage_estimated", "model": request.model},
+    )
+    return Usage(input_tokens=estimate_tokens(prompt), output_tokens=output, estimated=True)
+
+
+def _new_id() -> str:
+    return "cmpl-" + uuid.uuid4().hex
+
+
+# --- Anthropic Messages API ------------------------------------------------------------
+
+ANTHROPIC_VERSION = "2023-06-01"
+
+_ANTHROPIC_FINISH = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "pause_turn": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+}
+
+
+def anthropic_usage(data: Any, previous: Usage | None = None) -> Usage:
+    """Anthropic counts cached input apart from `input_tokens`; ours is the total."""
+    before = previous or Usage()
+    if not isinstance(data, dict):
+        return before
+    read = _int(data["cache_read_input_tokens"]) if "cache_read_input_tokens" in data else None
+    written = (
+        _int(data["cache_creation_input_tokens"]) if "cache_creation_input_tokens" in data else None
+    )
+    cached = before.cached_input_tokens if read is None else read
+    creation = before.cache_write_tokens if written is None else written
+    if "input_tokens" in data:
+        input_tokens = _int(data["input_tokens"]) + cached + creation
+    else:
+        input_tokens = before.input_tokens
+    return Usage(
+        input_tokens=input_tokens,
+        output_tokens=_int(data["output_tokens"])
+        if "output_tokens" in data
+        else before.output_tokens,
+        cached_input_tokens=cached,
+        cache_write_tokens=creation,
+    )
+
+
+_ANTHROPIC_UNAVAILABLE = {"overloaded_error", "api_error"}
+
+
+class AnthropicProvider(HttpProvider):
+    name = "anthropic"
+    path = "/v1/messages"
+
+    def headers(self, request: ChatRequest) -> dict[str, str]:
+        headers = super().headers(request)
+        headers["anthropic-version"] = ANTHROPIC_VERSION
+        if self._secrets:
+            headers["x-api-key"] = self._secrets[0]
+        return headers
+
+    @staticmethod
+    def body(request: ChatRequest, *, stream: bool) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": request.model,
+            "max_tokens": request.max_tokens,
+            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "temperature": request.temperature,
+        }
+        if request.system:
+            body["system"] = request.system
+        if stream:
+            body["stream"] = True
+        return body
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        data = await self.post(request, self.body(request, stream=False))
+        content = data.get("content")
+        if not isinstance(content, list):
+            raise ProviderError("the provider's answer has no content")
+        text = "".join(
+            str(block.get("text", ""))
+            for block in content
+            if isinstance(block, dict) and block.get("type") == "text"
+        )
+        return Completion(
+            id=str(data.get("id") or _new_id()),
+            model=str(data.get("model") or request.model),
+            text=text,
+            finish_reason=_ANTHROPIC_FINISH.get(str(data.get("stop_reason")), "stop"),
+            usage=anthropic_usage(data.get("usage")),
+        )
+
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[str | StreamEnd, None]:
+        id_, model, finish = "", "", None
+        usage = Usage()
+        stopped = False
+        async with self.open_stream(request, self.body(request, stream=True)) as events:
+            async for event, data in events:
+                obj = _json_object(data)
+                kind = event if event != "message" else str(obj.get("type", ""))
+                if kind == "content_block_delta":
+                    delta = obj.get("delta") or {}
+                    text = delta.get("text") if isinstance(delta, dict) else None
+                    if isinstance(text, str) and text:
+                        yield text
+                elif kind == "message_start":
+                    message = obj.get("message") or {}
+                    id_ = str(message.get("id") or "")
+                    model = str(message.get("model") or "")
+                    usage = anthropic_usage(message.get("usage"), usage)
+                elif kind == "message_delta":
+                    delta = obj.get("delta") or {}
+                    if isinstance(delta, dict) and delta.get("stop_reason"):
+                        finish = _ANTHROPIC_FINISH.get(str(delta["stop_reason"]), "stop")
+                    usage = anthropic_usage(obj.get("usage"), usage)
+                elif kind == "message_stop":
+                    stopped = True
+                    break
+                elif kind == "error":
+                    error = obj.get("error") or {}
+                    message = _redact(str(error.get("message", "")), self._secrets)
+                    cls = (
+                        ProviderUnavailable
+                        if error.get("type") in _ANTHROPIC_UNAVAILABLE
+                        else ProviderError
+                    )
+                    raise cls(f"the provider failed mid-stream: {message}")
+        if not stopped and finish is None:
+            raise ProviderError("the provider's stream ended before the answer was complete")
+        yield StreamEnd(
+            id=id_ or _new_id(),
+            model=model or request.model,
+            finish_reason=finish or "stop",
+            usage=usage,
+        )
+
+
+# --- echo: no network ----------------------------------------------------------------
+
+
+class EchoProvider(Provider):
+    """Answers with the prompt's words, one word a token, so counts are exact."""
+
+    name = "echo"
+
+    @staticmethod
+    def _answer(request: ChatRequest) -> tuple[list[str], str, Usage]:
+        prompt = request.messages[-1].content if request.messages else ""
+        words = prompt.split()
+        out = words[: request.max_tokens]
+        input_words = sum(len(m.content.split()) for m in request.messages)
+        input_words += len((request.system or "").split())
+        finish = "length" if len(words) > request.max_tokens else "stop"
+        return out, finish, Usage(input_tokens=input_words, output_tokens=len(out))
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        out, finish, usage = self._answer(request)
+        return Completion(
+            id=_new_id(),
+            model=request.model,
+            text=" ".join(out),
+            finish_reason=finish,
+            usage=usage,
+        )
+
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[str | StreamEnd, None]:
+        out, finish, usage = self._answer(request)
+        for i, word in enumerate(out):
+            yield word if i == 0 else " " + word
+        yield StreamEnd(id=_new_id(), model=request.model, finish_reason=finish, usage=usage)
+
+
+def make_provider(settings: Settings, client: SharedClient) -> Provider:
+    if settings.provider == "openai":
+        return OpenAIProvider(
+            client, base_url=settings.openai_base_url, api_key=settings.openai_api_key
+        )
+    if settings.provider == "anthropic":
+        return AnthropicProvider(
+            client, base_url=settings.anthropic_base_url, api_key=settings.anthropic_api_key
+        )
+    return EchoProvider()
