@@ -1,0 +1,94 @@
+"""The outermost middleware: a request id on every response, one access-log line per
+request, and the last word on unexpected exceptions.
+
+Starlette's own ServerErrorMiddleware re-raises after answering, which makes the
+server print a traceback; here the exception is logged once, as JSON with the request
+id, and the client gets the contract's 500 body.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from errors import REQUEST_ID, error_response
+
+CALL = "text_tool.call"  # a dict the routes fill with model, tokens and cost for the log
+KEY_NAME = "text_tool.key_name"
+_SANE_ID = re.compile(rb"^[A-Za-z0-9._-]{1,128}$")
+_LOGGED_FIELDS = (
+    "model",
+    "input_tokens",
+    "output_tokens",
+    "cost_usd",
+    "finish_reason",
+    "error",
+    "ttft_ms",
+)
+
+
+def incoming_request_id(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            if _SANE_ID.match(value):
+                return bytes(value).decode("ascii")
+            break
+    return uuid.uuid4().hex
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, *, logger: logging.Logger) -> None:
+        self.app = app
+        self.logger = logger
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        started = time.perf_counter()
+        rid = incoming_request_id(scope)
+        scope[REQUEST_ID] = rid
+        call: dict[str, Any] = {}
+        scope[CALL] = call
+        header = (b"x-request-id", rid.encode("ascii"))
+        status = 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            status = status or 499  # the client left while sending its body
+        except Exception:
+            self.logger.exception("unhandled error", extra={"event": "error", "request_id": rid})
+            if status == 0:
+                response = error_response(
+                    scope, 500, "internal_error", "internal error; see the server log"
+                )
+                await response(scope, receive, send_with_id)
+        finally:
+            fields: dict[str, Any] = {
+                "event": "access",
+                "request_id": rid,
+                "key": scope.get(KEY_NAME),
+                "method": scope["method"],
+                "path": scope["path"],
+                "status": status or 499,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+            }
+            for name in _LOGGED_FIELDS:
+                if name in call:
+                    fields[name] = call[name]
+            self.logger.info("request", extra=fields)
