@@ -1,0 +1,454 @@
+"""A fast fake LLM provider speaking the OpenAI and Anthropic HTTP protocols.
+
+A raw ASGI app (no framework) on uvicorn with uvloop and httptools, so that it is
+never the bottleneck of a benchmark, and a real process for end-to-end tests.
+
+    python bench/mock_provider.py --port 9100 [--ttft-ms 0] [--token-delay-ms 0]
+
+Routes: POST /v1/chat/completions (OpenAI), POST /v1/messages (Anthropic),
+GET /_stats (streams open, finished, aborted by the client; requests served),
+POST /_reset, GET /_last (the last request's body and headers).
+
+Behaviour per request, from `x-mock-*` headers (for direct calls) or from a first
+line `mock:{...json...}` in the last message (for calls through text-tool):
+  ttft_ms, token_delay_ms   latency before the first token and between tokens
+  tokens                    answer with this many tokens instead of echoing
+  text                      answer with exactly this text (split after whitespace)
+  status                    answer with this HTTP status and the provider's error body
+  retry_after               with status 429: the Retry-After header
+  error_after               stream this many tokens, then a provider error event
+  drop_after                stream this many tokens, then cut the connection
+  no_usage                  send no usage (as some OpenAI-compatible servers do)
+  garbage                   answer 200 with a body that is not JSON
+  cached                    report this many cached input tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_CHUNK = re.compile(r"\S+\s*|\s+")
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.requests = 0
+        self.open = 0
+        self.finished = 0
+        self.aborted = 0
+        self.last: dict[str, Any] = {}
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "requests": self.requests,
+            "open": self.open,
+            "finished": self.finished,
+            "aborted": self.aborted,
+        }
+
+
+class MockProvider:
+    def __init__(self, *, ttft_ms: float = 0, token_delay_ms: float = 0) -> None:
+        self.defaults = {"ttft_ms": ttft_ms, "token_delay_ms": token_delay_ms}
+        self.stats = Stats()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        path, method = scope["path"], scope["method"]
+        if path == "/_stats":
+            await _json(send, 200, self.stats.as_dict())
+        elif path == "/_reset" and method == "POST":
+            self.stats.reset()
+            await _json(send, 200, {"ok": True})
+        elif path == "/_last":
+            await _json(send, 200, self.stats.last)
+        elif method == "POST" and path.endswith("/chat/completions"):
+            await self.answer(scope, receive, send, "openai")
+        elif method == "POST" and path.endswith("/messages"):
+            await self.answer(scope, receive, send, "anthropic")
+        else:
+            await _json(send, 404, {"error": {"message": "not found", "type": "not_found"}})
+
+    async def answer(self, scope: Scope, receive: Receive, send: Send, protocol: str) -> None:
+        self.stats.requests += 1
+        raw = b""
+        while True:
+            message: Message = await receive()
+            raw += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        body = json.loads(raw)
+        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        self.stats.last = {"protocol": protocol, "body": body, "headers": headers}
+        options, prompt = self.options(headers, body)
+
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await self.respond(send, protocol, body, options, prompt, gone)
+        finally:
+            watcher.cancel()
+
+    def options(self, headers: dict[str, str], body: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        options: dict[str, Any] = dict(self.defaults)
+        for name, value in headers.items():
+            if name.startswith("x-mock-"):
+                key = name[7:].replace("-", "_")
+                options[key] = value if key == "text" else json.loads(value)
+        messages = body.get("messages") or [{}]
+        content = messages[-1].get("content") or ""
+        if isinstance(content, list):
+            content = "".join(part.get("text", "") for part in content)
+        if content.startswith("mock:"):
+            directive, _, content = content[5:].partition("\n")
+            options.update(json.loads(directive))
+        return options, content
+
+    async def respond(
+        self,
+        send: Send,
+        protocol: str,
+        body: dict[str, Any],
+        options: dict[str, Any],
+        prompt: str,
+        gone: asyncio.Event,
+    ) -> None:
+        if options.get("hang"):
+            await gone.wait()
+            self.stats.aborted += 1
+            return
+        status = int(options.get("status", 200))
+        if status != 200:
+            await _sleep(options["ttft_ms"], gone)
+            headers = {}
+            if "retry_after" in options:
+                headers["retry-after"] = str(options["retry_after"])
+            await _json(send, status, _error_body(protocol, status), headers)
+            return
+        if options.get("garbage"):
+            await _raw(send, 200, b"<html>not json", "text/html")
+            return
+
+        if "text" in options:
+            chunks = _CHUNK.findall(str(options["text"]))
+        elif "tokens" in options:
+            chunks = [f"tok{i} " for i in range(int(options["tokens"]))]
+        else:
+            chunks = [w if i == 0 else " " + w for i, w in enumerate(prompt.split())]
+        max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 1 << 30)
+        finish = "length" if len(chunks) > max_tokens else "stop"
+        chunks = chunks[:max_tokens]
+        input_tokens = sum(
+            len(str(m.get("content", "")).split()) for m in body.get("messages", [])
+        ) + len(str(body.get("system", "")).split())
+        usage = (input_tokens, len(chunks), int(options.get("cached", 0)))
+        model = str(body.get("model", "mock"))
+
+        if not body.get("stream"):
+            await _sleep(options["ttft_ms"], gone)
+            if gone.is_set():
+                self.stats.aborted += 1
+                return
+            await _sleep(options["token_delay_ms"] * len(chunks), gone)
+            make = _openai_completion if protocol == "openai" else _anthropic_message
+            await _json(send, 200, make(model, "".join(chunks), finish, usage, options))
+            self.stats.finished += 1
+            return
+
+        self.stats.open += 1
+        try:
+            if await _sleep(options["ttft_ms"], gone):
+                self.stats.aborted += 1
+                return
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")],
+                }
+            )
+            frames = (_openai_frames if protocol == "openai" else _anthropic_frames)(
+                model, chunks, finish, usage, options
+            )
+            for i, frame in enumerate(frames):
+                if i and frame[0] == "token" and await _sleep(options["token_delay_ms"], gone):
+                    self.stats.aborted += 1
+                    return
+                if frame[0] == "drop":
+                    raise ConnectionAbortedError("mock drops the connection")
+                await send({"type": "http.response.body", "body": frame[1], "more_body": True})
+                if gone.is_set():
+                    self.stats.aborted += 1
+                    return
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            self.stats.finished += 1
+        finally:
+            self.stats.open -= 1
+
+
+async def _sleep(ms: float, gone: asyncio.Event) -> bool:
+    """Sleep, waking early when the client leaves; True when it left."""
+    if ms <= 0:
+        return gone.is_set()
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(gone.wait(), ms / 1000)
+    return gone.is_set()
+
+
+def _sse(data: dict[str, Any] | str, event: str | None = None) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data)
+    return (f"event: {event}\n" if event else "").encode() + f"data: {payload}\n\n".encode()
+
+
+def _openai_usage(usage: tuple[int, int, int]) -> dict[str, Any]:
+    return {
+        "prompt_tokens": usage[0],
+        "completion_tokens": usage[1],
+        "total_tokens": usage[0] + usage[1],
+        "prompt_tokens_details": {"cached_tokens": usage[2], "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
+    }
+
+
+def _openai_completion(
+    model: str, text: str, finish: str, usage: tuple[int, int, int], options: dict[str, Any]
+) -> dict[str, Any]:
+    answer: dict[str, Any] = {
+        "id": "chatcmpl-" + uuid.uuid4().hex[:24],
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+        ],
+        "service_tier": "default",
+        "system_fingerprint": "fp_mock",
+    }
+    if not options.get("no_usage"):
+        answer["usage"] = _openai_usage(usage)
+    return answer
+
+
+def _openai_frames(
+    model: str,
+    chunks: list[str],
+    finish: str,
+    usage: tuple[int, int, int],
+    options: dict[str, Any],
+) -> list[tuple[str, bytes]]:
+    base = {
+        "id": "chatcmpl-" + uuid.uuid4().hex[:24],
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": "fp_mock",
+    }
+
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return _sse({**base, "choices": [choice], "usage": None})
+
+    frames = [("start", chunk({"role": "assistant", "content": "", "refusal": None}))]
+    for i, text in enumerate(chunks):
+        frames += _fault(options, i) + [("token", chunk({"content": text}))]
+    frames += _fault(options, len(chunks))
+    frames.append(("end", chunk({}, finish)))
+    if not options.get("no_usage"):
+        frames.append(("usage", _sse({**base, "choices": [], "usage": _openai_usage(usage)})))
+    frames.append(("done", _sse("[DONE]")))
+    return frames
+
+
+def _anthropic_usage(usage: tuple[int, int, int]) -> dict[str, Any]:
+    return {
+        "input_tokens": usage[0] - usage[2],
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": usage[2],
+        "output_tokens": usage[1],
+        "service_tier": "standard",
+    }
+
+
+def _anthropic_stop(finish: str) -> str:
+    return "max_tokens" if finish == "length" else "end_turn"
+
+
+def _anthropic_message(
+    model: str, text: str, finish: str, usage: tuple[int, int, int], options: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "id": "msg_" + uuid.uuid4().hex[:24],
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": _anthropic_stop(finish),
+        "stop_sequence": None,
+        "usage": _anthropic_usage(usage),
+    }
+
+
+def _anthropic_frames(
+    model: str,
+    chunks: list[str],
+    finish: str,
+    usage: tuple[int, int, int],
+    options: dict[str, Any],
+) -> list[tuple[str, bytes]]:
+    start_usage = _anthropic_usage((usage[0], 1, usage[2]))
+    message: dict[str, Any] = {
+        "id": "msg_" + uuid.uuid4().hex[:24],
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": start_usage,
+    }
+    frames = [
+        ("start", _sse({"type": "message_start", "message": message}, "message_start")),
+        (
+            "start",
+            _sse(
+                {
+                    "type": "content_block_start",
+                    "index": 0,
+                    "content_block": {"type": "text", "text": ""},
+                },
+                "content_block_start",
+            ),
+        ),
+        ("start", _sse({"type": "ping"}, "ping")),
+    ]
+    for i, text in enumerate(chunks):
+        delta = {
+            "type": "content_block_delta",
+            "index": 0,
+            "delta": {"type": "text_delta", "text": text},
+        }
+        frames += _fault(options, i, anthropic=True) + [
+            ("token", _sse(delta, "content_block_delta"))
+        ]
+    frames += _fault(options, len(chunks), anthropic=True)
+    frames.append(("end", _sse({"type": "content_block_stop", "index": 0}, "content_block_stop")))
+    delta_usage = {"output_tokens": usage[1]}
+    frames.append(
+        (
+            "end",
+            _sse(
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": _anthropic_stop(finish), "stop_sequence": None},
+                    "usage": delta_usage,
+                },
+                "message_delta",
+            ),
+        )
+    )
+    frames.append(("done", _sse({"type": "message_stop"}, "message_stop")))
+    return frames
+
+
+def _fault(options: dict[str, Any], index: int, anthropic: bool = False) -> list[tuple[str, bytes]]:
+    if options.get("drop_after") == index:
+        return [("drop", b"")]
+    if options.get("error_after") == index:
+        if anthropic:
+            error = {
+                "type": "error",
+                "error": {"type": "overloaded_error", "message": "Overloaded"},
+            }
+            return [("error", _sse(error, "error"))]
+        error = {"error": {"message": "The server had an error", "type": "server_error"}}
+        return [("error", _sse(error))]
+    return []
+
+
+def _error_body(protocol: str, status: int) -> dict[str, Any]:
+    kinds = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        403: "permission_error",
+        404: "not_found_error",
+        429: "rate_limit_error",
+        529: "overloaded_error",
+    }
+    kind = kinds.get(status, "api_error")
+    message = f"mock error {status}"
+    if status == 401:
+        # the real OpenAI quotes part of the key it refused
+        message = "Incorrect API key provided: sk-mock***oops"
+    if protocol == "anthropic":
+        return {"type": "error", "error": {"type": kind, "message": message}}
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+
+async def _json(send: Send, status: int, data: Any, headers: dict[str, str] | None = None) -> None:
+    await _raw(send, status, json.dumps(data).encode(), "application/json", headers)
+
+
+async def _raw(
+    send: Send, status: int, body: bytes, ctype: str, headers: dict[str, str] | None = None
+) -> None:
+    raw_headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode())]
+    raw_headers += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def main() -> None:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9100)
+    parser.add_argument("--ttft-ms", type=float, default=0)
+    parser.add_argument("--token-delay-ms", type=float, default=0)
+    args = parser.parse_args()
+    app = MockProvider(ttft_ms=args.ttft_ms, token_delay_ms=args.token_delay_ms)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        log_level="warning",
+        access_log=False,
+        backlog=4096,
+    )
+
+
+if __name__ == "__main__":
+    main()

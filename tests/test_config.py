@@ -1,0 +1,93 @@
+"""Settings: parsed once, bad values named, `.env` read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from config import Rate, Settings, SettingsError
+
+
+def test_defaults_to_echo_when_no_provider_key_is_set() -> None:
+    settings = Settings.from_env(environ={}, env_file=None)
+    assert settings.provider == "echo" and settings.provider_was_defaulted
+    assert settings.model == "echo" and settings.models == ("echo",)
+    assert settings.rate_limit == Rate(60, 60)
+    assert settings.max_body_bytes == 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("environ", "provider", "model"),
+    [
+        ({"OPENAI_API_KEY": "k"}, "openai", "gpt-4o-mini"),
+        ({"ANTHROPIC_API_KEY": "k"}, "anthropic", "claude-haiku-4-5"),
+        ({"OPENAI_API_KEY": "k", "ANTHROPIC_API_KEY": "k"}, "openai", "gpt-4o-mini"),
+        ({"OPENAI_BASE_URL": "http://127.0.0.1:11434/v1"}, "openai", "gpt-4o-mini"),
+        ({"ANTHROPIC_API_KEY": "k", "LLM_PROVIDER": "echo"}, "echo", "echo"),
+    ],
+)
+def test_provider_is_chosen_by_the_keys_present(
+    environ: dict[str, str], provider: str, model: str
+) -> None:
+    settings = Settings.from_env(environ=environ, env_file=None)
+    assert (settings.provider, settings.model) == (provider, model)
+
+
+def test_models_list_always_includes_the_default_model() -> None:
+    settings = Settings.from_env(
+        environ={"OPENAI_API_KEY": "k", "LLM_MODEL": "gpt-4.1-mini", "LLM_MODELS": "gpt-4o, o3"},
+        env_file=None,
+    )
+    assert settings.models == ("gpt-4.1-mini", "gpt-4o", "o3")
+
+
+def test_dotenv_file_is_read_and_the_environment_wins(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("LLM_PROVIDER=echo\nRATE_LIMIT=5/second\nMAX_BODY_BYTES=2048\n")
+    settings = Settings.from_env(environ={"MAX_BODY_BYTES": "4096"}, env_file=env_file)
+    assert settings.rate_limit == Rate(5, 1)
+    assert settings.max_body_bytes == 4096
+
+
+@pytest.mark.parametrize(
+    ("text", "rate"),
+    [
+        ("60/minute", Rate(60, 60)),
+        ("10/second", Rate(10, 1)),
+        ("1000 / hour", Rate(1000, 3600)),
+        ("5/s", Rate(5, 1)),
+        ("7/MIN", Rate(7, 60)),
+    ],
+)
+def test_rates_parse(text: str, rate: Rate) -> None:
+    assert Rate.parse(text) == rate
+
+
+@pytest.mark.parametrize(
+    ("environ", "names"),
+    [
+        ({"RATE_LIMIT": "lots"}, "RATE_LIMIT"),
+        ({"RATE_LIMIT": "0/minute"}, "RATE_LIMIT"),
+        ({"RATE_LIMIT": "5/fortnight"}, "RATE_LIMIT"),
+        ({"LLM_PROVIDER": "gemini"}, "LLM_PROVIDER"),
+        ({"LLM_PROVIDER": "anthropic"}, "ANTHROPIC_API_KEY"),
+        ({"LLM_PROVIDER": "openai"}, "OPENAI_API_KEY"),
+        ({"LLM_TIMEOUT_S": "soon"}, "LLM_TIMEOUT_S"),
+        ({"LLM_TIMEOUT_S": "-1"}, "LLM_TIMEOUT_S"),
+        ({"MAX_BODY_BYTES": "0"}, "MAX_BODY_BYTES"),
+        ({"SSE_PING_INTERVAL_S": "0"}, "SSE_PING_INTERVAL_S"),
+        ({"API_KEYS_FILE": "/nonexistent/keys.toml"}, "API_KEYS_FILE"),
+        ({"PRICES_FILE": "/nonexistent/prices.toml"}, "PRICES_FILE"),
+    ],
+)
+def test_a_bad_setting_is_named_in_the_error(environ: dict[str, str], names: str) -> None:
+    with pytest.raises(SettingsError, match=names):
+        Settings.from_env(environ=environ, env_file=None)
+
+
+def test_provider_keys_stay_out_of_the_settings_repr() -> None:
+    settings = Settings(
+        provider="openai", openai_api_key="sk-very-secret", api_keys=("client-key",)
+    )
+    assert "sk-very-secret" not in repr(settings) and "client-key" not in repr(settings)

@@ -1,0 +1,413 @@
+"""Unit tests of the providers in llm.py, with the provider APIs mocked by respx."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+import respx
+
+import llm
+from config import Settings
+from tests.conftest import PROVIDER_KEY
+from usage import Usage
+
+pytestmark = pytest.mark.anyio
+
+OPENAI = "https://api.openai.com/v1/chat/completions"
+ANTHROPIC = "https://api.anthropic.com/v1/messages"
+
+
+def sse(*frames: object, events: list[str] | None = None) -> bytes:
+    out = []
+    for i, frame in enumerate(frames):
+        head = f"event: {events[i]}\n" if events else ""
+        data = frame if isinstance(frame, str) else json.dumps(frame)
+        out.append(f"{head}data: {data}\n\n")
+    return "".join(out).encode()
+
+
+def openai_chunk(content: str | None = None, finish: str | None = None) -> dict[str, object]:
+    delta = {} if content is None else {"content": content}
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "model": "gpt-4o-mini-2024-07-18",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+
+
+USAGE_CHUNK = {
+    "id": "chatcmpl-1",
+    "object": "chat.completion.chunk",
+    "model": "gpt-4o-mini-2024-07-18",
+    "choices": [],
+    "usage": {
+        "prompt_tokens": 12,
+        "completion_tokens": 2,
+        "total_tokens": 14,
+        "prompt_tokens_details": {"cached_tokens": 4},
+    },
+}
+
+
+def provider(kind: str) -> llm.Provider:
+    settings = (
+        Settings(provider="openai", openai_api_key=PROVIDER_KEY)
+        if kind == "openai"
+        else Settings(provider="anthropic", anthropic_api_key=PROVIDER_KEY)
+    )
+    return llm.make_provider(settings, llm.SharedClient(settings))
+
+
+def request(**changes: object) -> llm.ChatRequest:
+    base: dict[str, object] = {
+        "model": "gpt-4o-mini",
+        "messages": (llm.Message("user", "Say hi"),),
+        "system": "Be brief.",
+        "max_tokens": 20,
+        "temperature": 0.5,
+        "request_id": "req-1",
+    }
+    base.update(changes)
+    return llm.ChatRequest(**base)  # type: ignore[arg-type]
+
+
+async def collect(items: AsyncIterator[str | llm.StreamEnd]) -> tuple[list[str], llm.StreamEnd]:
+    texts: list[str] = []
+    async for item in items:
+        if isinstance(item, llm.StreamEnd):
+            return texts, item
+        texts.append(item)
+    raise AssertionError("stream ended without StreamEnd")
+
+
+@respx.mock
+async def test_openai_complete_sends_the_chat_body_and_reads_usage() -> None:
+    route = respx.post(OPENAI).respond(
+        200,
+        json={
+            "id": "chatcmpl-9",
+            "object": "chat.completion",
+            "model": "gpt-4o-mini-2024-07-18",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "Hi!"},
+                    "finish_reason": "length",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": 10,
+                "completion_tokens": 3,
+                "total_tokens": 13,
+                "prompt_tokens_details": {"cached_tokens": 8},
+            },
+        },
+    )
+    result = await provider("openai").complete(request())
+    sent = route.calls.last.request
+    assert json.loads(sent.content) == {
+        "model": "gpt-4o-mini",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Say hi"},
+        ],
+        "max_tokens": 20,
+        "temperature": 0.5,
+    }
+    assert sent.headers["authorization"] == f"Bearer {PROVIDER_KEY}"
+    assert sent.headers["x-request-id"] == "req-1"
+    assert result == llm.Completion(
+        id="chatcmpl-9",
+        model="gpt-4o-mini-2024-07-18",
+        text="Hi!",
+        finish_reason="length",
+        usage=Usage(input_tokens=10, output_tokens=3, cached_input_tokens=8),
+    )
+
+
+@respx.mock
+async def test_openai_stream_asks_for_usage_and_yields_text_then_the_end() -> None:
+    route = respx.post(OPENAI).respond(
+        200,
+        content=sse(
+            openai_chunk(""),
+            openai_chunk("Hel"),
+            openai_chunk("lo\nthere"),
+            openai_chunk(finish="stop"),
+            USAGE_CHUNK,
+            "[DONE]",
+        ),
+        headers={"content-type": "text/event-stream"},
+    )
+    texts, end = await collect(provider("openai").stream(request()))
+    body = json.loads(route.calls.last.request.content)
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert texts == ["Hel", "lo\nthere"]
+    assert end.finish_reason == "stop"
+    assert end.model == "gpt-4o-mini-2024-07-18"
+    assert end.usage == Usage(input_tokens=12, output_tokens=2, cached_input_tokens=4)
+
+
+@respx.mock
+async def test_openai_stream_without_usage_estimates_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    respx.post(OPENAI).respond(
+        200,
+        content=sse(openai_chunk("a"), openai_chunk("b"), openai_chunk("c", "stop"), "[DONE]"),
+    )
+    with caplog.at_level(logging.WARNING, logger="text_tool"):
+        texts, end = await collect(provider("openai").stream(request()))
+    assert texts == ["a", "b", "c"]
+    assert end.usage.output_tokens == 3 and end.usage.estimated
+    assert end.usage.input_tokens > 0
+    assert any(getattr(r, "event", None) == "usage_estimated" for r in caplog.records)
+
+
+@respx.mock
+async def test_openai_stream_cut_before_the_end_is_an_error() -> None:
+    respx.post(OPENAI).respond(200, content=sse(openai_chunk("a"), openai_chunk("b")))
+    with pytest.raises(llm.ProviderError, match="ended before"):
+        await collect(provider("openai").stream(request()))
+
+
+@respx.mock
+async def test_openai_error_event_mid_stream_is_an_error() -> None:
+    respx.post(OPENAI).respond(
+        200, content=sse(openai_chunk("a"), {"error": {"message": "boom", "type": "server_error"}})
+    )
+    with pytest.raises(llm.ProviderError, match="boom"):
+        await collect(provider("openai").stream(request()))
+
+
+@respx.mock
+async def test_sse_lines_split_across_reads_are_joined() -> None:
+    raw = sse(openai_chunk("one"), openai_chunk("two", "stop"), USAGE_CHUNK, "[DONE]")
+
+    async def dribble() -> AsyncIterator[bytes]:
+        for i in range(0, len(raw), 7):
+            yield raw[i : i + 7]
+
+    respx.post(OPENAI).respond(200, stream=dribble())  # type: ignore[arg-type]
+    texts, end = await collect(provider("openai").stream(request()))
+    assert texts == ["one", "two"] and end.usage.input_tokens == 12
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "match"),
+    [
+        (401, llm.ProviderRejected, "refused our provider key"),
+        (403, llm.ProviderRejected, "refused our provider key"),
+        (429, llm.ProviderRateLimited, "rate limiting"),
+        (500, llm.ProviderUnavailable, "HTTP 500"),
+        (503, llm.ProviderUnavailable, "HTTP 503"),
+        (400, llm.ProviderBadRequest, "maximum context length"),
+    ],
+)
+@respx.mock
+async def test_openai_status_errors_map_to_provider_errors(
+    status: int, error: type[Exception], match: str
+) -> None:
+    message = "This model's maximum context length is 128000 tokens"
+    if status == 401:
+        message = f"Incorrect API key provided: {PROVIDER_KEY}"
+    respx.post(OPENAI).respond(
+        status,
+        json={"error": {"message": message, "type": "x", "code": None}},
+        headers={"retry-after": "7"},
+    )
+    for call in (
+        provider("openai").complete(request()),
+        collect(provider("openai").stream(request())),
+    ):
+        with pytest.raises(error, match=match) as info:
+            await call
+        assert PROVIDER_KEY not in str(info.value)
+        if status == 429:
+            assert info.value.retry_after_s == 7  # type: ignore[attr-defined]
+
+
+@respx.mock
+async def test_a_provider_message_quoting_our_key_is_redacted() -> None:
+    respx.post(OPENAI).respond(
+        400, json={"error": {"message": f"bad key {PROVIDER_KEY} in prompt", "type": "x"}}
+    )
+    with pytest.raises(llm.ProviderBadRequest) as info:
+        await provider("openai").complete(request())
+    assert PROVIDER_KEY not in str(info.value) and "[redacted]" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("side_effect", "error"),
+    [
+        (httpx.ReadTimeout("slow"), llm.ProviderTimeout),
+        (httpx.ConnectError("refused"), llm.ProviderUnavailable),
+        (httpx.ConnectTimeout("slow connect"), llm.ProviderUnavailable),
+        (httpx.RemoteProtocolError("peer closed"), llm.ProviderUnavailable),
+    ],
+)
+@respx.mock
+async def test_transport_failures_map_to_provider_errors(
+    side_effect: Exception, error: type[Exception]
+) -> None:
+    respx.post(OPENAI).mock(side_effect=side_effect)
+    respx.post(ANTHROPIC).mock(side_effect=side_effect)
+    for kind in ("openai", "anthropic"):
+        with pytest.raises(error):
+            await provider(kind).complete(request())
+        with pytest.raises(error):
+            await collect(provider(kind).stream(request()))
+
+
+@respx.mock
+async def test_an_answer_that_is_not_json_is_a_provider_error() -> None:
+    respx.post(OPENAI).respond(200, content=b"<html>oops</html>")
+    with pytest.raises(llm.ProviderError, match="not JSON"):
+        await provider("openai").complete(request())
+
+
+@respx.mock
+async def test_anthropic_complete_sends_messages_body_and_counts_cache_tokens() -> None:
+    route = respx.post(ANTHROPIC).respond(
+        200,
+        json={
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-haiku-4-5-20251001",
+            "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": " you"}],
+            "stop_reason": "max_tokens",
+            "stop_sequence": None,
+            "usage": {
+                "input_tokens": 5,
+                "cache_creation_input_tokens": 100,
+                "cache_read_input_tokens": 200,
+                "output_tokens": 2,
+            },
+        },
+    )
+    result = await provider("anthropic").complete(request(model="claude-haiku-4-5"))
+    sent = route.calls.last.request
+    assert json.loads(sent.content) == {
+        "model": "claude-haiku-4-5",
+        "max_tokens": 20,
+        "messages": [{"role": "user", "content": "Say hi"}],
+        "temperature": 0.5,
+        "system": "Be brief.",
+    }
+    assert sent.headers["x-api-key"] == PROVIDER_KEY
+    assert sent.headers["anthropic-version"] == "2023-06-01"
+    assert "authorization" not in sent.headers
+    assert result.text == "Hello you"
+    assert result.finish_reason == "length"
+    assert result.usage == Usage(
+        input_tokens=305, output_tokens=2, cached_input_tokens=200, cache_write_tokens=100
+    )
+
+
+ANTHROPIC_STREAM = [
+    (
+        "message_start",
+        {
+            "type": "message_start",
+            "message": {
+                "id": "msg_2",
+                "type": "message",
+                "role": "assistant",
+                "model": "claude-haiku-4-5-20251001",
+                "content": [],
+                "stop_reason": None,
+                "usage": {"input_tokens": 9, "cache_read_input_tokens": 3, "output_tokens": 1},
+            },
+        },
+    ),
+    (
+        "content_block_start",
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+    ),
+    ("ping", {"type": "ping"}),
+    (
+        "content_block_delta",
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}},
+    ),
+    (
+        "content_block_delta",
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "!\n"}},
+    ),
+    ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+    (
+        "message_delta",
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+            "usage": {"output_tokens": 4},
+        },
+    ),
+    ("message_stop", {"type": "message_stop"}),
+]
+
+
+@respx.mock
+async def test_anthropic_stream_reads_the_event_sequence() -> None:
+    route = respx.post(ANTHROPIC).respond(
+        200,
+        content=sse(*[f for _, f in ANTHROPIC_STREAM], events=[e for e, _ in ANTHROPIC_STREAM]),
+    )
+    texts, end = await collect(provider("anthropic").stream(request(model="claude-haiku-4-5")))
+    assert json.loads(route.calls.last.request.content)["stream"] is True
+    assert texts == ["Hi", "!\n"]
+    assert end == llm.StreamEnd(
+        id="msg_2",
+        model="claude-haiku-4-5-20251001",
+        finish_reason="stop",
+        usage=Usage(input_tokens=12, output_tokens=4, cached_input_tokens=3),
+    )
+
+
+@respx.mock
+async def test_anthropic_error_event_mid_stream_is_unavailable() -> None:
+    frames = ANTHROPIC_STREAM[:4] + [
+        ("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+    ]
+    respx.post(ANTHROPIC).respond(
+        200, content=sse(*[f for _, f in frames], events=[e for e, _ in frames])
+    )
+    with pytest.raises(llm.ProviderUnavailable, match="Overloaded"):
+        await collect(provider("anthropic").stream(request()))
+
+
+@respx.mock
+async def test_anthropic_529_overloaded_is_unavailable() -> None:
+    respx.post(ANTHROPIC).respond(
+        529, json={"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    )
+    with pytest.raises(llm.ProviderUnavailable, match="529"):
+        await provider("anthropic").complete(request())
+
+
+async def test_echo_answers_with_the_prompts_words_and_exact_counts() -> None:
+    echo = llm.EchoProvider()
+    req = request(messages=(llm.Message("user", "one two  three\nfour"),), max_tokens=3)
+    result = await echo.complete(req)
+    assert result.text == "one two three"
+    assert result.finish_reason == "length"
+    assert result.usage == Usage(input_tokens=6, output_tokens=3)  # 4 prompt + 2 system words
+    texts, end = await collect(echo.stream(req))
+    assert texts == ["one", " two", " three"]
+    assert end.usage == result.usage and end.finish_reason == "length"
+
+
+async def test_shared_client_is_made_once_and_sized_on_purpose() -> None:
+    shared = llm.SharedClient(Settings(max_connections=700, timeout_s=42))
+    client = shared.get()
+    assert shared.get() is client
+    assert client.timeout.read == 42 and client.timeout.connect == 5
+    pool = client._transport._pool  # type: ignore[attr-defined]
+    assert pool._max_connections == 700
+    await shared.aclose()
+    assert client.is_closed

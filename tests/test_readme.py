@@ -1,0 +1,77 @@
+"""The README's run command and curl examples work verbatim (only the port differs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, Process, free_port
+
+README = (ROOT / "README.md").read_text()
+BLOCKS = re.findall(r"```(\w*)\n(.*?)```", README, flags=re.S)
+
+
+def sh_lines(prefix: str) -> list[str]:
+    return [
+        line
+        for lang, body in BLOCKS
+        if lang == "sh"
+        for line in body.splitlines()
+        if prefix in line
+    ]
+
+
+@pytest.fixture
+def readme_service(tmp_path: Path) -> Iterator[Process]:
+    (run,) = sh_lines("uvicorn server:app --port 8000")
+    port = free_port()
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_", "LLM_"))
+    }
+    proc = Process(
+        [
+            "bash",
+            "-c",
+            # exec: so that stopping the shell stops uv, which passes the signal to uvicorn
+            run.replace("--port 8000", f"--port {port}").replace("uv run", "exec uv run"),
+        ],
+        env,
+        tmp_path / "readme-service.log",
+        port,
+    )
+    proc.wait_ready("/health", timeout_s=60)
+    yield proc
+    proc.stop()
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_readme_curl_examples_work_verbatim(readme_service: Process) -> None:
+    curls = sh_lines("curl ")
+    assert len(curls) == 2
+    outputs = []
+    for line in curls:
+        command = line.replace("127.0.0.1:8000", f"127.0.0.1:{readme_service.port}")
+        done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        outputs.append(done.stdout)
+
+    shown = [body for lang, body in BLOCKS if lang == "json"][0]
+    expected = json.loads(shown.replace("cmpl-…", "x"))
+    got = json.loads(outputs[0])
+    assert {k: v for k, v in got.items() if k != "id"} == {
+        k: v for k, v in expected.items() if k != "id"
+    }
+
+    shown_stream = [body for lang, body in BLOCKS if lang == "" and "data: [DONE]" in body][0]
+    assert _without_ids(outputs[1]) == _without_ids(shown_stream)
+
+
+def _without_ids(text: str) -> str:
+    return re.sub(r'"id":"[^"]*"', '"id":"x"', text).strip()
