@@ -17,10 +17,10 @@ from typing import Any
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from auth import AUTH
 from errors import REQUEST_ID, error_response
 
 CALL = "text_tool.call"  # a dict the routes fill with model, tokens and cost for the log
-KEY_NAME = "text_tool.key_name"
 _SANE_ID = re.compile(rb"^[A-Za-z0-9._-]{1,128}$")
 _LOGGED_FIELDS = (
     "model",
@@ -82,7 +82,7 @@ class RequestContextMiddleware:
             fields: dict[str, Any] = {
                 "event": "access",
                 "request_id": rid,
-                "key": scope.get(KEY_NAME),
+                "key": getattr(scope.get(AUTH), "name", None),
                 "method": scope["method"],
                 "path": scope["path"],
                 "status": status or 499,

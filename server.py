@@ -26,11 +26,13 @@ from starlette.routing import Route
 from starlette.types import Receive
 
 import llm
+from auth import AUTH, ApiKey, AuthMiddleware, KeyRing
 from config import Settings, SettingsError
 from errors import ApiError, api_error_response, error_body, error_response, request_id
 from logs import get_logger
+from ratelimit import Limiter, MemoryLimiter, RateLimitMiddleware
 from requestlog import CALL, RequestContextMiddleware
-from usage import PriceTable, Usage
+from usage import PriceTable, Usage, UsageBook
 
 T = TypeVar("T")
 BodyT = TypeVar("BodyT", bound=BaseModel)
@@ -56,6 +58,9 @@ class Service:
     provider: llm.Provider
     client: llm.SharedClient
     prices: PriceTable
+    keys: KeyRing
+    limiter: Limiter
+    usage: UsageBook
     logger: logging.Logger
     ready: bool = True
 
@@ -114,11 +119,31 @@ async def parse_body(request: Request, model: type[BodyT], limit: int) -> BodyT:
         raise ApiError(422, "invalid_request", summary, errors=errors) from None
 
 
-def chat_request(request: Request, body: CompleteBody) -> llm.ChatRequest:
+def caller(request: Request) -> ApiKey | None:
+    key: ApiKey | None = request.scope.get(AUTH)
+    return key
+
+
+def allowed_models(settings: Settings, key: ApiKey | None) -> tuple[str, ...]:
+    """`LLM_MODELS`, narrowed by the key's own allowlist; the default model first."""
+    if key is None or key.models is None:
+        return settings.models
+    return tuple(m for m in settings.models if m in key.models)
+
+
+def choose_model(request: Request, asked: str | None) -> str:
     settings = service(request).settings
-    model = body.model or settings.model
-    if model not in settings.models:
-        raise ApiError(403, "model_not_allowed", f"model {model!r} is not allowed here")
+    allowed = allowed_models(settings, caller(request))
+    if asked is None:
+        # The default model, or the first this key may use.
+        asked = settings.model if settings.model in allowed or not allowed else allowed[0]
+    if asked not in allowed:
+        raise ApiError(403, "model_not_allowed", f"model {asked!r} is not allowed for this key")
+    return asked
+
+
+def chat_request(request: Request, body: CompleteBody) -> llm.ChatRequest:
+    model = choose_model(request, body.model)
     return llm.ChatRequest(
         model=model,
         messages=(llm.Message("user", body.prompt),),
@@ -158,8 +183,11 @@ async def unless_disconnected(request: Request, awaitable: Awaitable[T]) -> tupl
 
 
 def account(request: Request, model: str, usage: Usage, finish_reason: str) -> float | None:
-    """Price the call and note it for the access log."""
-    cost = service(request).prices.cost(model, usage)
+    """Price the call, add it to the caller's usage and note it for the access log."""
+    svc = service(request)
+    cost = svc.prices.cost(model, usage)
+    key = caller(request)
+    svc.usage.record(key.name if key else "anonymous", model, usage, cost)
     call = request.scope.get(CALL)
     if call is not None:
         call.update(
@@ -183,6 +211,11 @@ async def ready(request: Request) -> Response:
     if not service(request).ready:
         return error_response(request.scope, 503, "not_ready", "the service is shutting down")
     return JSONResponse({"status": "ready"})
+
+
+async def usage(request: Request) -> Response:
+    key = caller(request)
+    return JSONResponse(service(request).usage.report(key.name if key else "anonymous"))
 
 
 async def complete(request: Request) -> Response:
@@ -227,7 +260,7 @@ async def stream(request: Request) -> Response:
         await events.aclose()
         return Response(status_code=499)
     return EventSourceResponse(
-        _sse_body(request, first, events),
+        _sse_body(request, chat, first, events),
         headers={"Cache-Control": "no-cache"},
         ping=svc.settings.ping_interval_s,
         ping_message_factory=lambda: ServerSentEvent(comment="ping"),
@@ -236,12 +269,18 @@ async def stream(request: Request) -> Response:
 
 
 async def _sse_body(
-    request: Request, first: str | llm.StreamEnd, events: AsyncGenerator[str | llm.StreamEnd, None]
+    request: Request,
+    chat: llm.ChatRequest,
+    first: str | llm.StreamEnd,
+    events: AsyncGenerator[str | llm.StreamEnd, None],
 ) -> AsyncIterator[bytes]:
     item = first
+    sent = 0
+    ended = False
     try:
         while True:
             if isinstance(item, llm.StreamEnd):
+                ended = True
                 cost = account(request, item.model, item.usage, item.finish_reason)
                 yield sse_frame(
                     {
@@ -257,6 +296,7 @@ async def _sse_body(
                 yield _DONE
                 return
             yield sse_frame({"text": item})
+            sent += 1
             item = await anext(events)
     except llm.ProviderError as exc:
         error = provider_api_error(exc)
@@ -264,6 +304,14 @@ async def _sse_body(
         yield sse_frame(error_body(error.type, error.message, request_id(request.scope)), "error")
     finally:
         await events.aclose()
+        if not ended:
+            # Cut short (an error, or the client left): the provider billed what it
+            # sent, about a token a chunk, so the caller's usage counts that.
+            prompt = (chat.system or "") + "".join(m.content for m in chat.messages)
+            estimate = Usage(
+                input_tokens=llm.estimate_tokens(prompt), output_tokens=sent, estimated=True
+            )
+            account(request, chat.model, estimate, "interrupted")
 
 
 # --- errors ---------------------------------------------------------------------------------
@@ -321,9 +369,12 @@ def create_app(
         provider=llm.make_provider(settings, client),
         client=client,
         prices=_prices(settings),
+        keys=KeyRing.from_settings(settings),
+        limiter=MemoryLimiter(),
+        usage=UsageBook(),
         logger=logger,
     )
-    _announce(settings, logger)
+    _announce(svc)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -333,6 +384,7 @@ def create_app(
         finally:
             svc.ready = False
             await client.aclose()
+            logger.info("usage totals", extra={"event": "usage_totals", "keys": svc.usage.all()})
 
     app = Starlette(
         routes=[
@@ -340,8 +392,13 @@ def create_app(
             Route("/ready", ready, methods=["GET"]),
             Route("/complete", complete, methods=["POST"]),
             Route("/stream", stream, methods=["POST"]),
+            Route("/usage", usage, methods=["GET"]),
         ],
-        middleware=[Middleware(RequestContextMiddleware, logger=logger)],
+        middleware=[
+            Middleware(RequestContextMiddleware, logger=logger),
+            Middleware(AuthMiddleware, keys=svc.keys),
+            Middleware(RateLimitMiddleware, limiter=svc.limiter, default_rate=settings.rate_limit),
+        ],
         exception_handlers={
             ApiError: on_api_error,
             llm.ProviderError: on_provider_error,
@@ -360,8 +417,20 @@ def _prices(settings: Settings) -> PriceTable:
         raise SettingsError(f"PRICES_FILE: cannot use {settings.prices_file}: {exc}") from None
 
 
-def _announce(settings: Settings, logger: logging.Logger) -> None:
-    fields = {"event": "start", "provider": settings.provider, "models": list(settings.models)}
+def _announce(svc: Service) -> None:
+    settings, logger = svc.settings, svc.logger
+    fields = {
+        "event": "start",
+        "provider": settings.provider,
+        "models": list(settings.models),
+        "keys": len(svc.keys),
+        "rate_limit": str(settings.rate_limit),
+    }
+    if not len(svc.keys):
+        logger.warning(
+            "no API keys configured (API_KEYS, API_KEYS_FILE): every protected route answers 401",
+            extra={"event": "no_keys"},
+        )
     if settings.provider == "echo":
         logger.warning(
             "LLM_PROVIDER is echo: answers repeat the prompt; set OPENAI_API_KEY or "

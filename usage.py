@@ -18,6 +18,7 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,3 +126,51 @@ class PriceTable:
 
 def _opt_float(value: object) -> float | None:
     return None if value is None else float(value)  # type: ignore[arg-type]
+
+
+@dataclass(slots=True)
+class Totals:
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float | None = 0.0
+
+    def add(self, usage: Usage, cost: float | None) -> None:
+        self.requests += 1
+        self.input_tokens += usage.input_tokens
+        self.output_tokens += usage.output_tokens
+        # A model's price is known for all of its calls or for none of them.
+        self.cost_usd = None if cost is None or self.cost_usd is None else self.cost_usd + cost
+
+    def as_dict(self) -> dict[str, Any]:
+        cost = None if self.cost_usd is None else round(self.cost_usd, 10)
+        return {
+            "requests": self.requests,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "cost_usd": cost,
+        }
+
+
+class UsageBook:
+    """Each key's usage since start, in total and by model. A model of unknown price
+    shows `cost_usd: null`; a key's total counts what is known."""
+
+    def __init__(self) -> None:
+        self._keys: dict[str, tuple[Totals, dict[str, Totals]]] = {}
+
+    def record(self, key: str, model: str, usage: Usage, cost: float | None) -> None:
+        total, by_model = self._keys.setdefault(key, (Totals(), {}))
+        total.add(usage, 0.0 if cost is None else cost)
+        by_model.setdefault(model, Totals()).add(usage, cost)
+
+    def report(self, key: str) -> dict[str, Any]:
+        total, by_model = self._keys.get(key, (Totals(), {}))
+        return {
+            "key": key,
+            **total.as_dict(),
+            "by_model": {model: t.as_dict() for model, t in by_model.items()},
+        }
+
+    def all(self) -> dict[str, dict[str, Any]]:
+        return {key: self.report(key) for key in self._keys}

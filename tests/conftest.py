@@ -19,6 +19,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # A key shaped like a real one, so that a leak of it would be noticed by a search.
 PROVIDER_KEY = "sk-test-" + "S3CR3T" * 6
+CLIENT_KEY = "client-" + "k3y" * 8
+AUTH_HEADERS = {"X-API-Key": CLIENT_KEY}
 
 
 @pytest.fixture
@@ -67,10 +69,12 @@ class Process:
         raise TimeoutError(f"{self.url}{path} did not answer in {timeout_s} s:\n{self.output()}")
 
     def output(self) -> str:
-        self._log_file.flush()
+        if not self._log_file.closed:
+            self._log_file.flush()
         return self.log.read_text(errors="replace")
 
     def stop(self) -> None:
+        """SIGTERM, as an orchestrator would; idempotent."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -135,6 +139,7 @@ def openai_service(tmp_path: Path, mock_provider: Process) -> Iterator[Process]:
     proc = start_service(
         tmp_path,
         {
+            "API_KEYS": CLIENT_KEY,
             "LLM_PROVIDER": "openai",
             "OPENAI_API_KEY": PROVIDER_KEY,
             "OPENAI_BASE_URL": mock_provider.url + "/v1",
@@ -151,6 +156,7 @@ def anthropic_service(tmp_path: Path, mock_provider: Process) -> Iterator[Proces
     proc = start_service(
         tmp_path,
         {
+            "API_KEYS": CLIENT_KEY,
             "LLM_PROVIDER": "anthropic",
             "ANTHROPIC_API_KEY": PROVIDER_KEY,
             "ANTHROPIC_BASE_URL": mock_provider.url,

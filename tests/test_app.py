@@ -16,7 +16,7 @@ from starlette.routing import Mount
 import llm
 from config import Settings
 from server import create_app
-from tests.conftest import PROVIDER_KEY
+from tests.conftest import AUTH_HEADERS, CLIENT_KEY, PROVIDER_KEY
 
 pytestmark = pytest.mark.anyio
 
@@ -30,12 +30,15 @@ def openai_app(handler: Handler, **changes: object) -> Starlette:
         openai_base_url="http://provider.test/v1",
         model="gpt-4o-mini",
         models=("gpt-4o-mini", "my-local-model"),
+        api_keys=(CLIENT_KEY,),
     ).replace(**changes)
     return create_app(settings, transport=httpx.MockTransport(handler))
 
 
 def client(app: Starlette, base: str = "http://testserver") -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base)
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url=base, headers=AUTH_HEADERS
+    )
 
 
 def openai_answer(request: httpx.Request) -> httpx.Response:
@@ -352,7 +355,7 @@ async def test_mounted_under_a_parent_app_it_serves_with_no_lifespan() -> None:
 
 
 async def test_echo_is_the_provider_when_no_key_is_set() -> None:
-    settings = Settings.from_env(environ={}, env_file=None)
+    settings = Settings.from_env(environ={"API_KEYS": CLIENT_KEY}, env_file=None)
     assert settings.provider == "echo" and settings.provider_was_defaulted
     async with client(create_app(settings)) as c:
         r = await c.post("/complete", json={"prompt": "one two three"})

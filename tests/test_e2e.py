@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import PROVIDER_KEY, ROOT, Process
+from tests.conftest import AUTH_HEADERS, CLIENT_KEY, PROVIDER_KEY, ROOT, Process
 
 pytestmark = pytest.mark.anyio
 
@@ -49,7 +49,7 @@ async def read_stream(url: str, prompt: str) -> list[tuple[float, str]]:
     lines: list[tuple[float, str]] = []
     start = time.monotonic()
     async with (
-        httpx.AsyncClient(timeout=10) as c,
+        httpx.AsyncClient(timeout=10, headers=AUTH_HEADERS) as c,
         c.stream("POST", url + "/stream", json={"prompt": prompt}) as r,
     ):
         assert r.status_code == 200, await r.aread()
@@ -93,7 +93,7 @@ async def test_text_with_newlines_survives_the_sse_framing(
 
 
 async def test_complete_and_stream_through_anthropic(anthropic_service: Process) -> None:
-    async with httpx.AsyncClient(timeout=10) as c:
+    async with httpx.AsyncClient(timeout=10, headers=AUTH_HEADERS) as c:
         r = await c.post(
             anthropic_service.url + "/complete",
             json={"prompt": "one two three four", "max_tokens": 3, "system": "Be short"},
@@ -115,7 +115,7 @@ async def test_disconnect_mid_stream_closes_the_upstream_stream(
 ) -> None:
     prompt = directive(tokens=100, token_delay_ms=100)
     async with (
-        httpx.AsyncClient(timeout=10) as c,
+        httpx.AsyncClient(timeout=10, headers=AUTH_HEADERS) as c,
         c.stream("POST", openai_service.url + "/stream", json={"prompt": prompt}) as r,
     ):
         seen = 0
@@ -135,7 +135,7 @@ async def test_disconnect_while_waiting_for_the_first_token_closes_upstream(
     route: str, openai_service: Process, mock_provider: Process
 ) -> None:
     prompt = directive(ttft_ms=20_000)
-    async with httpx.AsyncClient(timeout=10) as c:
+    async with httpx.AsyncClient(timeout=10, headers=AUTH_HEADERS) as c:
         import anyio
 
         with anyio.move_on_after(0.7):
@@ -157,7 +157,7 @@ async def test_provider_key_reaches_no_response_and_no_log_line(
     openai_service: Process, mock_provider: Process
 ) -> None:
     bodies: list[str] = []
-    async with httpx.AsyncClient(timeout=10) as c:
+    async with httpx.AsyncClient(timeout=10, headers=AUTH_HEADERS) as c:
         for prompt in (
             "plain",
             directive(status=401),
@@ -180,13 +180,14 @@ async def test_provider_key_reaches_no_response_and_no_log_line(
     for text in bodies:
         assert PROVIDER_KEY not in text
     assert PROVIDER_KEY not in openai_service.output()
+    assert CLIENT_KEY not in openai_service.output()
     assert "Traceback" not in openai_service.output()
 
 
 async def test_request_id_is_forwarded_to_the_provider(
     openai_service: Process, mock_provider: Process
 ) -> None:
-    async with httpx.AsyncClient(timeout=10) as c:
+    async with httpx.AsyncClient(timeout=10, headers=AUTH_HEADERS) as c:
         r = await c.post(
             openai_service.url + "/complete",
             json={"prompt": "hi"},
@@ -198,7 +199,7 @@ async def test_request_id_is_forwarded_to_the_provider(
 
 
 async def test_access_log_has_one_json_line_per_request(openai_service: Process) -> None:
-    async with httpx.AsyncClient(timeout=10) as c:
+    async with httpx.AsyncClient(timeout=10, headers=AUTH_HEADERS) as c:
         await c.post(
             openai_service.url + "/complete",
             json={"prompt": "a b c"},

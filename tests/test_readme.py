@@ -75,3 +75,16 @@ def test_readme_curl_examples_work_verbatim(readme_service: Process) -> None:
 
 def _without_ids(text: str) -> str:
     return re.sub(r'"id":"[^"]*"', '"id":"x"', text).strip()
+
+
+def test_readme_keys_file_example_loads(tmp_path: Path) -> None:
+    from auth import KeyRing
+    from config import Rate, Settings
+
+    (example,) = [body for lang, body in BLOCKS if lang == "toml" and "[[keys]]" in body]
+    path = tmp_path / "keys.toml"
+    path.write_text(example)
+    ring = KeyRing.from_settings(Settings(api_keys_file=path))
+    mobile = ring.lookup("test")  # the example's digest is of "test"
+    assert mobile is not None and mobile.rate_limit == Rate(600, 60)
+    assert ring.lookup("a-plain-key-works-too") is not None

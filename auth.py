@@ -1,0 +1,172 @@
+"""API-key auth: a pure ASGI middleware in front of every route that is not public.
+
+Keys are held as SHA-256 digests and looked up by digest, so the lookup time says
+nothing about how much of a guess was right, and a keys file can hold digests only.
+The caller's identity travels downstream in `scope["text_tool.auth"]`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from config import Rate, Settings, SettingsError
+from errors import error_response
+
+AUTH = "text_tool.auth"
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json", "/docs"})
+_FILE_FIELDS = {"name", "key", "rate_limit", "models", "token_limit", "budget_usd", "budget_period"}
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """One client key: its name (what logs and metrics show) and its own settings."""
+
+    name: str
+    digest: bytes
+    rate_limit: Rate | None = None
+    models: tuple[str, ...] | None = None
+
+
+def digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def default_name(key_digest: bytes) -> str:
+    return "key-" + key_digest.hex()[:8]
+
+
+class KeyRing:
+    def __init__(self, keys: Iterable[ApiKey] = ()) -> None:
+        self._by_digest = {key.digest: key for key in keys}
+
+    def __len__(self) -> int:
+        return len(self._by_digest)
+
+    def lookup(self, presented: str) -> ApiKey | None:
+        if not presented:
+            return None
+        return self._by_digest.get(digest(presented))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> KeyRing:
+        """`API_KEYS` and `API_KEYS_FILE` together; a key in both takes the file's settings."""
+        keys: dict[bytes, ApiKey] = {}
+        for plain in settings.api_keys:
+            d = digest(plain)
+            keys[d] = ApiKey(name=default_name(d), digest=d)
+        if settings.api_keys_file is not None:
+            for key in _read_keys_file(settings):
+                keys[key.digest] = key
+        names = [key.name for key in keys.values()]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise SettingsError(f"API_KEYS_FILE: key names must be unique: {', '.join(duplicates)}")
+        return cls(keys.values())
+
+
+def _read_keys_file(settings: Settings) -> list[ApiKey]:
+    path = settings.api_keys_file
+    try:
+        with open(path, "rb") as fh:  # type: ignore[arg-type]
+            data = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SettingsError(f"API_KEYS_FILE: cannot read {path}: {exc}") from None
+    entries = data.get("keys", [])
+    if not isinstance(entries, list):
+        raise SettingsError("API_KEYS_FILE: expected [[keys]] tables")
+    return [_key_from_entry(i, entry) for i, entry in enumerate(entries)]
+
+
+def _key_from_entry(index: int, entry: Any) -> ApiKey:
+    where = f"API_KEYS_FILE: keys[{index}]"
+    if not isinstance(entry, Mapping):
+        raise SettingsError(f"{where}: expected a table")
+    unknown = set(entry) - _FILE_FIELDS
+    if unknown:
+        raise SettingsError(f"{where}: unknown fields {', '.join(sorted(unknown))}")
+    raw = entry.get("key")
+    if not isinstance(raw, str) or not raw:
+        raise SettingsError(f"{where}: 'key' is required (the key, or sha256:<hex>)")
+    if raw.startswith("sha256:"):
+        try:
+            key_digest = bytes.fromhex(raw[7:])
+        except ValueError:
+            key_digest = b""
+        if len(key_digest) != 32:
+            raise SettingsError(f"{where}: 'key' sha256: must be followed by 64 hex digits")
+    else:
+        key_digest = digest(raw)
+    name = entry.get("name", default_name(key_digest))
+    if not isinstance(name, str) or not name:
+        raise SettingsError(f"{where}: 'name' must be a non-empty string")
+    rate = None
+    if "rate_limit" in entry:
+        try:
+            rate = Rate.parse(str(entry["rate_limit"]))
+        except ValueError as exc:
+            raise SettingsError(f"{where}: rate_limit: {exc}") from None
+    models = entry.get("models")
+    if models is not None and (
+        not isinstance(models, list) or not all(isinstance(m, str) and m for m in models)
+    ):
+        raise SettingsError(f"{where}: 'models' must be a list of model names")
+    return ApiKey(
+        name=name,
+        digest=key_digest,
+        rate_limit=rate,
+        models=tuple(models) if models is not None else None,
+    )
+
+
+def presented_key(scope: Scope) -> str:
+    """The key from `X-API-Key`, else from `Authorization: Bearer`."""
+    bearer = ""
+    for name, value in scope["headers"]:
+        if name == b"x-api-key":
+            return bytes(value).decode("latin-1").strip()
+        if name == b"authorization":
+            scheme, _, token = bytes(value).decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer":
+                bearer = token.strip()
+    return bearer
+
+
+def relative_path(scope: Scope) -> str:
+    """The path inside this app: under `Mount`, `path` keeps the mount prefix."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+class AuthMiddleware:
+    def __init__(
+        self, app: ASGIApp, *, keys: KeyRing, public_paths: frozenset[str] = PUBLIC_PATHS
+    ) -> None:
+        self.app = app
+        self.keys = keys
+        self.public_paths = public_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or relative_path(scope) in self.public_paths:
+            await self.app(scope, receive, send)
+            return
+        key = self.keys.lookup(presented_key(scope))
+        if key is None:
+            # Missing and wrong keys get the same answer: nothing to learn from it.
+            response = error_response(
+                scope,
+                401,
+                "invalid_api_key",
+                "a valid API key is required (X-API-Key or Authorization: Bearer)",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+            await response(scope, receive, send)
+            return
+        scope[AUTH] = key
+        await self.app(scope, receive, send)

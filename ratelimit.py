@@ -1,0 +1,152 @@
+"""Per-key rate limits: an exact sliding window, in memory, behind a small interface.
+
+"At most N requests in any window of W seconds": each key keeps the times of the
+requests it was admitted in the last W seconds (never more than N), so a decision
+is exact, and the wait until a slot frees is the oldest of them plus W. Every
+decision is made without an `await`, so concurrent requests cannot slip in between
+a count and its update.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from array import array
+from bisect import bisect_right
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from auth import AUTH, ApiKey
+from config import Rate
+from errors import error_response
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_s: float  # until the oldest counted request leaves the window
+    retry_after_s: float  # 0 when allowed
+
+
+class Limiter(Protocol):
+    async def hit(self, key: str, rate: Rate) -> Decision: ...
+
+
+class MemoryLimiter:
+    """The sliding window for one process. Idle keys are dropped as time passes, and
+    no more than `max_keys` keys are kept (the least recently seen go first)."""
+
+    def __init__(
+        self, *, clock: Callable[[], float] = time.monotonic, max_keys: int = 1_000_000
+    ) -> None:
+        self._clock = clock
+        self._max_keys = max_keys
+        # key -> (admission times, oldest first; window seconds), least recently hit first
+        self._windows: OrderedDict[str, tuple[array[float], int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._windows)
+
+    async def hit(self, key: str, rate: Rate) -> Decision:
+        return self.check(key, rate)
+
+    def check(self, key: str, rate: Rate) -> Decision:
+        now = self._clock()
+        entry = self._windows.get(key)
+        if entry is None or entry[1] != rate.window_s:
+            times: array[float] = array("d")
+            self._windows[key] = (times, rate.window_s)
+        else:
+            times = entry[0]
+            self._windows.move_to_end(key)
+        expired = bisect_right(times, now - rate.window_s)
+        if expired:
+            del times[:expired]
+        # A limit lowered since the last request: only its newest N count from here on.
+        if len(times) > rate.count:
+            del times[: len(times) - rate.count]
+        allowed = len(times) < rate.count
+        if allowed:
+            times.append(now)
+        reset = times[0] + rate.window_s - now
+        self._evict(now)
+        return Decision(
+            allowed=allowed,
+            limit=rate.count,
+            remaining=rate.count - len(times),
+            reset_s=reset,
+            retry_after_s=0.0 if allowed else reset,
+        )
+
+    def _evict(self, now: float) -> None:
+        windows = self._windows
+        while len(windows) > self._max_keys:
+            windows.popitem(last=False)
+        # The front is the least recently hit: drop it while its window has passed.
+        for _ in range(2):
+            if not windows:
+                return
+            key, (times, window_s) = next(iter(windows.items()))
+            if times[-1] > now - window_s:
+                return
+            del windows[key]
+
+
+def whole_seconds(seconds: float) -> int:
+    """Header seconds: whole, rounded up, at least 1."""
+    return max(1, math.ceil(seconds))
+
+
+def limit_headers(decision: Decision) -> list[tuple[bytes, bytes]]:
+    headers = [
+        (b"ratelimit-limit", str(decision.limit).encode()),
+        (b"ratelimit-remaining", str(decision.remaining).encode()),
+        (b"ratelimit-reset", str(whole_seconds(decision.reset_s)).encode()),
+    ]
+    if not decision.allowed:
+        headers.append((b"retry-after", str(whole_seconds(decision.retry_after_s)).encode()))
+    return headers
+
+
+def describe(rate: Rate) -> str:
+    unit = {1: "1 second", 60: "1 minute", 3600: "1 hour"}.get(rate.window_s)
+    return f"{rate.count} per {unit or f'{rate.window_s} seconds'}"
+
+
+class RateLimitMiddleware:
+    """Limits every authenticated request, before its body is read."""
+
+    def __init__(self, app: ASGIApp, *, limiter: Limiter, default_rate: Rate) -> None:
+        self.app = app
+        self.limiter = limiter
+        self.default_rate = default_rate
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        key: ApiKey | None = scope.get(AUTH) if scope["type"] == "http" else None
+        if key is None:
+            await self.app(scope, receive, send)
+            return
+        rate = key.rate_limit or self.default_rate
+        decision = await self.limiter.hit(key.name, rate)
+        headers = limit_headers(decision)
+        if not decision.allowed:
+            wait = whole_seconds(decision.retry_after_s)
+            response = error_response(
+                scope, 429, "rate_limit_exceeded", f"{describe(rate)}; retry in {wait} s"
+            )
+            response.raw_headers.extend(headers)
+            await response(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *headers]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
