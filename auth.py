@@ -16,7 +16,7 @@ from typing import Any
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from config import Rate, Settings, SettingsError
-from errors import error_response
+from errors import error_response, relative_path
 
 AUTH = "text_tool.auth"
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json", "/docs"})
@@ -135,13 +135,6 @@ def presented_key(scope: Scope) -> str:
             if scheme.lower() == "bearer":
                 bearer = token.strip()
     return bearer
-
-
-def relative_path(scope: Scope) -> str:
-    """The path inside this app: under `Mount`, `path` keeps the mount prefix."""
-    path: str = scope["path"]
-    root: str = scope.get("root_path", "")
-    return path[len(root) :] if root and path.startswith(root) else path
 
 
 class AuthMiddleware:

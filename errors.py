@@ -9,11 +9,14 @@ the right exception class.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from starlette.responses import JSONResponse
 from starlette.types import Scope
+
+import llm
 
 REQUEST_ID = "text_tool.request_id"
 
@@ -42,15 +45,25 @@ def request_id(scope: Scope) -> str:
     return str(scope.get(REQUEST_ID, ""))
 
 
+def relative_path(scope: Scope) -> str:
+    """The path inside this app: under `Mount`, `path` keeps the mount prefix."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
 def error_body(
+    scope: Scope,
     type_: str,
     message: str,
-    request_id: str,
     errors: Sequence[Mapping[str, str]] | None = None,
 ) -> dict[str, Any]:
-    error: dict[str, Any] = {"type": type_, "message": message, "request_id": request_id}
+    error: dict[str, Any] = {"type": type_, "message": message, "request_id": request_id(scope)}
     if errors is not None:
         error["errors"] = list(errors)
+    if relative_path(scope).startswith("/v1/"):
+        error["code"] = type_
+        error["param"] = errors[0]["field"] if errors else None
     return {"error": error}
 
 
@@ -64,7 +77,7 @@ def error_response(
     errors: Sequence[Mapping[str, str]] | None = None,
 ) -> JSONResponse:
     return JSONResponse(
-        error_body(type_, message, request_id(scope), errors),
+        error_body(scope, type_, message, errors),
         status_code=status,
         headers=dict(headers or {}),
     )
@@ -74,3 +87,15 @@ def api_error_response(scope: Scope, exc: ApiError) -> JSONResponse:
     return error_response(
         scope, exc.status, exc.type, exc.message, headers=exc.headers, errors=exc.errors
     )
+
+
+def provider_api_error(exc: llm.ProviderError) -> ApiError:
+    """The one place where provider failures become HTTP answers."""
+    if isinstance(exc, llm.ProviderTimeout):
+        return ApiError(504, "upstream_timeout", str(exc))
+    if isinstance(exc, llm.ProviderRateLimited):
+        retry = max(1, math.ceil(exc.retry_after_s or 1))
+        return ApiError(429, "rate_limit_exceeded", str(exc), headers={"Retry-After": str(retry)})
+    if isinstance(exc, llm.ProviderBadRequest):
+        return ApiError(400, "invalid_request", str(exc))
+    return ApiError(502, "upstream_error", str(exc))

@@ -73,7 +73,10 @@ class ChatRequest:
     messages: tuple[Message, ...]
     system: str | None = None
     max_tokens: int = 512
-    temperature: float = 0.0
+    temperature: float | None = 0.0  # None: the provider's default
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    user: str | None = None
     request_id: str | None = None
 
 
@@ -272,16 +275,16 @@ class HttpProvider(Provider):
 
     path: ClassVar[str]
 
-    def headers(self, request: ChatRequest) -> dict[str, str]:
+    def headers(self, request_id: str | None) -> dict[str, str]:
         headers = {"content-type": "application/json", "accept": "application/json"}
-        if request.request_id:
-            headers["x-request-id"] = request.request_id
+        if request_id:
+            headers["x-request-id"] = request_id
         return headers
 
-    async def post(self, request: ChatRequest, body: dict[str, Any]) -> dict[str, Any]:
+    async def post(self, body: dict[str, Any], request_id: str | None) -> dict[str, Any]:
         with translate_transport_errors():
             response = await self._client.get().post(
-                self._base_url + self.path, json=body, headers=self.headers(request)
+                self._base_url + self.path, json=body, headers=self.headers(request_id)
             )
         if response.status_code != 200:
             raise status_error(response, self._secrets)
@@ -289,10 +292,10 @@ class HttpProvider(Provider):
 
     @contextlib.asynccontextmanager
     async def open_stream(
-        self, request: ChatRequest, body: dict[str, Any]
+        self, body: dict[str, Any], request_id: str | None
     ) -> AsyncIterator[AsyncIterator[tuple[str, str]]]:
         """The provider's SSE events; the response is closed however the caller leaves."""
-        headers = self.headers(request) | {"accept": "text/event-stream"}
+        headers = self.headers(request_id) | {"accept": "text/event-stream"}
         with translate_transport_errors():
             async with self._client.get().stream(
                 "POST", self._base_url + self.path, json=body, headers=headers
@@ -305,7 +308,7 @@ class HttpProvider(Provider):
 
 # --- OpenAI and every OpenAI-compatible server ---------------------------------------
 
-_OPENAI_FINISH = {
+OPENAI_FINISH = {
     "stop": "stop",
     "length": "length",
     "content_filter": "content_filter",
@@ -330,8 +333,8 @@ class OpenAIProvider(HttpProvider):
     name = "openai"
     path = "/chat/completions"
 
-    def headers(self, request: ChatRequest) -> dict[str, str]:
-        headers = super().headers(request)
+    def headers(self, request_id: str | None) -> dict[str, str]:
+        headers = super().headers(request_id)
         if self._secrets:
             headers["authorization"] = f"Bearer {self._secrets[0]}"
         return headers
@@ -344,15 +347,19 @@ class OpenAIProvider(HttpProvider):
             "model": request.model,
             "messages": messages,
             "max_tokens": request.max_tokens,
-            "temperature": request.temperature,
         }
+        _set_sampling(body, request)
+        if request.stop:
+            body["stop"] = list(request.stop)
+        if request.user:
+            body["user"] = request.user
         if stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
         return body
 
     async def complete(self, request: ChatRequest) -> Completion:
-        data = await self.post(request, self.body(request, stream=False))
+        data = await self.post(self.body(request, stream=False), request.request_id)
         try:
             choice = data["choices"][0]
             text = choice["message"].get("content") or ""
@@ -366,7 +373,7 @@ class OpenAIProvider(HttpProvider):
             id=str(data.get("id") or _new_id()),
             model=str(data.get("model") or request.model),
             text=str(text),
-            finish_reason=_OPENAI_FINISH.get(finish, "stop"),
+            finish_reason=OPENAI_FINISH.get(finish, "stop"),
             usage=usage,
         )
 
@@ -375,7 +382,7 @@ class OpenAIProvider(HttpProvider):
         usage: Usage | None = None
         chunks: list[int] = []  # lengths only: the text itself is not kept
         done = False
-        async with self.open_stream(request, self.body(request, stream=True)) as events:
+        async with self.open_stream(self.body(request, stream=True), request.request_id) as events:
             async for _, data in events:
                 if data == "[DONE]":
                     done = True
@@ -395,7 +402,7 @@ class OpenAIProvider(HttpProvider):
                         chunks.append(len(text))
                         yield text
                     if choice.get("finish_reason"):
-                        finish = _OPENAI_FINISH.get(str(choice["finish_reason"]), "stop")
+                        finish = OPENAI_FINISH.get(str(choice["finish_reason"]), "stop")
                 usage = openai_usage(obj.get("usage")) or usage
         if not done and finish is None:
             raise ProviderError("the provider's stream ended before the answer was complete")
@@ -407,6 +414,37 @@ class OpenAIProvider(HttpProvider):
             finish_reason=finish or "stop",
             usage=usage,
         )
+
+    async def passthrough(self, body: dict[str, Any], request_id: str | None) -> dict[str, Any]:
+        """An OpenAI chat body sent as the client wrote it, the answer returned as is."""
+        return await self.post(body, request_id)
+
+    async def passthrough_stream(
+        self, body: dict[str, Any], request_id: str | None
+    ) -> AsyncGenerator[tuple[str, dict[str, Any]], None]:
+        """The provider's chunks, as (raw data, parsed), up to and without [DONE]."""
+        finished = False
+        async with self.open_stream(body, request_id) as events:
+            async for _, data in events:
+                if data == "[DONE]":
+                    return
+                obj = _json_object(data)
+                if "error" in obj:
+                    message = _redact(_provider_message(data.encode()), self._secrets)
+                    raise ProviderError(f"the provider failed mid-stream: {message}")
+                finished = finished or any(
+                    isinstance(c, dict) and c.get("finish_reason") for c in obj.get("choices") or ()
+                )
+                yield data, obj
+        if not finished:
+            raise ProviderError("the provider's stream ended before the answer was complete")
+
+
+def _set_sampling(body: dict[str, Any], request: ChatRequest) -> None:
+    if request.temperature is not None:
+        body["temperature"] = request.temperature
+    if request.top_p is not None:
+        body["top_p"] = request.top_p
 
 
 def _estimated_usage(request: ChatRequest, text: str | None, *, chunks: int | None) -> Usage:
@@ -472,8 +510,8 @@ class AnthropicProvider(HttpProvider):
     name = "anthropic"
     path = "/v1/messages"
 
-    def headers(self, request: ChatRequest) -> dict[str, str]:
-        headers = super().headers(request)
+    def headers(self, request_id: str | None) -> dict[str, str]:
+        headers = super().headers(request_id)
         headers["anthropic-version"] = ANTHROPIC_VERSION
         if self._secrets:
             headers["x-api-key"] = self._secrets[0]
@@ -485,16 +523,20 @@ class AnthropicProvider(HttpProvider):
             "model": request.model,
             "max_tokens": request.max_tokens,
             "messages": [{"role": m.role, "content": m.content} for m in request.messages],
-            "temperature": request.temperature,
         }
+        _set_sampling(body, request)
         if request.system:
             body["system"] = request.system
+        if request.stop:
+            body["stop_sequences"] = list(request.stop)
+        if request.user:
+            body["metadata"] = {"user_id": request.user}
         if stream:
             body["stream"] = True
         return body
 
     async def complete(self, request: ChatRequest) -> Completion:
-        data = await self.post(request, self.body(request, stream=False))
+        data = await self.post(self.body(request, stream=False), request.request_id)
         content = data.get("content")
         if not isinstance(content, list):
             raise ProviderError("the provider's answer has no content")
@@ -515,7 +557,7 @@ class AnthropicProvider(HttpProvider):
         id_, model, finish = "", "", None
         usage = Usage()
         stopped = False
-        async with self.open_stream(request, self.body(request, stream=True)) as events:
+        async with self.open_stream(self.body(request, stream=True), request.request_id) as events:
             async for event, data in events:
                 obj = _json_object(data)
                 kind = event if event != "message" else str(obj.get("type", ""))

@@ -360,3 +360,15 @@ async def test_echo_is_the_provider_when_no_key_is_set() -> None:
     async with client(create_app(settings)) as c:
         r = await c.post("/complete", json={"prompt": "one two three"})
     assert r.json()["text"] == "one two three" and r.json()["cost_usd"] == 0.0
+
+
+async def test_a_stream_cut_short_still_counts_what_was_sent() -> None:
+    def breaks(request: httpx.Request) -> httpx.Response:
+        chunk = {"id": "c", "model": "m", "choices": [{"index": 0, "delta": {"content": "Hi"}}]}
+        return httpx.Response(200, content=f"data: {json.dumps(chunk)}\n\n".encode())
+
+    async with client(openai_app(breaks)) as c:
+        await c.post("/stream", json={"prompt": "one two three four five six seven eight"})
+        report = (await c.get("/usage")).json()
+    assert (report["requests"], report["output_tokens"]) == (1, 1)
+    assert report["input_tokens"] == 10  # 39 characters, about four a token

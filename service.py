@@ -1,0 +1,195 @@
+"""What every route shares: the app's `Service`, the caller, body parsing, the model
+choice, accounting, and giving up on a provider call when the client leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.types import Receive
+
+import llm
+from auth import AUTH, ApiKey, KeyRing
+from config import Settings
+from errors import ApiError
+from ratelimit import Limiter
+from requestlog import CALL
+from usage import PriceTable, Usage, UsageBook
+
+T = TypeVar("T")
+BodyT = TypeVar("BodyT", bound=BaseModel)
+
+
+@dataclass
+class Service:
+    """What the routes share, kept in `app.state.service`."""
+
+    settings: Settings
+    provider: llm.Provider
+    client: llm.SharedClient
+    prices: PriceTable
+    keys: KeyRing
+    limiter: Limiter
+    usage: UsageBook
+    logger: logging.Logger
+    ready: bool = True
+
+
+def service(request: Request) -> Service:
+    svc: Service = request.app.state.service
+    return svc
+
+
+def caller(request: Request) -> ApiKey | None:
+    key: ApiKey | None = request.scope.get(AUTH)
+    return key
+
+
+# --- request bodies ------------------------------------------------------------------
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes, so a huge
+    upload is never held in memory (a chunked one included)."""
+    too_large = ApiError(413, "body_too_large", f"request body is over {limit} bytes")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def parse_body(request: Request, model: type[BodyT]) -> BodyT:
+    """The JSON body as `model`: 415, 413, 400 or 422 in the contract's shape otherwise."""
+    if not _is_json(request.headers.get("content-type", "")):
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "send the body as JSON with Content-Type: application/json",
+        )
+    raw = await read_body(request, service(request).settings.max_body_bytes)
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        problems = exc.errors(include_url=False, include_context=False, include_input=False)
+        if any(p["type"] == "json_invalid" for p in problems):
+            raise ApiError(400, "invalid_json", "the body is not valid JSON (UTF-8)") from None
+        errors = [
+            {"field": ".".join(str(part) for part in p["loc"]) or "body", "message": p["msg"]}
+            for p in problems
+        ]
+        summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+        raise ApiError(422, "invalid_request", summary, errors=errors) from None
+
+
+# --- models -------------------------------------------------------------------------
+
+
+def allowed_models(settings: Settings, key: ApiKey | None) -> tuple[str, ...]:
+    """`LLM_MODELS`, narrowed by the key's own allowlist; the default model first."""
+    if key is None or key.models is None:
+        return settings.models
+    return tuple(m for m in settings.models if m in key.models)
+
+
+def choose_model(request: Request, asked: str | None) -> str:
+    settings = service(request).settings
+    allowed = allowed_models(settings, caller(request))
+    if asked is None:
+        # The default model, or the first this key may use.
+        asked = settings.model if settings.model in allowed or not allowed else allowed[0]
+    if asked not in allowed:
+        raise ApiError(403, "model_not_allowed", f"model {asked!r} is not allowed for this key")
+    return asked
+
+
+# --- accounting -----------------------------------------------------------------------
+
+
+def account(request: Request, model: str, usage: Usage, finish_reason: str) -> float | None:
+    """Price the call, add it to the caller's usage and note it for the access log."""
+    svc = service(request)
+    cost = svc.prices.cost(model, usage)
+    key = caller(request)
+    svc.usage.record(key.name if key else "anonymous", model, usage, cost)
+    call = request.scope.get(CALL)
+    if call is not None:
+        call.update(
+            model=model,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cost_usd=cost,
+            finish_reason=finish_reason,
+        )
+    return cost
+
+
+def prompt_estimate(chat: llm.ChatRequest) -> int:
+    return llm.estimate_tokens((chat.system or "") + "".join(m.content for m in chat.messages))
+
+
+class StreamMeter:
+    """A stream's accounting: settled with the provider's own counts when it ends or,
+    when it is cut short (an error, or the client left), with what was sent, since
+    the provider bills that too (about a token a chunk), and an estimate of the prompt."""
+
+    def __init__(self, request: Request, model: str, prompt_tokens: Callable[[], int]) -> None:
+        self.request = request
+        self.model = model
+        self.prompt_tokens = prompt_tokens
+        self.sent = 0
+        self.settled = False
+
+    def settle(self, model: str, usage: Usage, finish_reason: str) -> float | None:
+        self.settled = True
+        return account(self.request, model, usage, finish_reason)
+
+    def close(self) -> None:
+        if not self.settled and self.sent:
+            estimate = Usage(
+                input_tokens=self.prompt_tokens(), output_tokens=self.sent, estimated=True
+            )
+            self.settle(self.model, estimate, "interrupted")
+
+
+# --- client disconnects ---------------------------------------------------------------
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, awaitable: Awaitable[T]) -> tuple[bool, T | None]:
+    """Await a provider call, but drop it the moment the client goes away: nobody pays
+    for tokens nobody reads. Returns (False, None) when the client left."""
+    work = asyncio.ensure_future(awaitable)
+    watch = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (work, watch):
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(work, watch, return_exceptions=True)
+    if work.cancelled():
+        return False, None
+    return True, work.result()
