@@ -20,6 +20,7 @@ from errors import error_response, relative_path
 
 AUTH = "text_tool.auth"
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json", "/docs"})
+PUBLIC_PREFIXES = ("/docs/",)  # the Swagger UI page's own assets
 _FILE_FIELDS = {"name", "key", "rate_limit", "models", "token_limit", "budget_usd", "budget_period"}
 
 
@@ -139,14 +140,24 @@ def presented_key(scope: Scope) -> str:
 
 class AuthMiddleware:
     def __init__(
-        self, app: ASGIApp, *, keys: KeyRing, public_paths: frozenset[str] = PUBLIC_PATHS
+        self,
+        app: ASGIApp,
+        *,
+        keys: KeyRing,
+        public_paths: frozenset[str] = PUBLIC_PATHS,
+        public_prefixes: tuple[str, ...] = PUBLIC_PREFIXES,
     ) -> None:
         self.app = app
         self.keys = keys
         self.public_paths = public_paths
+        self.public_prefixes = public_prefixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or relative_path(scope) in self.public_paths:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = relative_path(scope)
+        if path in self.public_paths or path.startswith(self.public_prefixes):
             await self.app(scope, receive, send)
             return
         key = self.keys.lookup(presented_key(scope))

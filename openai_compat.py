@@ -11,9 +11,9 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -26,6 +26,7 @@ from service import (
     allowed_models,
     caller,
     choose_model,
+    integral,
     parse_body,
     prompt_estimate,
     service,
@@ -34,18 +35,19 @@ from service import (
 from streaming import DONE, open_sse, sse_frame
 from usage import Usage
 
+PositiveInt = Annotated[int, Field(ge=1), BeforeValidator(integral)]
 DEFAULT_MAX_TOKENS = 4096  # Anthropic needs one; OpenAI's default is the model's maximum
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     include_usage: bool = False
 
@@ -53,19 +55,19 @@ class StreamOptions(BaseModel):
 class ChatCompletionBody(BaseModel):
     """OpenAI's chat request; fields not named here pass through to OpenAI servers."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str | None = Field(None, min_length=1, max_length=200)
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, ge=0.0, le=1.0)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    n: int | None = Field(None, ge=1)
+    n: PositiveInt | None = None
 
 
 def _unsupported(what: str, provider: str) -> ApiError:
@@ -159,7 +161,7 @@ async def chat_completions(request: Request) -> Response:
         raw["model"] = model
         if body.stream:
             # Always ask for usage: the accounting needs it, whatever the client wants.
-            raw["stream_options"] = {**raw.get("stream_options", {}), "include_usage": True}
+            raw["stream_options"] = {**(raw.get("stream_options") or {}), "include_usage": True}
             frames = _passthrough_frames(request, provider, raw, include_usage)
             return await open_sse(request, frames)
         rid = request_id(request.scope)

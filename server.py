@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 import llm
 import openai_compat
+import openapi
 from auth import AuthMiddleware, KeyRing
 from config import Settings, SettingsError
 from errors import ApiError, api_error_response, error_response, provider_api_error, request_id
@@ -27,6 +28,7 @@ from logs import get_logger
 from ratelimit import MemoryLimiter, RateLimitMiddleware
 from requestlog import CALL, RequestContextMiddleware
 from service import (
+    JsonInt,
     Service,
     StreamMeter,
     account,
@@ -47,10 +49,27 @@ class CompleteBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(min_length=1, max_length=20000)
-    max_tokens: int = Field(512, ge=1, le=4096)
+    max_tokens: JsonInt = Field(512, ge=1, le=4096)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     model: str | None = Field(None, min_length=1, max_length=200)
     system: str | None = Field(None, max_length=20000)
+
+
+class StreamText(BaseModel):
+    """One `data:` event of POST /stream."""
+
+    text: str
+
+
+class StreamUsage(BaseModel):
+    """The `event: usage` of POST /stream."""
+
+    id: str
+    model: str
+    finish_reason: str
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float | None
 
 
 class CompleteResponse(BaseModel):
@@ -211,6 +230,15 @@ def create_app(
             Route("/stream", stream, methods=["POST"]),
             Route("/usage", usage, methods=["GET"]),
             *openai_compat.routes,
+            *openapi.routes(
+                [
+                    CompleteBody,
+                    CompleteResponse,
+                    StreamText,
+                    StreamUsage,
+                    openai_compat.ChatCompletionBody,
+                ]
+            ),
         ],
         middleware=[
             Middleware(RequestContextMiddleware, logger=logger),

@@ -7,9 +7,9 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, BeforeValidator, ValidationError
 from starlette.requests import Request
 from starlette.types import Receive
 
@@ -23,6 +23,14 @@ from usage import PriceTable, Usage, UsageBook
 
 T = TypeVar("T")
 BodyT = TypeVar("BodyT", bound=BaseModel)
+
+
+def integral(value: Any) -> Any:
+    """JSON Schema counts 80.0 as an integer; strict pydantic would not."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+JsonInt = Annotated[int, BeforeValidator(integral)]
 
 
 @dataclass

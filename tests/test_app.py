@@ -372,3 +372,11 @@ async def test_a_stream_cut_short_still_counts_what_was_sent() -> None:
         report = (await c.get("/usage")).json()
     assert (report["requests"], report["output_tokens"]) == (1, 1)
     assert report["input_tokens"] == 10  # 39 characters, about four a token
+
+
+async def test_v1_stream_with_null_stream_options_relays_the_chunks() -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream": True, "stream_options": None}
+    async with client(openai_app(openai_answer)) as c:
+        r = await c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200
+    assert parse_sse(r.text)[-1] == ("message", "[DONE]")

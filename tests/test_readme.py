@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def readme_service(tmp_path: Path) -> Iterator[Process]:
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_readme_curl_examples_work_verbatim(readme_service: Process) -> None:
     curls = sh_lines("curl ")
-    assert len(curls) == 2
+    assert len(curls) == 3
     outputs = []
     for line in curls:
         command = line.replace("127.0.0.1:8000", f"127.0.0.1:{readme_service.port}")
@@ -71,6 +72,21 @@ def test_readme_curl_examples_work_verbatim(readme_service: Process) -> None:
 
     shown_stream = [body for lang, body in BLOCKS if lang == "" and "data: [DONE]" in body][0]
     assert _without_ids(outputs[1]) == _without_ids(shown_stream)
+
+    chat = json.loads(outputs[2])
+    assert chat["object"] == "chat.completion"
+    assert chat["choices"][0]["message"]["content"] == "Hello there"
+
+
+def test_readme_sdk_example_runs(readme_service: Process) -> None:
+    (example,) = [body for lang, body in BLOCKS if lang == "python" and "OpenAI(" in body]
+    code = example.replace("127.0.0.1:8000", f"127.0.0.1:{readme_service.port}")
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Hello there CompletionUsage(")
+    assert done.stdout.rstrip().endswith("Hello there")
 
 
 def _without_ids(text: str) -> str:

@@ -1,0 +1,340 @@
+"""GET /openapi.json, an OpenAPI 3.1 document built from the pydantic models, and
+GET /docs, a Swagger UI page for it that loads nothing from any other host.
+
+Swagger UI 5 (the first to read OpenAPI 3.1) comes from the optional `docs` extra
+(swagger-ui-py, about 25 MB installed); only its bundle and stylesheet are served.
+Without the extra, /docs says how to get it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+from pydantic.json_schema import models_json_schema
+from starlette.requests import Request
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from errors import ApiError
+
+
+class ErrorDetail(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorObject(BaseModel):
+    type: str
+    message: str
+    request_id: str
+    errors: list[ErrorDetail] | None = None
+    code: str | None = Field(None, description="Under /v1: the same as type, for OpenAI SDKs")
+    param: str | None = Field(None, description="Under /v1: the first invalid field")
+
+
+class Error(BaseModel):
+    error: ErrorObject
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Totals(BaseModel):
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float | None
+
+
+class UsageReport(Totals):
+    key: str
+    by_model: dict[str, Totals]
+
+
+class ModelEntry(BaseModel):
+    id: str
+    object: str
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: str
+    data: list[ModelEntry]
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(name: str, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(name)}}}
+
+
+_ERRORS = {
+    "400": "Body not JSON or not UTF-8 (invalid_json), or refused by the provider",
+    "401": "Key missing or unknown (invalid_api_key)",
+    "403": "Model not allowed for this key (model_not_allowed)",
+    "413": "Body over MAX_BODY_BYTES (body_too_large)",
+    "415": "Not application/json (unsupported_media_type)",
+    "422": "Schema violation (invalid_request), with the fields",
+    "429": "Over the key's limit, or the provider's (rate_limit_exceeded); see Retry-After",
+    "500": "Internal error, logged with the request id",
+    "502": "Provider error or unreadable provider answer (upstream_error)",
+    "504": "Provider too slow (upstream_timeout)",
+}
+
+
+def _errors(*statuses: str) -> dict[str, Any]:
+    return {status: _json("Error", _ERRORS[status]) for status in statuses}
+
+
+_CALL_ERRORS = ("400", "401", "403", "413", "415", "422", "429", "500", "502", "504")
+_SECURITY: list[dict[str, list[str]]] = [{"ApiKeyHeader": []}, {"Bearer": []}]
+
+
+def _sse(events: list[str], *data_schemas: dict[str, Any]) -> dict[str, Any]:
+    """Each event: its name, and data that is one of these JSON values, an error body
+    (`event: error`) or `[DONE]`."""
+    data = {"anyOf": [*data_schemas, _ref("Error")]}
+    return {
+        "text/event-stream": {
+            "schema": {
+                "type": "object",
+                "required": ["data"],
+                "properties": {
+                    "event": {"enum": [*events, "error"]},
+                    "data": {
+                        "anyOf": [
+                            {
+                                "type": "string",
+                                "contentMediaType": "application/json",
+                                "contentSchema": data,
+                            },
+                            {"const": "[DONE]", "description": "the last event"},
+                        ]
+                    },
+                },
+            }
+        }
+    }
+
+
+def _body(name: str) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": _ref(name)}}}
+
+
+def build_document(body_models: list[type[BaseModel]], root_path: str = "") -> dict[str, Any]:
+    """The OpenAPI document; `body_models` are the routes' request and response models
+    (CompleteBody, CompleteResponse, StreamText, StreamUsage, ChatCompletionBody),
+    named by their class."""
+    models: list[type[BaseModel]] = [
+        *body_models,
+        Error,
+        Health,
+        UsageReport,
+        ModelList,
+    ]
+    _, schemas = models_json_schema(
+        [(m, "validation") for m in models], ref_template="#/components/schemas/{model}"
+    )
+    complete = {
+        "tags": ["text-tool"],
+        "security": _SECURITY,
+        "requestBody": _body("CompleteBody"),
+    }
+    paths: dict[str, Any] = {
+        "/health": {
+            "get": {
+                "tags": ["operations"],
+                "summary": "Liveness",
+                "operationId": "health",
+                "responses": {"200": _json("Health", "The process runs")},
+            }
+        },
+        "/ready": {
+            "get": {
+                "tags": ["operations"],
+                "summary": "Readiness",
+                "operationId": "ready",
+                "responses": {
+                    "200": _json("Health", "Able to serve"),
+                    "503": _json("Error", "Starting or shutting down (not_ready)"),
+                },
+            }
+        },
+        "/complete": {
+            "post": {
+                **complete,
+                "summary": "One completion",
+                "operationId": "complete",
+                "responses": {
+                    "200": _json("CompleteResponse", "The completion"),
+                    **_errors(*_CALL_ERRORS),
+                },
+            }
+        },
+        "/stream": {
+            "post": {
+                **complete,
+                "summary": "One completion as Server-Sent Events",
+                "operationId": "stream",
+                "responses": {
+                    "200": {
+                        "description": 'data: {"text": ...} events, an event: usage, '
+                        "then data: [DONE]",
+                        "content": _sse(
+                            ["message", "usage"], _ref("StreamText"), _ref("StreamUsage")
+                        ),
+                    },
+                    **_errors(*_CALL_ERRORS),
+                },
+            }
+        },
+        "/usage": {
+            "get": {
+                "tags": ["text-tool"],
+                "summary": "The calling key's usage since start",
+                "operationId": "usage",
+                "security": _SECURITY,
+                "responses": {
+                    "200": _json("UsageReport", "Totals, and by model"),
+                    **_errors("401", "429"),
+                },
+            }
+        },
+        "/v1/chat/completions": {
+            "post": {
+                "tags": ["OpenAI-compatible"],
+                "summary": "OpenAI chat completions, streaming and not",
+                "operationId": "chatCompletions",
+                "security": _SECURITY,
+                "requestBody": _body("ChatCompletionBody"),
+                "responses": {
+                    "200": {
+                        "description": "A chat.completion object, or with stream: true "
+                        "chat.completion.chunk events and data: [DONE]",
+                        "content": {
+                            "application/json": {"schema": {"type": "object"}},
+                            **_sse(["message"], {"type": "object"}),
+                        },
+                    },
+                    **_errors(*_CALL_ERRORS),
+                },
+            }
+        },
+        "/v1/models": {
+            "get": {
+                "tags": ["OpenAI-compatible"],
+                "summary": "The models this key may use",
+                "operationId": "listModels",
+                "security": _SECURITY,
+                "responses": {
+                    "200": _json("ModelList", "OpenAI's list shape"),
+                    **_errors("401", "429"),
+                },
+            }
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "text-tool",
+            "version": "0.1.0",
+            "description": "An LLM provider behind a validated, metered HTTP API.",
+        },
+        "servers": [{"url": root_path or "/"}],
+        "paths": paths,
+        "components": {
+            "schemas": schemas["$defs"],
+            "securitySchemes": {
+                "ApiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                "Bearer": {"type": "http", "scheme": "bearer"},
+            },
+        },
+    }
+
+
+# --- /docs ---------------------------------------------------------------------------------
+
+_ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css"}
+
+_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>text-tool API</title>
+<link rel="stylesheet" href="docs/swagger-ui.css">
+</head>
+<body>
+<div id="swagger-ui"></div>
+<script src="docs/swagger-ui-bundle.js"></script>
+<script>
+window.ui = SwaggerUIBundle({
+  url: "openapi.json",
+  dom_id: "#swagger-ui",
+  validatorUrl: null,
+  deepLinking: true
+});
+</script>
+</body>
+</html>
+"""
+
+_MISSING = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>text-tool API</title></head>
+<body>
+<h1>text-tool API</h1>
+<p>This page needs Swagger UI, from the optional <code>docs</code> extra:
+<code>uv sync --extra docs</code> (or <code>pip install swagger-ui-py</code>).</p>
+<p>The API document itself is at <a href="openapi.json">openapi.json</a>.</p>
+</body></html>
+"""
+
+
+@functools.cache
+def swagger_static() -> Path | None:
+    spec = importlib.util.find_spec("swagger_ui")
+    if spec is None or spec.origin is None:
+        return None
+    static = Path(spec.origin).parent / "static"
+    return static if (static / "swagger-ui-bundle.js").is_file() else None
+
+
+def _page_base(request: Request) -> str:
+    """Relative links must resolve beside /docs, also under a mount prefix."""
+    return str(request.scope.get("root_path", "")) + "/"
+
+
+async def docs(request: Request) -> Response:
+    page = _PAGE if swagger_static() is not None else _MISSING
+    return HTMLResponse(page.replace("<head>", f'<head>\n<base href="{_page_base(request)}">', 1))
+
+
+async def docs_asset(request: Request) -> Response:
+    name = request.path_params["name"]
+    static = swagger_static()
+    if static is None or name not in _ASSETS:
+        raise ApiError(404, "not_found", "no such route")
+    return FileResponse(static / name, media_type=_ASSETS[name])
+
+
+def routes(body_models: list[type[BaseModel]]) -> list[Route]:
+    documents: dict[str, dict[str, Any]] = {}
+
+    async def openapi(request: Request) -> Response:
+        root = request.scope.get("root_path", "")
+        if root not in documents:
+            documents[root] = build_document(body_models, root)
+        return JSONResponse(documents[root])
+
+    return [
+        Route("/openapi.json", openapi, methods=["GET"]),
+        Route("/docs", docs, methods=["GET"]),
+        Route("/docs/{name}", docs_asset, methods=["GET"]),
+    ]
