@@ -49,6 +49,9 @@ class KeyRing:
     def __len__(self) -> int:
         return len(self._by_digest)
 
+    def names(self) -> list[str]:
+        return [key.name for key in self._by_digest.values()]
+
     def lookup(self, presented: str) -> ApiKey | None:
         if not presented:
             return None

@@ -87,6 +87,7 @@ class Settings:
     max_connections: int = 1000
     ping_interval_s: float = 15.0
     prices_file: Path | None = None
+    log_format: str = "json"
     provider_was_defaulted: bool = False
 
     def __post_init__(self) -> None:
@@ -117,6 +118,8 @@ class Settings:
         ):
             if not (value > 0 and math.isfinite(value)):
                 raise SettingsError(f"{name}: must be a positive number of seconds, got {value}")
+        if self.log_format not in ("json", "text"):
+            raise SettingsError(f"LOG_FORMAT: {self.log_format!r} is not json or text")
         if self.max_body_bytes < 1:
             raise SettingsError(f"MAX_BODY_BYTES: must be positive, got {self.max_body_bytes}")
         if not (self.ping_interval_s > 0 and math.isfinite(self.ping_interval_s)):
@@ -192,6 +195,7 @@ class Settings:
             max_connections=int(number("LLM_MAX_CONNECTIONS", "1000", int)),
             ping_interval_s=number("SSE_PING_INTERVAL_S", "15", float),
             prices_file=Path(prices_file) if prices_file else None,
+            log_format=get("LOG_FORMAT", "json").lower(),
         )
 
 

@@ -168,6 +168,19 @@ def build_document(body_models: list[type[BaseModel]], root_path: str = "") -> d
                 },
             }
         },
+        "/metrics": {
+            "get": {
+                "tags": ["operations"],
+                "summary": "Prometheus metrics",
+                "operationId": "metrics",
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
         "/complete": {
             "post": {
                 **complete,

@@ -15,10 +15,13 @@ import uuid
 from typing import Any
 
 from starlette.requests import ClientDisconnect
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auth import AUTH
-from errors import REQUEST_ID, error_response
+from errors import REQUEST_ID, error_response, relative_path
+from logs import current_request_id
+from metrics import OTHER, Metrics
 
 CALL = "text_tool.call"  # a dict the routes fill with model, tokens and cost for the log
 _SANE_ID = re.compile(rb"^[A-Za-z0-9._-]{1,128}$")
@@ -30,6 +33,7 @@ _LOGGED_FIELDS = (
     "finish_reason",
     "error",
     "ttft_ms",
+    "provider_ms",
 )
 
 
@@ -42,10 +46,29 @@ def incoming_request_id(scope: Scope) -> str:
     return uuid.uuid4().hex
 
 
+def route_label(scope: Scope, known_paths: frozenset[str]) -> str:
+    """The matched route's template, else the path if it is one of ours (a request
+    refused before routing), else "other": never a raw path a caller chose."""
+    route = scope.get("route")
+    if isinstance(route, Route):
+        return route.path
+    path = relative_path(scope)
+    return path if path in known_paths else OTHER
+
+
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, *, logger: logging.Logger) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        logger: logging.Logger,
+        metrics: Metrics | None = None,
+        known_paths: frozenset[str] = frozenset(),
+    ) -> None:
         self.app = app
         self.logger = logger
+        self.metrics = metrics
+        self.known_paths = known_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -55,6 +78,9 @@ class RequestContextMiddleware:
         started = time.perf_counter()
         rid = incoming_request_id(scope)
         scope[REQUEST_ID] = rid
+        token = current_request_id.set(rid)
+        if self.metrics is not None:
+            self.metrics.in_flight.inc()
         call: dict[str, Any] = {}
         scope[CALL] = call
         header = (b"x-request-id", rid.encode("ascii"))
@@ -72,23 +98,29 @@ class RequestContextMiddleware:
         except ClientDisconnect:
             status = status or 499  # the client left while sending its body
         except Exception:
-            self.logger.exception("unhandled error", extra={"event": "error", "request_id": rid})
+            self.logger.exception("unhandled error", extra={"event": "error"})
             if status == 0:
                 response = error_response(
                     scope, 500, "internal_error", "internal error; see the server log"
                 )
                 await response(scope, receive, send_with_id)
         finally:
+            seconds = time.perf_counter() - started
+            key = getattr(scope.get(AUTH), "name", None)
             fields: dict[str, Any] = {
                 "event": "access",
-                "request_id": rid,
-                "key": getattr(scope.get(AUTH), "name", None),
+                "key": key,
                 "method": scope["method"],
                 "path": scope["path"],
+                "route": route_label(scope, self.known_paths),
                 "status": status or 499,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                "duration_ms": round(seconds * 1000, 2),
             }
             for name in _LOGGED_FIELDS:
                 if name in call:
                     fields[name] = call[name]
             self.logger.info("request", extra=fields)
+            if self.metrics is not None:
+                self.metrics.in_flight.dec()
+                self.metrics.observe(fields["route"], fields["status"], key, seconds, call)
+            current_request_id.reset(token)

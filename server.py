@@ -6,7 +6,9 @@ Run it with `uvicorn server:app`; embed it with `Mount("/llm", app=create_app())
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 
 import httpx
@@ -25,6 +27,7 @@ from auth import AuthMiddleware, KeyRing
 from config import Settings, SettingsError
 from errors import ApiError, api_error_response, error_response, provider_api_error, request_id
 from logs import get_logger
+from metrics import Metrics, metrics_route
 from ratelimit import MemoryLimiter, RateLimitMiddleware
 from requestlog import CALL, RequestContextMiddleware
 from service import (
@@ -34,9 +37,11 @@ from service import (
     account,
     caller,
     choose_model,
+    note,
     parse_body,
     prompt_estimate,
     service,
+    since_ms,
     unless_disconnected,
 )
 from streaming import DONE, open_sse, sse_frame
@@ -113,9 +118,11 @@ async def usage(request: Request) -> Response:
 
 async def complete(request: Request) -> Response:
     chat = chat_request(request, await parse_body(request, CompleteBody))
+    started = time.perf_counter()
     stayed, result = await unless_disconnected(request, service(request).provider.complete(chat))
     if not stayed or result is None:
         return Response(status_code=499)
+    note(request, provider_ms=since_ms(started))
     cost = account(request, result.model, result.usage, result.finish_reason)
     return JSONResponse(
         {
@@ -198,16 +205,18 @@ def create_app(
     """The service as an ASGI app. `settings` default to the environment; `transport`
     replaces the network under the shared httpx client (tests use it)."""
     settings = settings if settings is not None else Settings.from_env()
-    logger = get_logger()
+    logger = get_logger(settings.log_format)
     client = llm.SharedClient(settings, transport)
+    keys = KeyRing.from_settings(settings)
     svc = Service(
         settings=settings,
         provider=llm.make_provider(settings, client),
         client=client,
         prices=_prices(settings),
-        keys=KeyRing.from_settings(settings),
+        keys=keys,
         limiter=MemoryLimiter(),
         usage=UsageBook(),
+        metrics=Metrics(models=settings.models, keys=keys.names()),
         logger=logger,
     )
     _announce(svc)
@@ -222,26 +231,34 @@ def create_app(
             await client.aclose()
             logger.info("usage totals", extra={"event": "usage_totals", "keys": svc.usage.all()})
 
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
+        Route("/complete", complete, methods=["POST"]),
+        Route("/stream", stream, methods=["POST"]),
+        Route("/usage", usage, methods=["GET"]),
+        Route("/metrics", metrics_route, methods=["GET"]),
+        *openai_compat.routes,
+        *openapi.routes(
+            [
+                CompleteBody,
+                CompleteResponse,
+                StreamText,
+                StreamUsage,
+                openai_compat.ChatCompletionBody,
+            ]
+        ),
+    ]
+    known_paths = frozenset(r.path for r in routes if isinstance(r, Route))
     app = Starlette(
-        routes=[
-            Route("/health", health, methods=["GET"]),
-            Route("/ready", ready, methods=["GET"]),
-            Route("/complete", complete, methods=["POST"]),
-            Route("/stream", stream, methods=["POST"]),
-            Route("/usage", usage, methods=["GET"]),
-            *openai_compat.routes,
-            *openapi.routes(
-                [
-                    CompleteBody,
-                    CompleteResponse,
-                    StreamText,
-                    StreamUsage,
-                    openai_compat.ChatCompletionBody,
-                ]
-            ),
-        ],
+        routes=routes,
         middleware=[
-            Middleware(RequestContextMiddleware, logger=logger),
+            Middleware(
+                RequestContextMiddleware,
+                logger=logger,
+                metrics=svc.metrics,
+                known_paths=known_paths,
+            ),
             Middleware(AuthMiddleware, keys=svc.keys),
             Middleware(RateLimitMiddleware, limiter=svc.limiter, default_rate=settings.rate_limit),
         ],
@@ -288,6 +305,8 @@ def _announce(svc: Service) -> None:
 
 
 def _app_from_environment() -> Starlette:
+    # Served by uvicorn: our access log is the one source of truth, uvicorn's is off.
+    logging.getLogger("uvicorn.access").disabled = True
     try:
         return create_app()
     except SettingsError as exc:

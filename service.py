@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
@@ -17,6 +18,7 @@ import llm
 from auth import AUTH, ApiKey, KeyRing
 from config import Settings
 from errors import ApiError
+from metrics import Metrics
 from ratelimit import Limiter
 from requestlog import CALL
 from usage import PriceTable, Usage, UsageBook
@@ -44,6 +46,7 @@ class Service:
     keys: KeyRing
     limiter: Limiter
     usage: UsageBook
+    metrics: Metrics
     logger: logging.Logger
     ready: bool = True
 
@@ -132,21 +135,31 @@ def choose_model(request: Request, asked: str | None) -> str:
 # --- accounting -----------------------------------------------------------------------
 
 
+def note(request: Request, **fields: object) -> None:
+    """Add to what the access log line and the metrics say of this request."""
+    call = request.scope.get(CALL)
+    if call is not None:
+        call.update(fields)
+
+
+def since_ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 2)
+
+
 def account(request: Request, model: str, usage: Usage, finish_reason: str) -> float | None:
     """Price the call, add it to the caller's usage and note it for the access log."""
     svc = service(request)
     cost = svc.prices.cost(model, usage)
     key = caller(request)
     svc.usage.record(key.name if key else "anonymous", model, usage, cost)
-    call = request.scope.get(CALL)
-    if call is not None:
-        call.update(
-            model=model,
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-            cost_usd=cost,
-            finish_reason=finish_reason,
-        )
+    note(
+        request,
+        model=model,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cost_usd=cost,
+        finish_reason=finish_reason,
+    )
     return cost
 
 
@@ -165,9 +178,11 @@ class StreamMeter:
         self.prompt_tokens = prompt_tokens
         self.sent = 0
         self.settled = False
+        self.started = time.perf_counter()
 
     def settle(self, model: str, usage: Usage, finish_reason: str) -> float | None:
         self.settled = True
+        note(self.request, provider_ms=since_ms(self.started))
         return account(self.request, model, usage, finish_reason)
 
     def close(self) -> None:

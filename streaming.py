@@ -9,6 +9,7 @@ instead of a 200 stream with an error inside; a failure after it becomes an
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
@@ -20,7 +21,7 @@ from starlette.responses import Response
 import llm
 from errors import error_body, provider_api_error
 from requestlog import CALL
-from service import service, unless_disconnected
+from service import note, service, since_ms, unless_disconnected
 
 DONE = b"data: [DONE]\n\n"
 
@@ -38,10 +39,12 @@ def _ping() -> ServerSentEvent:
 async def open_sse(request: Request, frames: AsyncGenerator[bytes, None]) -> Response:
     """The stream of `frames`, answered once the first is ready (provider errors before
     it propagate as exceptions, for the HTTP error handlers)."""
+    started = time.perf_counter()
     stayed, first = await unless_disconnected(request, anext(frames))
     if not stayed or first is None:
         await frames.aclose()
         return Response(status_code=499)  # the client has gone; nobody reads this
+    note(request, ttft_ms=since_ms(started))
     return EventSourceResponse(
         _relay(request, first, frames),
         headers={"Cache-Control": "no-cache"},
@@ -54,6 +57,8 @@ async def open_sse(request: Request, frames: AsyncGenerator[bytes, None]) -> Res
 async def _relay(
     request: Request, first: bytes, frames: AsyncGenerator[bytes, None]
 ) -> AsyncIterator[bytes]:
+    open_streams = service(request).metrics.open_streams
+    open_streams.inc()
     try:
         yield first
         async for frame in frames:
@@ -63,4 +68,5 @@ async def _relay(
         request.scope[CALL]["error"] = error.type
         yield sse_frame(error_body(request.scope, error.type, error.message), "error")
     finally:
+        open_streams.dec()
         await frames.aclose()

@@ -1,0 +1,40 @@
+# text-tool: two stages. The build stage resolves the locked dependencies into a
+# virtualenv with uv; the final stage gets that virtualenv and the service's own
+# modules, nothing else (no uv, no tests, no caches), and runs as a non-root user.
+FROM python:3.11-slim AS build
+
+ENV UV_PYTHON_DOWNLOADS=never \
+    UV_LINK_MODE=copy \
+    UV_COMPILE_BYTECODE=1 \
+    UV_PROJECT_ENVIRONMENT=/app/.venv \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+# binutils' strip: uvloop ships a 13.6 MB extension with its symbols, 1.6 MB without.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends binutils \
+    && rm -rf /var/lib/apt/lists/* \
+    && pip install "uv==0.13.9"
+WORKDIR /app
+COPY pyproject.toml uv.lock ./
+RUN uv sync --frozen --no-dev --no-install-project --python python3 \
+    && find /app/.venv -name "*.so" -exec strip --strip-unneeded {} + \
+    && find /app/.venv \( -name "*.pyx" -o -name "*.pxd" -o -name "*.pyi" \) -delete
+
+FROM python:3.11-slim
+
+ENV PATH=/app/.venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    FORWARDED_ALLOW_IPS=127.0.0.1
+RUN useradd --system --uid 10001 --no-create-home --home-dir /nonexistent text-tool
+WORKDIR /app
+COPY --from=build /app/.venv /app/.venv
+COPY *.py ./
+USER 10001
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=3s --start-period=5s --retries=3 \
+    CMD ["python", "-c", "import urllib.request, sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2).status != 200)"]
+# Proxy headers are trusted only from FORWARDED_ALLOW_IPS (uvicorn reads it from the
+# environment); open streams get 20 s to finish on SIGTERM.
+CMD ["uvicorn", "server:app", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers", "--no-access-log", "--timeout-graceful-shutdown", "20"]
