@@ -84,7 +84,11 @@ class Settings:
     timeout_s: float = 60.0
     connect_timeout_s: float = 5.0
     max_body_bytes: int = 1024 * 1024
-    max_connections: int = 1000
+    body_timeout_s: float = 30.0
+    max_inflight: int = 2048
+    max_retries: int = 2
+    retry_deadline_s: float = 30.0
+    shutdown_grace_s: float = 15.0
     ping_interval_s: float = 15.0
     prices_file: Path | None = None
     log_format: str = "json"
@@ -115,6 +119,9 @@ class Settings:
         for name, value in (
             ("LLM_TIMEOUT_S", self.timeout_s),
             ("LLM_CONNECT_TIMEOUT_S", self.connect_timeout_s),
+            ("BODY_TIMEOUT_S", self.body_timeout_s),
+            ("LLM_RETRY_DEADLINE_S", self.retry_deadline_s),
+            ("SHUTDOWN_GRACE_S", self.shutdown_grace_s),
         ):
             if not (value > 0 and math.isfinite(value)):
                 raise SettingsError(f"{name}: must be a positive number of seconds, got {value}")
@@ -126,10 +133,10 @@ class Settings:
             raise SettingsError(
                 f"SSE_PING_INTERVAL_S: must be a positive number, got {self.ping_interval_s}"
             )
-        if self.max_connections < 1:
-            raise SettingsError(
-                f"LLM_MAX_CONNECTIONS: must be positive, got {self.max_connections}"
-            )
+        if self.max_inflight < 1:
+            raise SettingsError(f"MAX_INFLIGHT: must be positive, got {self.max_inflight}")
+        if self.max_retries < 0:
+            raise SettingsError(f"LLM_MAX_RETRIES: must be 0 or more, got {self.max_retries}")
 
     def replace(self, **changes: object) -> Settings:
         """A copy with some fields changed (tests use it to vary one setting)."""
@@ -192,7 +199,11 @@ class Settings:
             timeout_s=number("LLM_TIMEOUT_S", "60", float),
             connect_timeout_s=number("LLM_CONNECT_TIMEOUT_S", "5", float),
             max_body_bytes=int(number("MAX_BODY_BYTES", str(1024 * 1024), int)),
-            max_connections=int(number("LLM_MAX_CONNECTIONS", "1000", int)),
+            body_timeout_s=number("BODY_TIMEOUT_S", "30", float),
+            max_inflight=int(number("MAX_INFLIGHT", "2048", int)),
+            max_retries=int(number("LLM_MAX_RETRIES", "2", int)),
+            retry_deadline_s=number("LLM_RETRY_DEADLINE_S", "30", float),
+            shutdown_grace_s=number("SHUTDOWN_GRACE_S", "15", float),
             ping_interval_s=number("SSE_PING_INTERVAL_S", "15", float),
             prices_file=Path(prices_file) if prices_file else None,
             log_format=get("LOG_FORMAT", "json").lower(),

@@ -16,14 +16,17 @@ key: provider messages are redacted, and credential failures never quote the pro
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import math
+import random
+import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import httpx
 
@@ -31,6 +34,7 @@ from config import Settings
 from usage import Usage
 
 logger = logging.getLogger("text_tool")
+T = TypeVar("T")
 
 
 class ProviderError(Exception):
@@ -125,9 +129,10 @@ class SharedClient:
                 transport=self._transport,
                 # httpx's defaults (100 connections, 5 s for everything) would queue the
                 # 101st concurrent stream and cut slow first tokens short.
+                # One connection per call in flight at most: MAX_INFLIGHT refuses the rest.
                 limits=httpx.Limits(
-                    max_connections=s.max_connections,
-                    max_keepalive_connections=min(s.max_connections, 200),
+                    max_connections=s.max_inflight,
+                    max_keepalive_connections=min(s.max_inflight, 256),
                     keepalive_expiry=30.0,
                 ),
                 timeout=httpx.Timeout(
@@ -265,15 +270,68 @@ def estimate_tokens(text: str) -> int:
     return max(1, math.ceil(len(text) / 4)) if text else 0
 
 
-class HttpProvider(Provider):
-    """What the OpenAI and Anthropic providers share: the client, URL, headers, errors."""
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    """Retries of a provider call that failed before its answer began: a connection
+    refused, 408, 429 or 5xx. Waits grow exponentially with full jitter; a provider's
+    Retry-After is honoured when it is within `cap_s`, and a longer one is passed on
+    to the client instead. No retry starts after `deadline_s` from the first try."""
 
-    def __init__(self, client: SharedClient, *, base_url: str, api_key: str) -> None:
+    retries: int = 2
+    base_s: float = 0.25
+    cap_s: float = 10.0
+    deadline_s: float = 30.0
+
+    def delay(self, attempt: int, error: ProviderError) -> float | None:
+        """Seconds to wait before retry number `attempt` (0-based), or None: give up."""
+        if attempt >= self.retries:
+            return None
+        if not isinstance(error, ProviderUnavailable | ProviderRateLimited):
+            return None
+        backoff = random.uniform(0, min(self.cap_s, self.base_s * 2**attempt))
+        retry_after = error.retry_after_s if isinstance(error, ProviderRateLimited) else None
+        if retry_after is None:
+            return backoff
+        return max(retry_after, backoff) if retry_after <= self.cap_s else None
+
+
+class HttpProvider(Provider):
+    """What the OpenAI and Anthropic providers share: the client, URL, headers, errors,
+    and retries of what failed before the first byte of an answer."""
+
+    def __init__(
+        self,
+        client: SharedClient,
+        *,
+        base_url: str,
+        api_key: str,
+        retry: RetryPolicy | None = None,
+    ) -> None:
         self._client = client
         self._base_url = base_url.rstrip("/")
         self._secrets = (api_key,) if api_key else ()
+        self._retry_policy = retry or RetryPolicy()
 
     path: ClassVar[str]
+
+    async def _retrying(self, attempt_once: Callable[[], Awaitable[T]]) -> T:
+        policy = self._retry_policy
+        deadline = time.monotonic() + policy.deadline_s
+        attempt = 0
+        while True:
+            try:
+                return await attempt_once()
+            except ProviderError as exc:
+                wait = policy.delay(attempt, exc)
+                if wait is None or time.monotonic() + wait > deadline:
+                    raise
+                logger.warning(
+                    "provider call failed; retrying",
+                    extra={"event": "provider_retry", "attempt": attempt + 1, "error": str(exc),
+                           "wait_s": round(wait, 3)},
+                )  # fmt: skip
+                await asyncio.sleep(wait)
+                attempt += 1
 
     def headers(self, request_id: str | None) -> dict[str, str]:
         headers = {"content-type": "application/json", "accept": "application/json"}
@@ -282,28 +340,50 @@ class HttpProvider(Provider):
         return headers
 
     async def post(self, body: dict[str, Any], request_id: str | None) -> dict[str, Any]:
-        with translate_transport_errors():
-            response = await self._client.get().post(
-                self._base_url + self.path, json=body, headers=self.headers(request_id)
-            )
-        if response.status_code != 200:
-            raise status_error(response, self._secrets)
-        return _json_object(response.content)
+        async def once() -> httpx.Response:
+            with translate_transport_errors():
+                response = await self._client.get().post(
+                    self._base_url + self.path, json=body, headers=self.headers(request_id)
+                )
+            if response.status_code != 200:
+                raise status_error(response, self._secrets)
+            return response
+
+        return _json_object((await self._retrying(once)).content)
 
     @contextlib.asynccontextmanager
     async def open_stream(
         self, body: dict[str, Any], request_id: str | None
     ) -> AsyncIterator[AsyncIterator[tuple[str, str]]]:
         """The provider's SSE events; the response is closed however the caller leaves."""
+        client = self._client.get()
         headers = self.headers(request_id) | {"accept": "text/event-stream"}
-        with translate_transport_errors():
-            async with self._client.get().stream(
+
+        async def once() -> httpx.Response:
+            request = client.build_request(
                 "POST", self._base_url + self.path, json=body, headers=headers
-            ) as response:
-                if response.status_code != 200:
+            )
+            with translate_transport_errors():
+                response = await client.send(request, stream=True)
+                kind = response.headers.get("content-type", "")
+                if response.status_code == 200 and (not kind or "event-stream" in kind):
+                    return response
+                try:
                     await response.aread()
-                    raise status_error(response, self._secrets)
+                finally:
+                    await response.aclose()
+            if response.status_code == 200:
+                raise ProviderError(
+                    f"the provider sent an answer that is not an event stream ({kind or 'no type'})"
+                )
+            raise status_error(response, self._secrets)
+
+        response = await self._retrying(once)
+        try:
+            with translate_transport_errors():
                 yield sse_events(response)
+        finally:
+            await response.aclose()
 
 
 # --- OpenAI and every OpenAI-compatible server ---------------------------------------
@@ -634,12 +714,19 @@ class EchoProvider(Provider):
 
 
 def make_provider(settings: Settings, client: SharedClient) -> Provider:
+    retry = RetryPolicy(retries=settings.max_retries, deadline_s=settings.retry_deadline_s)
     if settings.provider == "openai":
         return OpenAIProvider(
-            client, base_url=settings.openai_base_url, api_key=settings.openai_api_key
+            client,
+            base_url=settings.openai_base_url,
+            api_key=settings.openai_api_key,
+            retry=retry,
         )
     if settings.provider == "anthropic":
         return AnthropicProvider(
-            client, base_url=settings.anthropic_base_url, api_key=settings.anthropic_api_key
+            client,
+            base_url=settings.anthropic_base_url,
+            api_key=settings.anthropic_api_key,
+            retry=retry,
         )
     return EchoProvider()

@@ -29,8 +29,8 @@ from service import (
     integral,
     parse_body,
     prompt_estimate,
+    provider_call,
     service,
-    unless_disconnected,
 )
 from streaming import DONE, open_sse, sse_frame
 from usage import Usage
@@ -165,7 +165,7 @@ async def chat_completions(request: Request) -> Response:
             frames = _passthrough_frames(request, provider, raw, include_usage)
             return await open_sse(request, frames)
         rid = request_id(request.scope)
-        stayed, data = await unless_disconnected(request, provider.passthrough(raw, rid))
+        stayed, data = await provider_call(request, lambda: provider.passthrough(raw, rid))
         if not stayed or data is None:
             return Response(status_code=499)
         _account_openai_answer(request, raw, data)
@@ -174,7 +174,7 @@ async def chat_completions(request: Request) -> Response:
     chat = translate(request, body, model)
     if body.stream:
         return await open_sse(request, _translated_frames(request, chat, include_usage))
-    stayed, result = await unless_disconnected(request, provider.complete(chat))
+    stayed, result = await provider_call(request, lambda: provider.complete(chat))
     if not stayed or result is None:
         return Response(status_code=499)
     account(request, result.model, result.usage, result.finish_reason)

@@ -110,6 +110,7 @@ class RequestContextMiddleware:
             fields: dict[str, Any] = {
                 "event": "access",
                 "key": key,
+                "client": (scope.get("client") or ("", 0))[0],
                 "method": scope["method"],
                 "path": scope["path"],
                 "route": route_label(scope, self.known_paths),

@@ -13,6 +13,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
+from sse_starlette.sse import AppStatus
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -31,6 +32,7 @@ from metrics import Metrics, metrics_route
 from ratelimit import MemoryLimiter, RateLimitMiddleware
 from requestlog import CALL, RequestContextMiddleware
 from service import (
+    Inflight,
     JsonInt,
     Service,
     StreamMeter,
@@ -40,9 +42,9 @@ from service import (
     note,
     parse_body,
     prompt_estimate,
+    provider_call,
     service,
     since_ms,
-    unless_disconnected,
 )
 from streaming import DONE, open_sse, sse_frame
 from usage import PriceTable, UsageBook
@@ -106,7 +108,8 @@ async def health(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
-    if not service(request).ready:
+    # AppStatus.should_exit is set by sse-starlette's hook on uvicorn's signal handler.
+    if not service(request).ready or AppStatus.should_exit:
         return error_response(request.scope, 503, "not_ready", "the service is shutting down")
     return JSONResponse({"status": "ready"})
 
@@ -119,7 +122,7 @@ async def usage(request: Request) -> Response:
 async def complete(request: Request) -> Response:
     chat = chat_request(request, await parse_body(request, CompleteBody))
     started = time.perf_counter()
-    stayed, result = await unless_disconnected(request, service(request).provider.complete(chat))
+    stayed, result = await provider_call(request, lambda: service(request).provider.complete(chat))
     if not stayed or result is None:
         return Response(status_code=499)
     note(request, provider_ms=since_ms(started))
@@ -217,6 +220,7 @@ def create_app(
         limiter=MemoryLimiter(),
         usage=UsageBook(),
         metrics=Metrics(models=settings.models, keys=keys.names()),
+        inflight=Inflight(settings.max_inflight),
         logger=logger,
     )
     _announce(svc)

@@ -4,9 +4,10 @@ choice, accounting, and giving up on a provider call when the client leaves."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
@@ -35,6 +36,30 @@ def integral(value: Any) -> Any:
 JsonInt = Annotated[int, BeforeValidator(integral)]
 
 
+class Inflight:
+    """A cap on provider calls in flight: past it a request is refused at once with
+    503, rather than queued without bound."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        if self.count >= self.limit:
+            raise ApiError(
+                503,
+                "overloaded",
+                f"{self.limit} provider calls are in flight; try again shortly",
+                headers={"Retry-After": "1"},
+            )
+        self.count += 1
+        try:
+            yield
+        finally:
+            self.count -= 1
+
+
 @dataclass
 class Service:
     """What the routes share, kept in `app.state.service`."""
@@ -47,6 +72,7 @@ class Service:
     limiter: Limiter
     usage: UsageBook
     metrics: Metrics
+    inflight: Inflight
     logger: logging.Logger
     ready: bool = True
 
@@ -71,20 +97,27 @@ def _is_json(content_type: str) -> bool:
     )
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The request body, refused with 413 as soon as it passes `limit` bytes, so a huge
-    upload is never held in memory (a chunked one included)."""
+    upload is never held in memory (a chunked one included), and with 408 when it takes
+    longer than `timeout_s`, so a client trickling bytes cannot hold a worker."""
     too_large = ApiError(413, "body_too_large", f"request body is over {limit} bytes")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(
+            408, "request_timeout", f"the request body did not arrive within {timeout_s:g} s"
+        ) from None
     return b"".join(chunks)
 
 
@@ -96,7 +129,8 @@ async def parse_body(request: Request, model: type[BodyT]) -> BodyT:
             "unsupported_media_type",
             "send the body as JSON with Content-Type: application/json",
         )
-    raw = await read_body(request, service(request).settings.max_body_bytes)
+    settings = service(request).settings
+    raw = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
@@ -199,6 +233,15 @@ class StreamMeter:
 async def _disconnected(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+async def provider_call(
+    request: Request, call: Callable[[], Awaitable[T]]
+) -> tuple[bool, T | None]:
+    """`call()`, holding a slot of MAX_INFLIGHT while it runs (503 when none is free),
+    and dropped if the client leaves (see `unless_disconnected`)."""
+    with service(request).inflight.slot():
+        return await unless_disconnected(request, call())
 
 
 async def unless_disconnected(request: Request, awaitable: Awaitable[T]) -> tuple[bool, T | None]:

@@ -21,6 +21,10 @@ line `mock:{...json...}` in the last message (for calls through text-tool):
   no_usage                  send no usage (as some OpenAI-compatible servers do)
   garbage                   answer 200 with a body that is not JSON
   cached                    report this many cached input tokens
+  fail_times, id            with status: fail only the first fail_times requests of this id
+  empty                     stream: answer 200 and end with no event at all
+  malformed_after           stream this many tokens, then a data line that is not JSON
+  split                     stream every frame in pieces of this many bytes
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class Stats:
 
     def reset(self) -> None:
         self.requests = 0
+        self.failed: dict[str, int] = {}
         self.open = 0
         self.finished = 0
         self.aborted = 0
@@ -144,6 +149,12 @@ class MockProvider:
             self.stats.aborted += 1
             return
         status = int(options.get("status", 200))
+        if status != 200 and "fail_times" in options:
+            key = str(options.get("id", ""))
+            if self.stats.failed.get(key, 0) >= int(options["fail_times"]):
+                status = 200
+            else:
+                self.stats.failed[key] = self.stats.failed.get(key, 0) + 1
         if status != 200:
             await _sleep(options["ttft_ms"], gone)
             headers = {}
@@ -193,6 +204,10 @@ class MockProvider:
                     "headers": [(b"content-type", b"text/event-stream")],
                 }
             )
+            if options.get("empty"):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                self.stats.finished += 1
+                return
             frames = (_openai_frames if protocol == "openai" else _anthropic_frames)(
                 model, chunks, finish, usage, options
             )
@@ -202,7 +217,12 @@ class MockProvider:
                     return
                 if frame[0] == "drop":
                     raise ConnectionAbortedError("mock drops the connection")
-                await send({"type": "http.response.body", "body": frame[1], "more_body": True})
+                piece = int(options.get("split", 0)) or len(frame[1])
+                for at in range(0, len(frame[1]), piece):
+                    part = frame[1][at : at + piece]
+                    await send({"type": "http.response.body", "body": part, "more_body": True})
+                    if piece < len(frame[1]):
+                        await asyncio.sleep(0.001)  # separate TCP reads
                 if gone.is_set():
                     self.stats.aborted += 1
                     return
@@ -384,6 +404,8 @@ def _anthropic_frames(
 def _fault(options: dict[str, Any], index: int, anthropic: bool = False) -> list[tuple[str, bytes]]:
     if options.get("drop_after") == index:
         return [("drop", b"")]
+    if options.get("malformed_after") == index:
+        return [("error", b"data: {not json\n\n")]
     if options.get("error_after") == index:
         if anthropic:
             error = {

@@ -31,6 +31,7 @@ def openai_app(handler: Handler, **changes: object) -> Starlette:
         model="gpt-4o-mini",
         models=("gpt-4o-mini", "my-local-model"),
         api_keys=(CLIENT_KEY,),
+        max_retries=0,
     ).replace(**changes)
     return create_app(settings, transport=httpx.MockTransport(handler))
 
@@ -380,3 +381,17 @@ async def test_v1_stream_with_null_stream_options_relays_the_chunks() -> None:
         r = await c.post("/v1/chat/completions", json=body)
     assert r.status_code == 200
     assert parse_sse(r.text)[-1] == ("message", "[DONE]")
+
+
+async def test_ready_turns_503_while_the_server_drains() -> None:
+    from sse_starlette.sse import AppStatus
+
+    async with client(openai_app(openai_answer)) as c:
+        AppStatus.should_exit = True  # what uvicorn's SIGTERM handler sets, via sse-starlette
+        try:
+            draining = await c.get("/ready")
+        finally:
+            AppStatus.should_exit = False
+        back = await c.get("/ready")
+    assert draining.status_code == 503 and draining.json()["error"]["type"] == "not_ready"
+    assert back.status_code == 200

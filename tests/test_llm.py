@@ -54,13 +54,21 @@ USAGE_CHUNK = {
 }
 
 
-def provider(kind: str) -> llm.Provider:
+def provider(kind: str, retries: int = 0) -> llm.Provider:
     settings = (
-        Settings(provider="openai", openai_api_key=PROVIDER_KEY)
+        Settings(provider="openai", openai_api_key=PROVIDER_KEY, max_retries=retries)
         if kind == "openai"
-        else Settings(provider="anthropic", anthropic_api_key=PROVIDER_KEY)
+        else Settings(provider="anthropic", anthropic_api_key=PROVIDER_KEY, max_retries=retries)
     )
     return llm.make_provider(settings, llm.SharedClient(settings))
+
+
+def quick_retries(kind: str = "openai", **policy: float) -> llm.HttpProvider:
+    settings = Settings(provider="openai", openai_api_key=PROVIDER_KEY)
+    retry = llm.RetryPolicy(**{"retries": 2, "base_s": 0.001, **policy})  # type: ignore[arg-type]
+    cls = llm.OpenAIProvider if kind == "openai" else llm.AnthropicProvider
+    base = "https://api.openai.com/v1" if kind == "openai" else "https://api.anthropic.com"
+    return cls(llm.SharedClient(settings), base_url=base, api_key=PROVIDER_KEY, retry=retry)
 
 
 def request(**changes: object) -> llm.ChatRequest:
@@ -403,7 +411,7 @@ async def test_echo_answers_with_the_prompts_words_and_exact_counts() -> None:
 
 
 async def test_shared_client_is_made_once_and_sized_on_purpose() -> None:
-    shared = llm.SharedClient(Settings(max_connections=700, timeout_s=42))
+    shared = llm.SharedClient(Settings(max_inflight=700, timeout_s=42))
     client = shared.get()
     assert shared.get() is client
     assert client.timeout.read == 42 and client.timeout.connect == 5
@@ -411,3 +419,98 @@ async def test_shared_client_is_made_once_and_sized_on_purpose() -> None:
     assert pool._max_connections == 700
     await shared.aclose()
     assert client.is_closed
+
+
+OK_ANSWER = {
+    "id": "chatcmpl-9",
+    "model": "gpt-4o-mini",
+    "choices": [{"index": 0, "message": {"content": "fine"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 1, "completion_tokens": 1},
+}
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        httpx.Response(500),
+        httpx.Response(502),
+        httpx.Response(503),
+        httpx.Response(504),
+        httpx.Response(529),
+        httpx.Response(429, headers={"retry-after": "0.01"}),
+        httpx.ConnectError("refused"),
+    ],
+)
+@respx.mock
+async def test_a_failure_before_the_answer_is_retried(first: httpx.Response | Exception) -> None:
+    route = respx.post(OPENAI).mock(side_effect=[first, httpx.Response(200, json=OK_ANSWER)])
+    result = await quick_retries().complete(request())
+    assert result.text == "fine" and route.call_count == 2
+
+
+@respx.mock
+async def test_a_stream_that_fails_before_its_first_byte_is_retried() -> None:
+    stream = sse(openai_chunk("ok", "stop"), USAGE_CHUNK, "[DONE]")
+    route = respx.post(OPENAI).mock(
+        side_effect=[httpx.Response(503), httpx.Response(200, content=stream)]
+    )
+    texts, end = await collect(quick_retries().stream(request()))
+    assert texts == ["ok"] and route.call_count == 2
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        (httpx.Response(401), llm.ProviderRejected),
+        (httpx.Response(400), llm.ProviderBadRequest),
+        (httpx.ReadTimeout("slow"), llm.ProviderTimeout),  # the provider may be working on it
+        (httpx.Response(200, content=b"not json"), llm.ProviderError),
+    ],
+)
+@respx.mock
+async def test_failures_that_a_retry_cannot_mend_are_not_retried(
+    answer: httpx.Response | Exception, error: type[Exception]
+) -> None:
+    route = respx.post(OPENAI).mock(side_effect=[answer, httpx.Response(200, json=OK_ANSWER)])
+    with pytest.raises(error):
+        await quick_retries().complete(request())
+    assert route.call_count == 1
+
+
+@respx.mock
+async def test_retries_are_bounded_then_the_last_error_is_raised() -> None:
+    route = respx.post(ANTHROPIC).mock(return_value=httpx.Response(503))
+    with pytest.raises(llm.ProviderUnavailable, match="503"):
+        await quick_retries("anthropic").complete(request())
+    assert route.call_count == 3
+
+
+@respx.mock
+async def test_a_retry_after_beyond_the_cap_is_passed_on_not_waited() -> None:
+    route = respx.post(OPENAI).mock(
+        return_value=httpx.Response(429, headers={"retry-after": "120"})
+    )
+    with pytest.raises(llm.ProviderRateLimited) as info:
+        await quick_retries(cap_s=5).complete(request())
+    assert route.call_count == 1 and info.value.retry_after_s == 120
+
+
+@respx.mock
+async def test_no_retry_starts_after_the_deadline() -> None:
+    route = respx.post(OPENAI).mock(return_value=httpx.Response(429, headers={"retry-after": "2"}))
+    with pytest.raises(llm.ProviderRateLimited):
+        await quick_retries(deadline_s=1).complete(request())
+    assert route.call_count == 1
+
+
+def test_backoff_is_jittered_exponential_and_honours_retry_after() -> None:
+    policy = llm.RetryPolicy(retries=5, base_s=1, cap_s=8)
+    unavailable = llm.ProviderUnavailable("x")
+    for attempt, ceiling in [(0, 1), (1, 2), (2, 4), (3, 8), (4, 8)]:
+        waits = [policy.delay(attempt, unavailable) for _ in range(200)]
+        assert all(w is not None and 0 <= w <= ceiling for w in waits)
+        assert max(w for w in waits if w is not None) > ceiling / 2  # spread, not fixed
+    assert policy.delay(5, unavailable) is None
+    limited = llm.ProviderRateLimited("x", retry_after_s=3)
+    assert 3 <= (policy.delay(0, limited) or 0) <= 8
+    assert policy.delay(0, llm.ProviderTimeout("x")) is None
