@@ -74,6 +74,8 @@ class Settings:
     provider: str = "echo"
     model: str = ""
     models: tuple[str, ...] = ()
+    fallback_provider: str = ""
+    fallback_model: str = ""
     openai_api_key: str = field(default="", repr=False)
     openai_base_url: str = OPENAI_BASE_URL
     anthropic_api_key: str = field(default="", repr=False)
@@ -99,23 +101,36 @@ class Settings:
             raise SettingsError(
                 f"LLM_PROVIDER: {self.provider!r} is not one of {', '.join(PROVIDERS)}"
             )
+        if self.fallback_provider and self.fallback_provider not in PROVIDERS:
+            raise SettingsError(
+                f"LLM_FALLBACK_PROVIDER: {self.fallback_provider!r} is not one of "
+                f"{', '.join(PROVIDERS)}"
+            )
+        if self.fallback_model and not self.fallback_provider:
+            object.__setattr__(self, "fallback_provider", self.provider)
+        if self.fallback_provider and not self.fallback_model:
+            object.__setattr__(self, "fallback_model", DEFAULT_MODELS[self.fallback_provider])
         if not self.model:
             object.__setattr__(self, "model", DEFAULT_MODELS[self.provider])
         if not self.models:
             object.__setattr__(self, "models", (self.model,))
         elif self.model not in self.models:
             object.__setattr__(self, "models", (self.model, *self.models))
-        if self.provider == "anthropic" and not self.anthropic_api_key:
-            raise SettingsError("ANTHROPIC_API_KEY: required when LLM_PROVIDER=anthropic")
-        if (
-            self.provider == "openai"
-            and not self.openai_api_key
-            and self.openai_base_url.rstrip("/") == OPENAI_BASE_URL
+        for setting, kind in (
+            ("LLM_PROVIDER", self.provider),
+            ("LLM_FALLBACK_PROVIDER", self.fallback_provider),
         ):
-            raise SettingsError(
-                "OPENAI_API_KEY: required when LLM_PROVIDER=openai talks to api.openai.com "
-                "(set OPENAI_BASE_URL for a server that needs no key)"
-            )
+            if kind == "anthropic" and not self.anthropic_api_key:
+                raise SettingsError(f"ANTHROPIC_API_KEY: required when {setting}=anthropic")
+            if (
+                kind == "openai"
+                and not self.openai_api_key
+                and self.openai_base_url.rstrip("/") == OPENAI_BASE_URL
+            ):
+                raise SettingsError(
+                    f"OPENAI_API_KEY: required when {setting}=openai talks to api.openai.com "
+                    "(set OPENAI_BASE_URL for a server that needs no key)"
+                )
         for name, value in (
             ("LLM_TIMEOUT_S", self.timeout_s),
             ("LLM_CONNECT_TIMEOUT_S", self.connect_timeout_s),
@@ -189,6 +204,8 @@ class Settings:
             provider_was_defaulted=defaulted,
             model=get("LLM_MODEL"),
             models=_split(get("LLM_MODELS")),
+            fallback_provider=get("LLM_FALLBACK_PROVIDER").lower(),
+            fallback_model=get("LLM_FALLBACK_MODEL"),
             openai_api_key=openai_key,
             openai_base_url=(openai_base or OPENAI_BASE_URL).rstrip("/"),
             anthropic_api_key=anthropic_key,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -102,14 +103,24 @@ class Completion:
 
 
 class Provider:
-    """One LLM API. Subclasses set `name` and implement `complete` and `stream`."""
+    """One LLM API. Subclasses set `name` and implement `complete` and `stream`; those
+    that speak OpenAI's protocol also take a client's OpenAI body as it is."""
 
-    name: ClassVar[str]
+    name: str
+    passes_through: bool = False
 
     async def complete(self, request: ChatRequest) -> Completion:
         raise NotImplementedError
 
     def stream(self, request: ChatRequest) -> AsyncGenerator[str | StreamEnd, None]:
+        raise NotImplementedError
+
+    async def passthrough(self, body: dict[str, Any], request_id: str | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def passthrough_stream(
+        self, body: dict[str, Any], request_id: str | None
+    ) -> AsyncGenerator[tuple[str, dict[str, Any]], None]:
         raise NotImplementedError
 
 
@@ -412,6 +423,7 @@ def openai_usage(data: Any) -> Usage | None:
 class OpenAIProvider(HttpProvider):
     name = "openai"
     path = "/chat/completions"
+    passes_through = True
 
     def headers(self, request_id: str | None) -> dict[str, str]:
         headers = super().headers(request_id)
@@ -713,16 +725,104 @@ class EchoProvider(Provider):
         yield StreamEnd(id=_new_id(), model=request.model, finish_reason=finish, usage=usage)
 
 
+class FallbackProvider(Provider):
+    """A second provider (or model) for calls the first fails before its answer began,
+    after its own retries. A request the first refused as invalid is not retried
+    elsewhere: it is the request that is wrong. The answer names the model that served."""
+
+    def __init__(self, primary: Provider, secondary: Provider, secondary_model: str) -> None:
+        self.primary = primary
+        self.secondary = secondary
+        self.secondary_model = secondary_model
+        self.name = primary.name
+        # /v1 bodies pass through when the first speaks OpenAI; they fall back only to a
+        # second that does too (there is nothing to translate an arbitrary body with).
+        self.passes_through = primary.passes_through
+
+    def _falls_back(self, exc: ProviderError) -> bool:
+        if isinstance(exc, ProviderBadRequest):
+            return False
+        logger.warning(
+            "provider failed; trying the fallback",
+            extra={"event": "provider_fallback", "error": str(exc), "model": self.secondary_model},
+        )
+        return True
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        try:
+            return await self.primary.complete(request)
+        except ProviderError as exc:
+            if not self._falls_back(exc):
+                raise
+        return await self.secondary.complete(
+            dataclasses.replace(request, model=self.secondary_model)
+        )
+
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[str | StreamEnd, None]:
+        events = self.primary.stream(request)
+        try:
+            first = await anext(events)
+        except ProviderError as exc:
+            await events.aclose()
+            if not self._falls_back(exc):
+                raise
+            events = self.secondary.stream(dataclasses.replace(request, model=self.secondary_model))
+            first = await anext(events)
+        try:
+            yield first
+            async for item in events:
+                yield item
+        finally:
+            await events.aclose()
+
+    async def passthrough(self, body: dict[str, Any], request_id: str | None) -> dict[str, Any]:
+        try:
+            return await self.primary.passthrough(body, request_id)
+        except ProviderError as exc:
+            if not self.secondary.passes_through or not self._falls_back(exc):
+                raise
+        return await self.secondary.passthrough({**body, "model": self.secondary_model}, request_id)
+
+    async def passthrough_stream(
+        self, body: dict[str, Any], request_id: str | None
+    ) -> AsyncGenerator[tuple[str, dict[str, Any]], None]:
+        chunks = self.primary.passthrough_stream(body, request_id)
+        try:
+            first = await anext(chunks)
+        except ProviderError as exc:
+            await chunks.aclose()
+            if not self.secondary.passes_through or not self._falls_back(exc):
+                raise
+            chunks = self.secondary.passthrough_stream(
+                {**body, "model": self.secondary_model}, request_id
+            )
+            first = await anext(chunks)
+        try:
+            yield first
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()
+
+
 def make_provider(settings: Settings, client: SharedClient) -> Provider:
+    primary = _make(settings.provider, settings, client)
+    if not settings.fallback_provider:
+        return primary
+    secondary = _make(settings.fallback_provider, settings, client)
+    return FallbackProvider(primary, secondary, settings.fallback_model)
+
+
+def _make(kind: str, settings: Settings, client: SharedClient) -> Provider:
     retry = RetryPolicy(retries=settings.max_retries, deadline_s=settings.retry_deadline_s)
-    if settings.provider == "openai":
+    if kind == "openai":
         return OpenAIProvider(
             client,
             base_url=settings.openai_base_url,
             api_key=settings.openai_api_key,
             retry=retry,
         )
-    if settings.provider == "anthropic":
+    if kind == "anthropic":
         return AnthropicProvider(
             client,
             base_url=settings.anthropic_base_url,

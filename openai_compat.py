@@ -156,7 +156,7 @@ async def chat_completions(request: Request) -> Response:
     model = choose_model(request, body.model)
     provider = service(request).provider
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    if isinstance(provider, llm.OpenAIProvider):
+    if provider.passes_through:
         raw = body.model_dump(mode="json", exclude_unset=True)
         raw["model"] = model
         if body.stream:
@@ -209,7 +209,7 @@ def _account_openai_answer(request: Request, body: dict[str, Any], data: dict[st
 
 
 async def _passthrough_frames(
-    request: Request, provider: llm.OpenAIProvider, body: dict[str, Any], include_usage: bool
+    request: Request, provider: llm.Provider, body: dict[str, Any], include_usage: bool
 ) -> AsyncGenerator[bytes, None]:
     chunks = provider.passthrough_stream(body, request_id(request.scope))
     model, finish = str(body["model"]), "stop"

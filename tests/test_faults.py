@@ -235,3 +235,28 @@ async def test_sigterm_lets_open_streams_finish_within_the_grace_period(
     assert "Traceback" not in service.output()
     after = await stats(mock_provider)
     assert after["open"] == 0
+
+
+async def test_a_dead_provider_falls_back_and_the_answer_names_the_model(
+    tmp_path: Path, mock_provider: Process
+) -> None:
+    dead = free_port()
+    service = start_service(
+        tmp_path,
+        {
+            "API_KEYS": CLIENT_KEY,
+            "OPENAI_API_KEY": PROVIDER_KEY,
+            "OPENAI_BASE_URL": f"http://127.0.0.1:{dead}/v1",
+            "LLM_MAX_RETRIES": "0",
+            "LLM_FALLBACK_PROVIDER": "echo",
+        },
+    )
+    try:
+        done = await post(service, "/complete", "still answered")
+        streamed = await post(service, "/stream", "still streamed")
+    finally:
+        service.stop()
+    assert done.status_code == 200
+    assert done.json()["text"] == "still answered" and done.json()["model"] == "echo"
+    assert events(streamed.text)[-1] == ("message", "[DONE]")
+    assert '"provider_fallback"' in service.output()

@@ -11,7 +11,7 @@ import pytest
 import respx
 
 import llm
-from config import Settings
+from config import Settings, SettingsError
 from tests.conftest import PROVIDER_KEY
 from usage import Usage
 
@@ -514,3 +514,63 @@ def test_backoff_is_jittered_exponential_and_honours_retry_after() -> None:
     limited = llm.ProviderRateLimited("x", retry_after_s=3)
     assert 3 <= (policy.delay(0, limited) or 0) <= 8
     assert policy.delay(0, llm.ProviderTimeout("x")) is None
+
+
+def fallback_to_anthropic() -> llm.Provider:
+    settings = Settings(
+        provider="openai",
+        openai_api_key=PROVIDER_KEY,
+        anthropic_api_key=PROVIDER_KEY,
+        fallback_provider="anthropic",
+        max_retries=0,
+    )
+    return llm.make_provider(settings, llm.SharedClient(settings))
+
+
+ANTHROPIC_OK = {
+    "id": "msg_1",
+    "model": "claude-haiku-4-5-20251001",
+    "content": [{"type": "text", "text": "from the fallback"}],
+    "stop_reason": "end_turn",
+    "usage": {"input_tokens": 3, "output_tokens": 3},
+}
+
+
+@respx.mock
+async def test_the_fallback_serves_when_the_first_provider_fails_before_its_answer() -> None:
+    respx.post(OPENAI).respond(503)
+    second = respx.post(ANTHROPIC).respond(200, json=ANTHROPIC_OK)
+    result = await fallback_to_anthropic().complete(request())
+    assert result.text == "from the fallback"
+    assert result.model == "claude-haiku-4-5-20251001"  # the answer names who served
+    assert json.loads(second.calls.last.request.content)["model"] == "claude-haiku-4-5"
+
+
+@respx.mock
+async def test_a_stream_falls_back_before_its_first_token_only() -> None:
+    respx.post(OPENAI).mock(side_effect=httpx.ConnectError("refused"))
+    respx.post(ANTHROPIC).respond(
+        200, content=sse(*[f for _, f in ANTHROPIC_STREAM], events=[e for e, _ in ANTHROPIC_STREAM])
+    )
+    texts, end = await collect(fallback_to_anthropic().stream(request()))
+    assert texts == ["Hi", "!\n"] and end.model == "claude-haiku-4-5-20251001"
+
+
+@respx.mock
+async def test_a_request_the_provider_refused_as_invalid_does_not_fall_back() -> None:
+    respx.post(OPENAI).respond(400, json={"error": {"message": "context too long"}})
+    second = respx.post(ANTHROPIC).respond(200, json=ANTHROPIC_OK)
+    with pytest.raises(llm.ProviderBadRequest):
+        await fallback_to_anthropic().complete(request())
+    assert second.call_count == 0
+
+
+def test_the_fallback_model_defaults_to_its_providers_default() -> None:
+    settings = Settings.from_env(
+        environ={"OPENAI_API_KEY": "k", "LLM_FALLBACK_MODEL": "gpt-4.1-mini"}, env_file=None
+    )
+    assert (settings.fallback_provider, settings.fallback_model) == ("openai", "gpt-4.1-mini")
+    with pytest.raises(SettingsError, match="ANTHROPIC_API_KEY"):
+        Settings.from_env(
+            environ={"OPENAI_API_KEY": "k", "LLM_FALLBACK_PROVIDER": "anthropic"}, env_file=None
+        )
