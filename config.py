@@ -94,6 +94,7 @@ class Settings:
     ping_interval_s: float = 15.0
     prices_file: Path | None = None
     log_format: str = "json"
+    transport: str = "aiohttp"
     provider_was_defaulted: bool = False
 
     def __post_init__(self) -> None:
@@ -140,6 +141,8 @@ class Settings:
         ):
             if not (value > 0 and math.isfinite(value)):
                 raise SettingsError(f"{name}: must be a positive number of seconds, got {value}")
+        if self.transport not in ("aiohttp", "httpx"):
+            raise SettingsError(f"LLM_TRANSPORT: {self.transport!r} is not aiohttp or httpx")
         if self.log_format not in ("json", "text"):
             raise SettingsError(f"LOG_FORMAT: {self.log_format!r} is not json or text")
         if self.max_body_bytes < 1:
@@ -224,6 +227,7 @@ class Settings:
             ping_interval_s=number("SSE_PING_INTERVAL_S", "15", float),
             prices_file=Path(prices_file) if prices_file else None,
             log_format=get("LOG_FORMAT", "json").lower(),
+            transport=get("LLM_TRANSPORT", "aiohttp").lower(),
         )
 
 

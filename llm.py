@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import httpx
+from httpx_aiohttp import AiohttpTransport
 
 from config import Settings
 from usage import Usage
@@ -136,16 +137,23 @@ class SharedClient:
     def get(self) -> httpx.AsyncClient:
         if self._client is None or self._client.is_closed:
             s = self._settings
+            # One connection per call in flight at most: MAX_INFLIGHT refuses the rest.
+            # (httpx's default of 100 would queue the 101st concurrent stream.)
+            limits = httpx.Limits(
+                max_connections=s.max_inflight,
+                max_keepalive_connections=min(s.max_inflight, 256),
+                keepalive_expiry=30.0,
+            )
+            transport = self._transport
+            if transport is None and s.transport == "aiohttp":
+                # httpcore's pool polls the socket of every idle connection on each
+                # request: at 64 concurrent calls that held the service near 200 req/s.
+                # aiohttp's pool does not, behind the same httpx API (bench/README.md).
+                transport = AiohttpTransport(limits=limits)
             self._client = httpx.AsyncClient(
-                transport=self._transport,
-                # httpx's defaults (100 connections, 5 s for everything) would queue the
-                # 101st concurrent stream and cut slow first tokens short.
-                # One connection per call in flight at most: MAX_INFLIGHT refuses the rest.
-                limits=httpx.Limits(
-                    max_connections=s.max_inflight,
-                    max_keepalive_connections=min(s.max_inflight, 256),
-                    keepalive_expiry=30.0,
-                ),
+                transport=transport,
+                limits=limits,
+                # A slow first token must not be cut at httpx's 5 s default.
                 timeout=httpx.Timeout(
                     connect=s.connect_timeout_s,
                     read=s.timeout_s,

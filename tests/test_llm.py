@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 import respx
+from httpx_aiohttp import AiohttpTransport
 
 import llm
 from config import Settings, SettingsError
@@ -59,12 +60,12 @@ def provider(kind: str, retries: int = 0) -> llm.Provider:
         Settings(provider="openai", openai_api_key=PROVIDER_KEY, max_retries=retries)
         if kind == "openai"
         else Settings(provider="anthropic", anthropic_api_key=PROVIDER_KEY, max_retries=retries)
-    )
+    ).replace(transport="httpx")  # respx mocks httpx's own transport
     return llm.make_provider(settings, llm.SharedClient(settings))
 
 
 def quick_retries(kind: str = "openai", **policy: float) -> llm.HttpProvider:
-    settings = Settings(provider="openai", openai_api_key=PROVIDER_KEY)
+    settings = Settings(provider="openai", openai_api_key=PROVIDER_KEY, transport="httpx")
     retry = llm.RetryPolicy(**{"retries": 2, "base_s": 0.001, **policy})  # type: ignore[arg-type]
     cls = llm.OpenAIProvider if kind == "openai" else llm.AnthropicProvider
     base = "https://api.openai.com/v1" if kind == "openai" else "https://api.anthropic.com"
@@ -411,7 +412,7 @@ async def test_echo_answers_with_the_prompts_words_and_exact_counts() -> None:
 
 
 async def test_shared_client_is_made_once_and_sized_on_purpose() -> None:
-    shared = llm.SharedClient(Settings(max_inflight=700, timeout_s=42))
+    shared = llm.SharedClient(Settings(max_inflight=700, timeout_s=42, transport="httpx"))
     client = shared.get()
     assert shared.get() is client
     assert client.timeout.read == 42 and client.timeout.connect == 5
@@ -523,6 +524,7 @@ def fallback_to_anthropic() -> llm.Provider:
         anthropic_api_key=PROVIDER_KEY,
         fallback_provider="anthropic",
         max_retries=0,
+        transport="httpx",
     )
     return llm.make_provider(settings, llm.SharedClient(settings))
 
@@ -574,3 +576,12 @@ def test_the_fallback_model_defaults_to_its_providers_default() -> None:
         Settings.from_env(
             environ={"OPENAI_API_KEY": "k", "LLM_FALLBACK_PROVIDER": "anthropic"}, env_file=None
         )
+
+
+async def test_the_default_transport_is_aiohttp_with_the_same_pool_size() -> None:
+    shared = llm.SharedClient(Settings(max_inflight=700))
+    client = shared.get()
+    transport = client._transport
+    assert isinstance(transport, AiohttpTransport)
+    assert transport.limits.max_connections == 700
+    await shared.aclose()

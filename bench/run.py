@@ -1,0 +1,278 @@
+"""The benchmark: text-tool against a direct call to the mock provider, in one run.
+
+    uv run python bench/run.py [--quick] [--json results.json]
+
+Starts the mock provider and the service (auth and rate limiting on, limits set
+high), pinned with taskset: the service on core 0, the mock and the load generator
+on core 1. Runs S1-S7 against the mock directly and through the service with the
+same load generator (wrk for S1 and S2, bench/load.py for the rest), and prints one
+table with both columns and their ratio, then the service's memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from load import Result, run  # noqa: E402
+
+KEY = "bench-key-0123456789abcdef"
+CPUS = os.cpu_count() or 1
+SERVICE_CPU, LOAD_CPU = ("0", "1") if CPUS >= 2 else ("0", "0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pinned(cpu: str, args: list[str]) -> list[str]:
+    return ["taskset", "-c", cpu, *args] if shutil.which("taskset") else args
+
+
+@contextmanager
+def process(args: list[str], health: str, env: dict[str, str] | None = None) -> Iterator[int]:
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(health, timeout=1).status_code < 500:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                raise RuntimeError(log.read().decode(errors="replace")[-3000:])
+            time.sleep(0.05)
+        yield proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Target:
+    """Where the load goes: the mock directly, or text-tool in front of it."""
+
+    def __init__(self, name: str, url: str, direct: bool) -> None:
+        self.name, self.url, self.direct = name, url, direct
+
+    def request(self, prompt: str, stream: bool) -> tuple[str, str, list[str]]:
+        if self.direct:
+            body: dict[str, object] = {
+                "model": "gpt-4o-mini",
+                "messages": [{"role": "user", "content": prompt}],
+            }
+            if stream:
+                body |= {"stream": True, "stream_options": {"include_usage": True}}
+            return "/v1/chat/completions", json.dumps(body), []
+        path = "/stream" if stream else "/complete"
+        return path, json.dumps({"prompt": prompt}), [f"X-API-Key: {KEY}"]
+
+
+def mock_prompt(**options: object) -> str:
+    return "mock:" + json.dumps(options) + "\nWrite one haiku about Nairobi."
+
+
+def wrk(target: Target, connections: int, seconds: int) -> dict[str, float]:
+    path, body, headers = target.request(mock_prompt(tokens=20), stream=False)
+    script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
+    lines = ['wrk.method = "POST"', f"wrk.body = {json.dumps(body)}",
+             'wrk.headers["Content-Type"] = "application/json"']  # fmt: skip
+    for header in headers:
+        name, _, value = header.partition(": ")
+        lines.append(f'wrk.headers["{name}"] = "{value}"')
+    script.write("\n".join(lines) + "\n")
+    script.close()
+    threads = 1 if connections < 4 else 2
+    out = subprocess.run(
+        pinned(LOAD_CPU, ["wrk", "-t", str(threads), "-c", str(connections),
+                          "-d", f"{seconds}s", "--latency", "-s", script.name,
+                          target.url + path]),
+        capture_output=True, text=True, timeout=seconds + 30,
+    ).stdout  # fmt: skip
+    os.unlink(script.name)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    figures: dict[str, float] = {"rps": float(rps.group(1)) if rps else 0.0}
+    for pct in ("50", "90", "99"):
+        match = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)", out, re.M)
+        if match:
+            scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[match.group(2)]
+            figures[f"p{pct}_ms"] = float(match.group(1)) * scale
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    figures["failures"] = float(errors.group(1)) if errors else 0.0
+    return figures
+
+
+def load(target: Target, prompt: str, *, stream: bool, concurrency: int, requests: int,
+         leave_after: int = 0) -> Result:  # fmt: skip
+    path, body, headers = target.request(prompt, stream)
+    import uvloop
+
+    return uvloop.run(
+        run(target.url, path=path, body=body, headers=headers, concurrency=concurrency,
+            requests=requests, stream=stream, time_limit_s=120, leave_after=leave_after)
+    )  # fmt: skip
+
+
+def in_load_process(fn: str, *args: object) -> object:
+    """Run a load function pinned to the load core, in its own process."""
+    code = (
+        "import json, sys; sys.path.insert(0, 'bench'); import run; "
+        f"print(json.dumps(run._remote({fn!r}, {json.dumps(args)!r})))"
+    )
+    out = subprocess.run(pinned(LOAD_CPU, [sys.executable, "-c", code]), capture_output=True,
+                         text=True, cwd=ROOT, timeout=600)  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _remote(fn: str, args_json: str) -> object:
+    name, url, direct, prompt, kwargs = json.loads(args_json)
+    result = load(Target(name, url, direct), prompt, **kwargs)
+    return result.summary()
+
+
+def scenario_load(target: Target, prompt: str, **kwargs: object) -> dict[str, object]:
+    summary = in_load_process("load", target.name, target.url, target.direct, prompt, kwargs)
+    assert isinstance(summary, dict)
+    return summary
+
+
+def stats(mock_url: str) -> dict[str, int]:
+    return dict(httpx.get(mock_url + "/_stats").json())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shorter runs, smaller S6/S7")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    seconds = 3 if args.quick else 8
+    s6, s7 = (500, 300) if args.quick else (2000, 1000)
+
+    mock_port, service_port = free_port(), free_port()
+    mock_url, service_url = f"http://127.0.0.1:{mock_port}", f"http://127.0.0.1:{service_port}"
+    env = {
+        **os.environ,
+        "API_KEYS": KEY,
+        "RATE_LIMIT": "100000000/hour",
+        "LLM_PROVIDER": "openai",
+        "OPENAI_API_KEY": "sk-bench",
+        "OPENAI_BASE_URL": mock_url + "/v1",
+        "LLM_MODEL": "gpt-4o-mini",
+        "MAX_INFLIGHT": "4096",
+        "LOG_FORMAT": "json",
+    }
+    mock_cmd = pinned(
+        LOAD_CPU, [sys.executable, "bench/mock_provider.py", "--port", str(mock_port)]
+    )
+    service_cmd = pinned(SERVICE_CPU, [sys.executable, "-m", "uvicorn", "server:app",
+                                       "--port", str(service_port), "--no-access-log",
+                                       "--loop", "uvloop", "--http", "httptools",
+                                       "--backlog", "4096", "--log-level", "warning"])  # fmt: skip
+    rows: list[tuple[str, str, float, float]] = []
+
+    def row(name: str, metric: str, direct: float, service: float) -> None:
+        rows.append((name, metric, direct, service))
+        print(f"  {name:<4} {metric:<26} {direct:>10.2f} {service:>10.2f}", flush=True)
+
+    with (
+        process(mock_cmd, mock_url + "/_stats"),
+        process(service_cmd, service_url + "/health", env) as pid,
+    ):
+        direct, service = Target("direct", mock_url, True), Target("text-tool", service_url, False)
+        both = (direct, service)
+        httpx.post(service_url + "/complete", json={"prompt": "warm"}, headers={"X-API-Key": KEY})
+        idle_mb = rss_mb(pid)
+
+        s1 = [wrk(t, 1, seconds) for t in both]
+        row("S1", "c=1 p50 ms", s1[0]["p50_ms"], s1[1]["p50_ms"])
+        row("S1", "c=1 p99 ms", s1[0]["p99_ms"], s1[1]["p99_ms"])
+
+        cpu_before = cpu_seconds(pid)
+        s2 = [wrk(t, 64, seconds) for t in both]
+        cpu_used = cpu_seconds(pid) - cpu_before
+        row("S2", "c=64 req/s", s2[0]["rps"], s2[1]["rps"])
+        row("S2", "service CPU ms/request", 0.0, 1000 * cpu_used / (s2[1]["rps"] * seconds))
+        row("S2", "failures", s2[0]["failures"], s2[1]["failures"])
+
+        slow = mock_prompt(ttft_ms=1000, tokens=20)
+        s3 = [scenario_load(t, slow, stream=False, concurrency=500, requests=500) for t in both]
+        row("S3", "500 x 1 s calls: wall s", s3[0]["wall_s"], s3[1]["wall_s"])  # type: ignore[arg-type]
+        row("S3", "failures", len(s3[0]["failures"]), len(s3[1]["failures"]))  # type: ignore[arg-type]
+
+        streams = mock_prompt(ttft_ms=100, tokens=50, token_delay_ms=20)
+        s4 = [scenario_load(t, streams, stream=True, concurrency=200, requests=200) for t in both]
+        row("S4", "200 streams: TTFT p99 ms", s4[0]["ttft_ms"]["p99"], s4[1]["ttft_ms"]["p99"])  # type: ignore[index]
+        row("S4", "200 streams: wall s", s4[0]["wall_s"], s4[1]["wall_s"])  # type: ignore[arg-type]
+
+        long = mock_prompt(tokens=100, token_delay_ms=100)
+        left = []
+        for t in both:
+            httpx.post(mock_url + "/_reset")
+            scenario_load(t, long, stream=True, concurrency=50, requests=50, leave_after=3)
+            time.sleep(2)
+            left.append(stats(mock_url)["open"])
+        row("S5", "upstream open 2 s after", left[0], left[1])
+
+        s6r = [scenario_load(t, slow, stream=False, concurrency=s6, requests=s6) for t in both]
+        row("S6", f"{s6} x 1 s calls: wall s", s6r[0]["wall_s"], s6r[1]["wall_s"])  # type: ignore[arg-type]
+        row("S6", "failures", sum(s6r[0]["failures"].values()), sum(s6r[1]["failures"].values()))  # type: ignore[attr-defined]
+
+        many = mock_prompt(tokens=200, token_delay_ms=10)
+        s7r = [scenario_load(t, many, stream=True, concurrency=s7, requests=s7) for t in both]
+        row("S7", f"{s7} streams: TTFT p99 ms", s7r[0]["ttft_ms"]["p99"], s7r[1]["ttft_ms"]["p99"])  # type: ignore[index]
+        row("S7", f"{s7} streams: wall s", s7r[0]["wall_s"], s7r[1]["wall_s"])  # type: ignore[arg-type]
+        row("S7", "failures", sum(s7r[0]["failures"].values()), sum(s7r[1]["failures"].values()))  # type: ignore[attr-defined]
+        peak_mb = rss_mb(pid, "VmHWM")
+
+    print()
+    print("| scenario | metric | mock direct | text-tool | ratio |")
+    print("|---|---|---|---|---|")
+    for name, metric, d, s in rows:
+        ratio = f"{s / d:.2f}x" if d else "-"
+        print(f"| {name} | {metric} | {d:,.2f} | {s:,.2f} | {ratio} |")
+    print(f"\nservice resident memory: idle {idle_mb:.0f} MB, peak {peak_mb:.0f} MB")
+    if args.json:
+        args.json.write_text(
+            json.dumps({"rows": rows, "idle_mb": idle_mb, "peak_mb": peak_mb}, indent=2)
+        )
+
+
+if __name__ == "__main__":
+    main()
