@@ -8,6 +8,7 @@ entry point turns that into one line on stderr instead of a traceback at first r
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -95,6 +96,8 @@ class Settings:
     prices_file: Path | None = None
     log_format: str = "json"
     transport: str = "aiohttp"
+    rate_limit_store: str = "memory"
+    rate_limit_store_fail: str = "open"
     provider_was_defaulted: bool = False
 
     def __post_init__(self) -> None:
@@ -141,6 +144,19 @@ class Settings:
         ):
             if not (value > 0 and math.isfinite(value)):
                 raise SettingsError(f"{name}: must be a positive number of seconds, got {value}")
+        store = self.rate_limit_store
+        if store != "memory" and not store.startswith(("redis://", "rediss://", "unix://")):
+            raise SettingsError(
+                f"RATE_LIMIT_STORE: {store!r} is not memory or a redis://host:port/db URL"
+            )
+        if store != "memory" and importlib.util.find_spec("redis") is None:
+            raise SettingsError(
+                "RATE_LIMIT_STORE: a Redis store needs the redis extra (uv sync --extra redis)"
+            )
+        if self.rate_limit_store_fail not in ("open", "closed"):
+            raise SettingsError(
+                f"RATE_LIMIT_STORE_FAIL: {self.rate_limit_store_fail!r} is not open or closed"
+            )
         if self.transport not in ("aiohttp", "httpx"):
             raise SettingsError(f"LLM_TRANSPORT: {self.transport!r} is not aiohttp or httpx")
         if self.log_format not in ("json", "text"):
@@ -228,6 +244,8 @@ class Settings:
             prices_file=Path(prices_file) if prices_file else None,
             log_format=get("LOG_FORMAT", "json").lower(),
             transport=get("LLM_TRANSPORT", "aiohttp").lower(),
+            rate_limit_store=get("RATE_LIMIT_STORE", "memory"),
+            rate_limit_store_fail=get("RATE_LIMIT_STORE_FAIL", "open").lower(),
         )
 
 

@@ -47,6 +47,10 @@ class Metrics:
         self.limited = Counter("text_tool_rate_limited", "429 answers", ["key"], registry=r)
         self.in_flight = Gauge("text_tool_in_flight_requests", "Requests being served", registry=r)
         self.open_streams = Gauge("text_tool_open_streams", "SSE streams open", registry=r)
+        self.store_up = Gauge(
+            "text_tool_rate_limit_store_up", "1 while the shared store answers", registry=r
+        )
+        self.store_up.set(1)
 
     def _model(self, model: Any) -> str:
         return model if model in self.models else OTHER

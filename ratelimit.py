@@ -38,6 +38,10 @@ class Limiter(Protocol):
     async def hit(self, key: str, rate: Rate) -> Decision: ...
 
 
+class StoreUnavailable(Exception):
+    """A shared store cannot be reached and RATE_LIMIT_STORE_FAIL is closed."""
+
+
 class MemoryLimiter:
     """The sliding window for one process. Idle keys are dropped as time passes, and
     no more than `max_keys` keys are kept (the least recently seen go first)."""
@@ -133,7 +137,14 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         rate = key.rate_limit or self.default_rate
-        decision = await self.limiter.hit(key.name, rate)
+        try:
+            decision = await self.limiter.hit(key.name, rate)
+        except StoreUnavailable as exc:
+            response = error_response(
+                scope, 503, "store_unavailable", str(exc), headers={"Retry-After": "1"}
+            )
+            await response(scope, receive, send)
+            return
         headers = limit_headers(decision)
         if not decision.allowed:
             wait = whole_seconds(decision.retry_after_s)

@@ -29,7 +29,8 @@ from config import Settings, SettingsError
 from errors import ApiError, api_error_response, error_response, provider_api_error, request_id
 from logs import get_logger
 from metrics import Metrics, metrics_route
-from ratelimit import MemoryLimiter, RateLimitMiddleware
+from ratelimit import Limiter, MemoryLimiter, RateLimitMiddleware
+from redis_store import FailoverLimiter, RedisLimiter
 from requestlog import CALL, RequestContextMiddleware
 from service import (
     Inflight,
@@ -108,10 +109,18 @@ async def health(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
+    svc = service(request)
     # AppStatus.should_exit is set by sse-starlette's hook on uvicorn's signal handler.
-    if not service(request).ready or AppStatus.should_exit:
+    if not svc.ready or AppStatus.should_exit:
         return error_response(request.scope, 503, "not_ready", "the service is shutting down")
-    return JSONResponse({"status": "ready"})
+    store = "memory"
+    if isinstance(svc.limiter, FailoverLimiter):
+        store = "redis" if svc.limiter.healthy else "redis unreachable"
+        if not svc.limiter.healthy and not svc.limiter.fail_open:
+            return error_response(
+                request.scope, 503, "store_unavailable", "the rate-limit store is unreachable"
+            )
+    return JSONResponse({"status": "ready", "rate_limit_store": store})
 
 
 async def usage(request: Request) -> Response:
@@ -211,18 +220,21 @@ def create_app(
     logger = get_logger(settings.log_format)
     client = llm.SharedClient(settings, transport)
     keys = KeyRing.from_settings(settings)
+    limiter = _limiter(settings, logger)
     svc = Service(
         settings=settings,
         provider=llm.make_provider(settings, client),
         client=client,
         prices=_prices(settings),
         keys=keys,
-        limiter=MemoryLimiter(),
+        limiter=limiter,
         usage=UsageBook(),
         metrics=Metrics(models=settings.models, keys=keys.names()),
         inflight=Inflight(settings.max_inflight),
         logger=logger,
     )
+    if isinstance(limiter, FailoverLimiter):
+        svc.metrics.store_up.set_function(lambda: 1.0 if limiter.healthy else 0.0)
     _announce(svc)
 
     @contextlib.asynccontextmanager
@@ -233,6 +245,8 @@ def create_app(
         finally:
             svc.ready = False
             await client.aclose()
+            if isinstance(limiter, FailoverLimiter):
+                await limiter.aclose()
             logger.info("usage totals", extra={"event": "usage_totals", "keys": svc.usage.all()})
 
     routes = [
@@ -275,6 +289,17 @@ def create_app(
     )
     app.state.service = svc
     return app
+
+
+def _limiter(settings: Settings, logger: logging.Logger) -> Limiter:
+    if settings.rate_limit_store == "memory":
+        return MemoryLimiter()
+    return FailoverLimiter(
+        RedisLimiter(settings.rate_limit_store),
+        MemoryLimiter(),
+        fail_open=settings.rate_limit_store_fail == "open",
+        logger=logger,
+    )
 
 
 def _prices(settings: Settings) -> PriceTable:

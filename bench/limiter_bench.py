@@ -1,6 +1,6 @@
 """Micro-benchmark of the in-memory sliding-window limiter.
 
-    uv run python bench/limiter_bench.py
+    uv run python bench/limiter_bench.py [--redis redis://127.0.0.1:6379/0]
 
 Prints checks per second for one hot key and for 100,000 distinct keys, and the
 memory held per tracked key. Figures are per check of `MemoryLimiter.check`, the
@@ -67,8 +67,36 @@ def bytes_per_key(n: int = 100_000, hits: int = 1) -> None:
     print(f"memory per tracked key with {hits} request(s) in its window: {held / n:.0f} bytes")
 
 
+async def redis_checks(url: str, n: int = 20_000, concurrency: int = 32) -> None:
+    """The shared store's cost: one Lua call a check, over loopback."""
+    import asyncio
+
+    from redis_store import RedisLimiter
+
+    limiter = RedisLimiter(url)
+    rate = Rate(1_000_000_000, 60)
+    left = n
+
+    async def worker(i: int) -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            await limiter.hit(f"key-{i}", rate)
+
+    await limiter.hit("warm", rate)
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    seconds = time.perf_counter() - start
+    await limiter.aclose()
+    print(f"Redis ({url}), {concurrency} at once: {rate_per_s(n, seconds)}")
+
+
 if __name__ == "__main__":
     hot_key()
     distinct_keys()
     bytes_per_key(hits=1)
     bytes_per_key(hits=10)
+    if len(sys.argv) > 2 and sys.argv[1] == "--redis":
+        import uvloop
+
+        uvloop.run(redis_checks(sys.argv[2]))

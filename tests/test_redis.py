@@ -1,0 +1,168 @@
+"""Limits shared through a real redis-server (started here, on a free port of
+127.0.0.1) by two real service processes; Redis killed and restarted mid-run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from config import Rate
+from ratelimit import MemoryLimiter
+from tests.conftest import AUTH_HEADERS, CLIENT_KEY, Process, free_port, start_service
+
+REDIS = shutil.which("redis-server")
+pytestmark = [
+    pytest.mark.skipif(REDIS is None, reason="redis-server is not installed (.ci/run does it)"),
+    pytest.mark.anyio,
+]
+
+
+class Redis:
+    def __init__(self, tmp_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.dir = tmp_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        assert REDIS is not None
+        self.proc = subprocess.Popen(
+            [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with __import__("socket").create_connection(("127.0.0.1", self.port), 0.2):
+                    return
+            except OSError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[Redis]:
+    server = Redis(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def service(tmp_path: Path, redis: Redis, **env: str) -> Process:
+    return start_service(
+        tmp_path,
+        {
+            "API_KEYS": CLIENT_KEY,
+            "LLM_PROVIDER": "echo",
+            "RATE_LIMIT": "30/minute",
+            "RATE_LIMIT_STORE": redis.url,
+            **env,
+        },
+    )
+
+
+async def test_two_replicas_sharing_redis_admit_exactly_n_of_3n(
+    tmp_path: Path, redis: Redis
+) -> None:
+    one, two = service(tmp_path, redis), service(tmp_path, redis)
+    try:
+        async with httpx.AsyncClient(
+            timeout=30, headers=AUTH_HEADERS, limits=httpx.Limits(max_connections=100)
+        ) as c:
+            responses = await asyncio.gather(
+                *(
+                    c.post((one if i % 2 else two).url + "/complete", json={"prompt": "hi"})
+                    for i in range(90)
+                )
+            )
+    finally:
+        one.stop()
+        two.stop()
+    assert Counter(r.status_code for r in responses) == {200: 30, 429: 60}
+    denied = [r for r in responses if r.status_code == 429]
+    assert all(1 <= int(r.headers["retry-after"]) <= 60 for r in denied)
+    assert {r.headers["ratelimit-limit"] for r in responses} == {"30"}
+
+
+async def test_redis_killed_and_restarted_mid_run_keeps_requests_succeeding(
+    tmp_path: Path, redis: Redis
+) -> None:
+    svc = service(tmp_path, redis, RATE_LIMIT="100000/minute")
+    statuses: list[int] = []
+    try:
+        async with httpx.AsyncClient(timeout=10, headers=AUTH_HEADERS) as c:
+
+            async def burst(n: int) -> None:
+                for _ in range(n):
+                    r = await c.post(svc.url + "/complete", json={"prompt": "hi"})
+                    statuses.append(r.status_code)
+
+            await burst(10)
+            assert (await c.get(svc.url + "/ready")).json()["rate_limit_store"] == "redis"
+            redis.stop()
+            await burst(20)
+            down = await c.get(svc.url + "/ready")
+            metrics = (await c.get(svc.url + "/metrics")).text
+            redis.start()
+            deadline = time.monotonic() + 10  # back on Redis within 10 s of its return
+            while (await c.get(svc.url + "/ready")).json()["rate_limit_store"] != "redis":
+                await burst(1)
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.2)
+            await burst(5)
+    finally:
+        svc.stop()
+    assert set(statuses) == {200}
+    assert down.status_code == 200 and down.json()["rate_limit_store"] == "redis unreachable"
+    assert "text_tool_rate_limit_store_up 0.0" in metrics
+    log = [json.loads(x) for x in svc.output().splitlines() if x.startswith("{")]
+    assert [x["event"] for x in log if x.get("event") in ("store_down", "store_up")] == [
+        "store_down",
+        "store_up",
+    ]
+
+
+async def test_with_fail_closed_an_unreachable_store_is_a_503(tmp_path: Path, redis: Redis) -> None:
+    svc = service(tmp_path, redis, RATE_LIMIT_STORE_FAIL="closed")
+    redis.stop()
+    try:
+        async with httpx.AsyncClient(timeout=10, headers=AUTH_HEADERS) as c:
+            refused = await c.post(svc.url + "/complete", json={"prompt": "hi"})
+            ready = await c.get(svc.url + "/ready")
+    finally:
+        svc.stop()
+    assert refused.status_code == 503
+    assert refused.json()["error"]["type"] == "store_unavailable"
+    assert ready.status_code == 503
+
+
+async def test_redis_window_slides_like_the_memory_one(redis: Redis) -> None:
+    from redis_store import RedisLimiter
+
+    shared, local = RedisLimiter(redis.url), MemoryLimiter()
+    rate = Rate(3, 1)
+    try:
+        decisions = [await shared.hit("k", rate) for _ in range(4)]
+        expected = [local.check("k", rate) for _ in range(4)]
+        assert [d.allowed for d in decisions] == [d.allowed for d in expected]
+        assert [d.remaining for d in decisions] == [2, 1, 0, 0]
+        assert 0 < decisions[-1].retry_after_s <= 1
+        await asyncio.sleep(decisions[-1].retry_after_s + 0.05)
+        assert (await shared.hit("k", rate)).allowed
+    finally:
+        await shared.aclose()
