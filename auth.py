@@ -32,6 +32,9 @@ class ApiKey:
     digest: bytes
     rate_limit: Rate | None = None
     models: tuple[str, ...] | None = None
+    token_limit: Rate | None = None
+    budget_usd: float | None = None
+    budget_period: str = "day"
 
 
 def digest(key: str) -> bytes:
@@ -109,12 +112,21 @@ def _key_from_entry(index: int, entry: Any) -> ApiKey:
     name = entry.get("name", default_name(key_digest))
     if not isinstance(name, str) or not name:
         raise SettingsError(f"{where}: 'name' must be a non-empty string")
-    rate = None
-    if "rate_limit" in entry:
-        try:
-            rate = Rate.parse(str(entry["rate_limit"]))
-        except ValueError as exc:
-            raise SettingsError(f"{where}: rate_limit: {exc}") from None
+    rates: dict[str, Rate | None] = {"rate_limit": None, "token_limit": None}
+    for field_name in rates:
+        if field_name in entry:
+            try:
+                rates[field_name] = Rate.parse(str(entry[field_name]))
+            except ValueError as exc:
+                raise SettingsError(f"{where}: {field_name}: {exc}") from None
+    budget = entry.get("budget_usd")
+    if budget is not None and (
+        isinstance(budget, bool) or not isinstance(budget, int | float) or budget < 0
+    ):
+        raise SettingsError(f"{where}: budget_usd must be a number of dollars, 0 or more")
+    period = entry.get("budget_period", "day")
+    if period not in ("day", "month"):
+        raise SettingsError(f"{where}: budget_period must be day or month (UTC)")
     models = entry.get("models")
     if models is not None and (
         not isinstance(models, list) or not all(isinstance(m, str) and m for m in models)
@@ -123,8 +135,11 @@ def _key_from_entry(index: int, entry: Any) -> ApiKey:
     return ApiKey(
         name=name,
         digest=key_digest,
-        rate_limit=rate,
+        rate_limit=rates["rate_limit"],
         models=tuple(models) if models is not None else None,
+        token_limit=rates["token_limit"],
+        budget_usd=float(budget) if budget is not None else None,
+        budget_period=period,
     )
 
 

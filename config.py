@@ -84,6 +84,7 @@ class Settings:
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     api_keys_file: Path | None = None
     rate_limit: Rate = Rate(60, 60)
+    token_limit: Rate | None = None
     timeout_s: float = 60.0
     connect_timeout_s: float = 5.0
     max_body_bytes: int = 1024 * 1024
@@ -212,6 +213,12 @@ class Settings:
             rate = Rate.parse(get("RATE_LIMIT", "60/minute"))
         except ValueError as exc:
             raise SettingsError(f"RATE_LIMIT: {exc}") from None
+        token_limit = None
+        if get("TOKEN_LIMIT"):
+            try:
+                token_limit = Rate.parse(get("TOKEN_LIMIT"))
+            except ValueError as exc:
+                raise SettingsError(f"TOKEN_LIMIT: {exc}") from None
         keys_file = get("API_KEYS_FILE")
         if keys_file and not Path(keys_file).is_file():
             raise SettingsError(f"API_KEYS_FILE: {keys_file} is not a readable file")
@@ -232,6 +239,7 @@ class Settings:
             api_keys=_split(get("API_KEYS")),
             api_keys_file=Path(keys_file) if keys_file else None,
             rate_limit=rate,
+            token_limit=token_limit,
             timeout_s=number("LLM_TIMEOUT_S", "60", float),
             connect_timeout_s=number("LLM_CONNECT_TIMEOUT_S", "5", float),
             max_body_bytes=int(number("MAX_BODY_BYTES", str(1024 * 1024), int)),

@@ -30,6 +30,7 @@ from service import (
     parse_body,
     prompt_estimate,
     provider_call,
+    reserve,
     service,
 )
 from streaming import DONE, open_sse, sse_frame
@@ -159,6 +160,8 @@ async def chat_completions(request: Request) -> Response:
     if provider.passes_through:
         raw = body.model_dump(mode="json", exclude_unset=True)
         raw["model"] = model
+        most = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
+        reserve(request, model, _estimate(raw, 0).input_tokens, most)
         if body.stream:
             # Always ask for usage: the accounting needs it, whatever the client wants.
             raw["stream_options"] = {**(raw.get("stream_options") or {}), "include_usage": True}
@@ -172,6 +175,7 @@ async def chat_completions(request: Request) -> Response:
         return JSONResponse(data)
 
     chat = translate(request, body, model)
+    reserve(request, model, prompt_estimate(chat), chat.max_tokens)
     if body.stream:
         return await open_sse(request, _translated_frames(request, chat, include_usage))
     stayed, result = await provider_call(request, lambda: provider.complete(chat))

@@ -22,6 +22,7 @@ from auth import AUTH
 from errors import REQUEST_ID, error_response, relative_path
 from logs import current_request_id
 from metrics import OTHER, Metrics
+from quotas import RESERVATION
 
 CALL = "text_tool.call"  # a dict the routes fill with model, tokens and cost for the log
 _SANE_ID = re.compile(rb"^[A-Za-z0-9._-]{1,128}$")
@@ -105,6 +106,9 @@ class RequestContextMiddleware:
                 )
                 await response(scope, receive, send_with_id)
         finally:
+            reservation = scope.get(RESERVATION)
+            if reservation is not None:
+                reservation.release()  # a no-op once the call was accounted
             seconds = time.perf_counter() - started
             key = getattr(scope.get(AUTH), "name", None)
             fields: dict[str, Any] = {

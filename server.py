@@ -29,6 +29,7 @@ from config import Settings, SettingsError
 from errors import ApiError, api_error_response, error_response, provider_api_error, request_id
 from logs import get_logger
 from metrics import Metrics, metrics_route
+from quotas import Quotas
 from ratelimit import Limiter, MemoryLimiter, RateLimitMiddleware
 from redis_store import FailoverLimiter, RedisLimiter
 from requestlog import CALL, RequestContextMiddleware
@@ -44,6 +45,7 @@ from service import (
     parse_body,
     prompt_estimate,
     provider_call,
+    reserve,
     service,
     since_ms,
 )
@@ -91,7 +93,7 @@ class CompleteResponse(BaseModel):
 
 
 def chat_request(request: Request, body: CompleteBody) -> llm.ChatRequest:
-    return llm.ChatRequest(
+    chat = llm.ChatRequest(
         model=choose_model(request, body.model),
         messages=(llm.Message("user", body.prompt),),
         system=body.system,
@@ -99,6 +101,8 @@ def chat_request(request: Request, body: CompleteBody) -> llm.ChatRequest:
         temperature=body.temperature,
         request_id=request_id(request.scope),
     )
+    reserve(request, chat.model, prompt_estimate(chat), chat.max_tokens)
+    return chat
 
 
 # --- routes ---------------------------------------------------------------------------------
@@ -231,6 +235,7 @@ def create_app(
         usage=UsageBook(),
         metrics=Metrics(models=settings.models, keys=keys.names()),
         inflight=Inflight(settings.max_inflight),
+        quotas=Quotas(default_token_limit=settings.token_limit),
         logger=logger,
     )
     if isinstance(limiter, FailoverLimiter):

@@ -20,6 +20,7 @@ from auth import AUTH, ApiKey, KeyRing
 from config import Settings
 from errors import ApiError
 from metrics import Metrics
+from quotas import RESERVATION, Quotas
 from ratelimit import Limiter
 from requestlog import CALL
 from usage import PriceTable, Usage, UsageBook
@@ -73,6 +74,7 @@ class Service:
     usage: UsageBook
     metrics: Metrics
     inflight: Inflight
+    quotas: Quotas
     logger: logging.Logger
     ready: bool = True
 
@@ -180,10 +182,25 @@ def since_ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 2)
 
 
+def reserve(request: Request, model: str, input_tokens: int, max_tokens: int) -> None:
+    """Admit the call's worst case under the key's token limit and budget (429 when it
+    does not fit), before any provider call; `account` settles it."""
+    svc, key = service(request), caller(request)
+    if key is None or not svc.quotas.applies(key):
+        return
+    price = svc.prices.price(model)
+    cost = 0.0 if price is None else (input_tokens * price.input + max_tokens * price.output) / 1e6
+    request.scope[RESERVATION] = svc.quotas.reserve(key, input_tokens + max_tokens, cost)
+
+
 def account(request: Request, model: str, usage: Usage, finish_reason: str) -> float | None:
-    """Price the call, add it to the caller's usage and note it for the access log."""
+    """Price the call, settle its reservation, add it to the caller's usage and note it
+    for the access log."""
     svc = service(request)
     cost = svc.prices.cost(model, usage)
+    reservation = request.scope.get(RESERVATION)
+    if reservation is not None:
+        reservation.settle(usage.input_tokens + usage.output_tokens, cost)
     key = caller(request)
     svc.usage.record(key.name if key else "anonymous", model, usage, cost)
     note(

@@ -1,0 +1,128 @@
+"""Token limits and spend budgets per key: reserved at admission, settled after.
+
+Admission reserves a request's worst case (an estimate of its input plus its
+`max_tokens`, and for a budget that many tokens at the model's prices) before any
+provider call, so concurrent requests cannot all slip under a limit together; when
+the call ends the reservation is settled with the provider's reported usage (or
+released, when nothing was served), so the final counts are exact.
+
+These are kept in this process's memory: with several replicas each keeps its own.
+"""
+
+from __future__ import annotations
+
+import calendar
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from auth import ApiKey
+from config import Rate
+from errors import ApiError
+
+RESERVATION = "text_tool.reservation"
+
+
+@dataclass(eq=False)
+class Reservation:
+    quotas: Quotas
+    key: str
+    entry: list[float] | None  # [time, tokens] in the key's token window
+    period: tuple[str, str] | None  # (key, "2026-11-28") the budget's bucket
+    cost: float
+    settled: bool = field(default=False)
+
+    def settle(self, tokens: int, cost: float | None) -> None:
+        """Replace the worst case with what the call really used."""
+        if self.settled:
+            return
+        self.settled = True
+        if self.entry is not None:
+            self.entry[1] = tokens
+        if self.period is not None:
+            spent = self.quotas.spent
+            spent[self.period] = spent.get(self.period, 0.0) - self.cost + (cost or 0.0)
+
+    def release(self) -> None:
+        """Nothing was served (an error before the provider answered)."""
+        self.settle(0, 0.0)
+
+
+def period_bucket(period: str, now: float) -> tuple[str, float]:
+    """The UTC day or month `now` falls in, and the seconds until it ends."""
+    t = time.gmtime(now)
+    if period == "month":
+        days = calendar.monthrange(t.tm_year, t.tm_mon)[1]
+        end = calendar.timegm((t.tm_year, t.tm_mon, days, 0, 0, 0)) + 86400
+        return f"{t.tm_year:04d}-{t.tm_mon:02d}", end - now
+    end = calendar.timegm((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0)) + 86400
+    return f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}", end - now
+
+
+class Quotas:
+    def __init__(
+        self,
+        *,
+        default_token_limit: Rate | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.default_token_limit = default_token_limit
+        self._clock = clock
+        self._wall = wall_clock
+        self.windows: dict[str, deque[list[float]]] = {}
+        self.spent: dict[tuple[str, str], float] = {}
+
+    def applies(self, key: ApiKey) -> bool:
+        return bool(key.token_limit or self.default_token_limit or key.budget_usd is not None)
+
+    def reserve(self, key: ApiKey, tokens: int, cost: float) -> Reservation:
+        """Admit `tokens` and `cost` for `key`, or raise a 429 before any provider call."""
+        entry = self._reserve_tokens(key, tokens)
+        period = None
+        if key.budget_usd is not None:
+            bucket, left_s = period_bucket(key.budget_period, self._wall())
+            period = (key.name, bucket)
+            spent = self.spent.get(period, 0.0)
+            if spent + cost > key.budget_usd:
+                if entry is not None:
+                    entry[1] = 0  # give the tokens back
+                raise ApiError(
+                    429,
+                    "budget_exceeded",
+                    f"the {key.budget_period}'s budget of ${key.budget_usd:g} is spent "
+                    f"(${spent:.4f} so far, this request may cost up to ${cost:.4f})",
+                    headers={"Retry-After": str(max(1, math.ceil(left_s)))},
+                )
+            self.spent[period] = spent + cost
+        return Reservation(self, key.name, entry, period, cost if period else 0.0)
+
+    def _reserve_tokens(self, key: ApiKey, tokens: int) -> list[float] | None:
+        rate = key.token_limit or self.default_token_limit
+        if rate is None:
+            return None
+        now = self._clock()
+        window = self.windows.setdefault(key.name, deque())
+        while window and window[0][0] <= now - rate.window_s:
+            window.popleft()
+        used = sum(entry[1] for entry in window)
+        if used + tokens > rate.count:
+            # Wait until enough of the oldest reservations leave the window.
+            need, wait = used + tokens - rate.count, float(rate.window_s)
+            for at, amount in window:
+                need -= amount
+                if need <= 0:
+                    wait = at + rate.window_s - now
+                    break
+            raise ApiError(
+                429,
+                "rate_limit_exceeded",
+                f"{rate.count} tokens per {rate.window_s} s; this request may use up to "
+                f"{tokens}, {max(rate.count - int(used), 0)} are left",
+                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            )
+        entry = [now, float(tokens)]
+        window.append(entry)
+        return entry
