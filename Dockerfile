@@ -17,7 +17,9 @@ RUN apt-get update \
     && pip install "uv==0.13.9"
 WORKDIR /app
 COPY pyproject.toml uv.lock ./
-RUN uv sync --frozen --no-dev --no-install-project --python python3 \
+# Optional extras: --build-arg EXTRAS=redis for a Redis rate-limit store (+6 MB).
+ARG EXTRAS=""
+RUN uv sync --frozen --no-dev --no-install-project ${EXTRAS:+--extra "$EXTRAS"} --python python3 \
     && find /app/.venv -name "*.so" -exec strip --strip-unneeded {} + \
     && find /app/.venv \( -name "*.pyx" -o -name "*.pxd" -o -name "*.pyi" \) -delete
 
