@@ -41,6 +41,11 @@ class ApiError(Exception):
         self.errors = list(errors) if errors is not None else None
 
 
+def whole_seconds(seconds: float) -> int:
+    """Seconds for Retry-After and RateLimit-Reset: whole, rounded up, at least 1."""
+    return max(1, math.ceil(seconds))
+
+
 def request_id(scope: Scope) -> str:
     return str(scope.get(REQUEST_ID, ""))
 
@@ -94,7 +99,7 @@ def provider_api_error(exc: llm.ProviderError) -> ApiError:
     if isinstance(exc, llm.ProviderTimeout):
         return ApiError(504, "upstream_timeout", str(exc))
     if isinstance(exc, llm.ProviderRateLimited):
-        retry = max(1, math.ceil(exc.retry_after_s or 1))
+        retry = whole_seconds(exc.retry_after_s or 1)
         return ApiError(429, "rate_limit_exceeded", str(exc), headers={"Retry-After": str(retry)})
     if isinstance(exc, llm.ProviderBadRequest):
         return ApiError(400, "invalid_request", str(exc))

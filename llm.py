@@ -822,19 +822,12 @@ def make_provider(settings: Settings, client: SharedClient) -> Provider:
 
 
 def _make(kind: str, settings: Settings, client: SharedClient) -> Provider:
+    if kind == "echo":
+        return EchoProvider()
+    cls, base_url, api_key = (
+        (OpenAIProvider, settings.openai_base_url, settings.openai_api_key)
+        if kind == "openai"
+        else (AnthropicProvider, settings.anthropic_base_url, settings.anthropic_api_key)
+    )
     retry = RetryPolicy(retries=settings.max_retries, deadline_s=settings.retry_deadline_s)
-    if kind == "openai":
-        return OpenAIProvider(
-            client,
-            base_url=settings.openai_base_url,
-            api_key=settings.openai_api_key,
-            retry=retry,
-        )
-    if kind == "anthropic":
-        return AnthropicProvider(
-            client,
-            base_url=settings.anthropic_base_url,
-            api_key=settings.anthropic_api_key,
-            retry=retry,
-        )
-    return EchoProvider()
+    return cls(client, base_url=base_url, api_key=api_key, retry=retry)

@@ -12,7 +12,6 @@ These are kept in this process's memory: with several replicas each keeps its ow
 from __future__ import annotations
 
 import calendar
-import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 
 from auth import ApiKey
 from config import Rate
-from errors import ApiError
+from errors import ApiError, whole_seconds
 
 RESERVATION = "text_tool.reservation"
 
@@ -48,6 +47,10 @@ class Reservation:
     def release(self) -> None:
         """Nothing was served (an error before the provider answered)."""
         self.settle(0, 0.0)
+
+
+def _refused(type_: str, message: str, wait_s: float) -> ApiError:
+    return ApiError(429, type_, message, headers={"Retry-After": str(whole_seconds(wait_s))})
 
 
 def period_bucket(period: str, now: float) -> tuple[str, float]:
@@ -89,12 +92,11 @@ class Quotas:
             if spent + cost > key.budget_usd:
                 if entry is not None:
                     entry[1] = 0  # give the tokens back
-                raise ApiError(
-                    429,
+                raise _refused(
                     "budget_exceeded",
                     f"the {key.budget_period}'s budget of ${key.budget_usd:g} is spent "
                     f"(${spent:.4f} so far, this request may cost up to ${cost:.4f})",
-                    headers={"Retry-After": str(max(1, math.ceil(left_s)))},
+                    left_s,
                 )
             self.spent[period] = spent + cost
         return Reservation(self, key.name, entry, period, cost if period else 0.0)
@@ -116,12 +118,11 @@ class Quotas:
                 if need <= 0:
                     wait = at + rate.window_s - now
                     break
-            raise ApiError(
-                429,
+            raise _refused(
                 "rate_limit_exceeded",
                 f"{rate.count} tokens per {rate.window_s} s; this request may use up to "
                 f"{tokens}, {max(rate.count - int(used), 0)} are left",
-                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                wait,
             )
         entry = [now, float(tokens)]
         window.append(entry)

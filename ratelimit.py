@@ -9,7 +9,6 @@ a count and its update.
 
 from __future__ import annotations
 
-import math
 import time
 from array import array
 from bisect import bisect_right
@@ -22,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auth import AUTH, ApiKey
 from config import Rate
-from errors import error_response
+from errors import error_response, whole_seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,11 +99,6 @@ class MemoryLimiter:
             if times[-1] > now - window_s:
                 return
             del windows[key]
-
-
-def whole_seconds(seconds: float) -> int:
-    """Header seconds: whole, rounded up, at least 1."""
-    return max(1, math.ceil(seconds))
 
 
 def limit_headers(decision: Decision) -> list[tuple[bytes, bytes]]:

@@ -126,6 +126,17 @@ def start_service(tmp_path: Path, env: dict[str, str]) -> Process:
     return proc
 
 
+def openai_env(mock: Process, **extra: str) -> dict[str, str]:
+    """The service's settings for the OpenAI protocol, pointed at the mock."""
+    return {
+        "API_KEYS": CLIENT_KEY,
+        "LLM_PROVIDER": "openai",
+        "OPENAI_API_KEY": PROVIDER_KEY,
+        "OPENAI_BASE_URL": mock.url + "/v1",
+        **extra,
+    }
+
+
 @pytest.fixture
 def mock_provider(tmp_path: Path) -> Iterator[Process]:
     proc = start_mock(tmp_path)
@@ -138,14 +149,7 @@ def openai_service(tmp_path: Path, mock_provider: Process) -> Iterator[Process]:
     """The service in front of the mock, speaking the OpenAI protocol."""
     proc = start_service(
         tmp_path,
-        {
-            "API_KEYS": CLIENT_KEY,
-            "LLM_PROVIDER": "openai",
-            "OPENAI_API_KEY": PROVIDER_KEY,
-            "OPENAI_BASE_URL": mock_provider.url + "/v1",
-            "LLM_MODEL": "gpt-4o-mini",
-            "SSE_PING_INTERVAL_S": "0.3",
-        },
+        openai_env(mock_provider, LLM_MODEL="gpt-4o-mini", SSE_PING_INTERVAL_S="0.3"),
     )
     yield proc
     proc.stop()

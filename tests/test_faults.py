@@ -15,7 +15,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import AUTH_HEADERS, CLIENT_KEY, PROVIDER_KEY, Process, free_port, start_service
+from tests.conftest import (
+    AUTH_HEADERS,
+    CLIENT_KEY,
+    PROVIDER_KEY,
+    Process,
+    free_port,
+    openai_env,
+    start_service,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -45,15 +53,7 @@ def faulty(tmp_path: Path, mock_provider: Process) -> Iterator[Process]:
     """The service with its default retries, a 1 s read timeout and room for 3 calls."""
     proc = start_service(
         tmp_path,
-        {
-            "API_KEYS": CLIENT_KEY,
-            "LLM_PROVIDER": "openai",
-            "OPENAI_API_KEY": PROVIDER_KEY,
-            "OPENAI_BASE_URL": mock_provider.url + "/v1",
-            "LLM_TIMEOUT_S": "1",
-            "MAX_INFLIGHT": "3",
-            "BODY_TIMEOUT_S": "1",
-        },
+        openai_env(mock_provider, LLM_TIMEOUT_S="1", MAX_INFLIGHT="3", BODY_TIMEOUT_S="1"),
     )
     yield proc
     proc.stop()
@@ -198,15 +198,7 @@ def test_a_client_trickling_its_body_gets_408_and_frees_the_worker(faulty: Proce
 async def test_sigterm_lets_open_streams_finish_within_the_grace_period(
     tmp_path: Path, mock_provider: Process
 ) -> None:
-    service = start_service(
-        tmp_path,
-        {
-            "API_KEYS": CLIENT_KEY,
-            "OPENAI_API_KEY": PROVIDER_KEY,
-            "OPENAI_BASE_URL": mock_provider.url + "/v1",
-            "SHUTDOWN_GRACE_S": "1.5",
-        },
-    )
+    service = start_service(tmp_path, openai_env(mock_provider, SHUTDOWN_GRACE_S="1.5"))
 
     async def read(prompt: str) -> list[tuple[str, str]]:
         async with (

@@ -15,11 +15,10 @@ import pytest
 
 from tests.conftest import (
     AUTH_HEADERS,
-    CLIENT_KEY,
-    PROVIDER_KEY,
     ROOT,
     Process,
     free_port,
+    openai_env,
     start_service,
 )
 
@@ -31,15 +30,8 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 def service(tmp_path: Path, mock_provider: Process) -> Iterator[Process]:
-    proc = start_service(
-        tmp_path,
-        {
-            "API_KEYS": CLIENT_KEY,
-            "OPENAI_API_KEY": PROVIDER_KEY,
-            "OPENAI_BASE_URL": mock_provider.url + "/v1",
-            "FORWARDED_ALLOW_IPS": "127.0.0.1",  # nginx connects from here; nobody else
-        },
-    )
+    # nginx connects from 127.0.0.1; nobody else is a trusted proxy
+    proc = start_service(tmp_path, openai_env(mock_provider, FORWARDED_ALLOW_IPS="127.0.0.1"))
     yield proc
     proc.stop()
 

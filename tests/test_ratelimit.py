@@ -11,8 +11,8 @@ from starlette.types import Message, Receive, Scope, Send
 
 from auth import AUTH, ApiKey, digest
 from config import Rate
-from errors import REQUEST_ID
-from ratelimit import MemoryLimiter, RateLimitMiddleware, whole_seconds
+from errors import REQUEST_ID, whole_seconds
+from ratelimit import MemoryLimiter, RateLimitMiddleware
 
 
 class FakeClock:
