@@ -161,7 +161,7 @@ async def chat_completions(request: Request) -> Response:
         raw = body.model_dump(mode="json", exclude_unset=True)
         raw["model"] = model
         most = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
-        reserve(request, model, _estimate(raw, 0).input_tokens, most)
+        await reserve(request, model, _estimate(raw, 0).input_tokens, most)
         if body.stream:
             # Always ask for usage: the accounting needs it, whatever the client wants.
             raw["stream_options"] = {**(raw.get("stream_options") or {}), "include_usage": True}
@@ -175,7 +175,7 @@ async def chat_completions(request: Request) -> Response:
         return JSONResponse(data)
 
     chat = translate(request, body, model)
-    reserve(request, model, prompt_estimate(chat), chat.max_tokens)
+    await reserve(request, model, prompt_estimate(chat), chat.max_tokens)
     if body.stream:
         return await open_sse(request, _translated_frames(request, chat, include_usage))
     stayed, result = await provider_call(request, lambda: provider.complete(chat))

@@ -6,7 +6,8 @@ provider call, so concurrent requests cannot all slip under a limit together; wh
 the call ends the reservation is settled with the provider's reported usage (or
 released, when nothing was served), so the final counts are exact.
 
-These are kept in this process's memory: with several replicas each keeps its own.
+`Quotas` keeps them in this process's memory; `redis_store.RedisQuotas` shares them
+between replicas.
 """
 
 from __future__ import annotations
@@ -16,12 +17,21 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from auth import ApiKey
 from config import Rate
 from errors import ApiError, whole_seconds
 
 RESERVATION = "text_tool.reservation"
+
+
+class Hold(Protocol):
+    """What admission reserved for one call, until the call is accounted."""
+
+    def settle(self, tokens: int, cost: float | None) -> None: ...
+
+    def release(self) -> None: ...
 
 
 @dataclass(eq=False)
@@ -81,9 +91,10 @@ class Quotas:
     def applies(self, key: ApiKey) -> bool:
         return bool(key.token_limit or self.default_token_limit or key.budget_usd is not None)
 
-    def reserve(self, key: ApiKey, tokens: int, cost: float) -> Reservation:
-        """Admit `tokens` and `cost` for `key`, or raise a 429 before any provider call."""
-        entry = self._reserve_tokens(key, tokens)
+    async def reserve(self, key: ApiKey, tokens: int, cost: float) -> Hold:
+        """Admit `tokens` and `cost` for `key`, or raise a 429 before any provider call.
+        Nothing is awaited: concurrent requests are decided one after the other."""
+        entry = self._reserve_tokens(key, tokens, cost)
         period = None
         if key.budget_usd is not None:
             bucket, left_s = period_bucket(key.budget_period, self._wall())
@@ -92,16 +103,31 @@ class Quotas:
             if spent + cost > key.budget_usd:
                 if entry is not None:
                     entry[1] = 0  # give the tokens back
-                raise _refused(
-                    "budget_exceeded",
-                    f"the {key.budget_period}'s budget of ${key.budget_usd:g} is spent "
-                    f"(${spent:.4f} so far, this request may cost up to ${cost:.4f})",
-                    left_s,
-                )
+                raise self.refusal(key, "budget", tokens, cost, spent, left_s)
             self.spent[period] = spent + cost
         return Reservation(self, key.name, entry, period, cost if period else 0.0)
 
-    def _reserve_tokens(self, key: ApiKey, tokens: int) -> list[float] | None:
+    def refusal(
+        self, key: ApiKey, what: str, tokens: int, cost: float, used: float, wait_s: float
+    ) -> ApiError:
+        """The 429 for a reservation that did not fit (`what`: "tokens" or "budget")."""
+        if what == "budget":
+            return _refused(
+                "budget_exceeded",
+                f"the {key.budget_period}'s budget of ${key.budget_usd:g} is spent "
+                f"(${used:.4f} so far, this request may cost up to ${cost:.4f})",
+                wait_s,
+            )
+        rate = key.token_limit or self.default_token_limit
+        limit = rate.count if rate else 0
+        return _refused(
+            "rate_limit_exceeded",
+            f"{limit} tokens per {rate.window_s if rate else 0} s; this request may use up "
+            f"to {tokens}, {max(limit - int(used), 0)} are left",
+            wait_s,
+        )
+
+    def _reserve_tokens(self, key: ApiKey, tokens: int, cost: float) -> list[float] | None:
         rate = key.token_limit or self.default_token_limit
         if rate is None:
             return None
@@ -118,12 +144,7 @@ class Quotas:
                 if need <= 0:
                     wait = at + rate.window_s - now
                     break
-            raise _refused(
-                "rate_limit_exceeded",
-                f"{rate.count} tokens per {rate.window_s} s; this request may use up to "
-                f"{tokens}, {max(rate.count - int(used), 0)} are left",
-                wait,
-            )
+            raise self.refusal(key, "tokens", tokens, cost, used, wait)
         entry = [now, float(tokens)]
         window.append(entry)
         return entry

@@ -1,25 +1,38 @@
-"""Rate limits shared by several replicas through Redis (`RATE_LIMIT_STORE=redis://...`).
+"""Limits, token budgets and usage shared by replicas through Redis
+(`RATE_LIMIT_STORE=redis://...`).
 
 The sliding window is decided inside Redis by one Lua script per check (loaded once,
 then called by its SHA), on Redis's own clock, so replicas with skewed clocks still
 agree and exactly N requests are admitted in any window across all of them.
 
-When Redis cannot be reached the service keeps serving on this replica's in-memory
-limiter (`RATE_LIMIT_STORE_FAIL=open`, the default) or answers 503
-`store_unavailable` (`closed`). It logs the incident once, shows it in `/ready` and
-in the metrics, and tries Redis again every `retry_s`, so it is back on Redis within
-seconds of its return; what it admitted meanwhile is not replayed.
+Token limits and budgets are reserved and settled by two more scripts, and usage is
+counted in a hash per key. When Redis cannot be reached the service keeps serving on
+this replica's in-memory limiter, quotas and usage (`RATE_LIMIT_STORE_FAIL=open`, the
+default) or answers 503 `store_unavailable` (`closed`). It logs the incident once,
+shows it in `/ready` and in the metrics, and tries Redis again every `retry_s`, so it
+is back on Redis within seconds of its return; what it admitted meanwhile is not
+replayed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
+from auth import ApiKey
 from config import Rate
+from quotas import Hold, Quotas, period_bucket
 from ratelimit import Decision, MemoryLimiter, StoreUnavailable
+from usage import Usage, UsageBook
+
+T = TypeVar("T")
+PREFIX = "text-tool:"
 
 # KEYS[1]: the key's window; ARGV: window (µs), limit, a unique member.
 # Returns {allowed, remaining, microseconds until the oldest entry leaves the window}.
@@ -44,78 +57,59 @@ return {allowed, remaining, tonumber(oldest[2]) + window - now}
 """
 
 
-class RedisLimiter:
-    def __init__(self, url: str, *, prefix: str = "text-tool:ratelimit:") -> None:
-        import redis.asyncio as redis
-
-        # Fail fast: a check waits half a second at most before the fallback decides.
-        self._redis = redis.Redis.from_url(
-            url, socket_connect_timeout=0.5, socket_timeout=0.5, retry_on_timeout=False
-        )
-        self._script: Any = self._redis.register_script(SLIDING_WINDOW)
-        self._prefix = prefix
-
-    async def hit(self, key: str, rate: Rate) -> Decision:
-        window_us = rate.window_s * 1_000_000
-        allowed, remaining, reset_us = await self._script(
-            keys=[f"{self._prefix}{rate.window_s}:{key}"],
-            args=[window_us, rate.count, uuid.uuid4().hex],
-        )
-        reset_s = int(reset_us) / 1_000_000
-        return Decision(
-            allowed=bool(allowed),
-            limit=rate.count,
-            remaining=int(remaining),
-            reset_s=reset_s,
-            retry_after_s=0.0 if allowed else reset_s,
-        )
-
-    async def aclose(self) -> None:
-        await self._redis.aclose()
-
-
-class FailoverLimiter:
-    """Redis first; this replica's memory, or a 503, while Redis is unreachable."""
+class SharedStore:
+    """One Redis for every replica, and what this replica does while it is unreachable:
+    its own memory (fail open) or `StoreUnavailable` (fail closed)."""
 
     def __init__(
-        self,
-        shared: RedisLimiter,
-        local: MemoryLimiter,
-        *,
-        fail_open: bool,
-        logger: logging.Logger,
-        retry_s: float = 2.0,
+        self, url: str, *, fail_open: bool, logger: logging.Logger, retry_s: float = 2.0
     ) -> None:
-        self.shared = shared
-        self.local = local
+        import redis.asyncio as redis
+
+        # Fail fast: a call waits half a second at most before the fallback decides.
+        self.redis = redis.Redis.from_url(
+            url, socket_connect_timeout=0.5, socket_timeout=0.5, retry_on_timeout=False
+        )
         self.fail_open = fail_open
         self.logger = logger
         self.retry_s = retry_s
         self.down_since: float | None = None
         self._next_try = 0.0
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def healthy(self) -> bool:
         return self.down_since is None
 
-    async def hit(self, key: str, rate: Rate) -> Decision:
+    async def call(self, shared: Callable[[], Awaitable[T]], local: Callable[[], T]) -> T:
         now = time.monotonic()
         if self.down_since is None or now >= self._next_try:
             try:
-                decision = await self.shared.hit(key, rate)
+                result = await shared()
             except Exception as exc:  # redis' ConnectionError, TimeoutError, OSError...
                 self._went_down(now, exc)
+                # Connections opened before the failure are dead: do not reuse them.
+                with contextlib.suppress(Exception):
+                    await self.redis.connection_pool.disconnect()
             else:
-                if self.down_since is not None:
-                    self.logger.warning(
-                        "rate-limit store is back",
-                        extra={"event": "store_up", "down_s": round(now - self.down_since, 1)},
-                    )
-                    self.down_since = None
-                return decision
+                self._came_back(now)
+                return result
         if not self.fail_open:
             raise StoreUnavailable("the shared rate-limit store is unreachable")
-        return self.local.check(key, rate)
+        return local()
+
+    def later(self, shared: Callable[[], Awaitable[object]]) -> None:
+        """Run a write that nobody waits for (a settlement, a usage count)."""
+        if not self.healthy and time.monotonic() < self._next_try:
+            return
+
+        async def run() -> None:
+            with contextlib.suppress(Exception):
+                await self.call(shared, lambda: None)
+
+        task = asyncio.ensure_future(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _went_down(self, now: float, exc: Exception) -> None:
         self._next_try = now + self.retry_s
@@ -127,5 +121,229 @@ class FailoverLimiter:
                 extra={"event": "store_down", "error": type(exc).__name__},
             )
 
+    def _came_back(self, now: float) -> None:
+        if self.down_since is not None:
+            self.logger.warning(
+                "rate-limit store is back",
+                extra={"event": "store_up", "down_s": round(now - self.down_since, 1)},
+            )
+            self.down_since = None
+
     async def aclose(self) -> None:
-        await self.shared.aclose()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2)
+        await self.redis.aclose()
+
+
+class RedisLimiter:
+    """The sliding window in Redis, or in this replica's memory while Redis is away."""
+
+    def __init__(self, store: SharedStore, local: MemoryLimiter, *, prefix: str = PREFIX) -> None:
+        self.store = store
+        self.local = local
+        self._script: Any = store.redis.register_script(SLIDING_WINDOW)
+        self._prefix = prefix + "ratelimit:"
+
+    async def hit(self, key: str, rate: Rate) -> Decision:
+        return await self.store.call(
+            lambda: self._shared(key, rate), lambda: self.local.check(key, rate)
+        )
+
+    async def _shared(self, key: str, rate: Rate) -> Decision:
+        allowed, remaining, reset_us = await self._script(
+            keys=[f"{self._prefix}{rate.window_s}:{key}"],
+            args=[rate.window_s * 1_000_000, rate.count, uuid.uuid4().hex],
+        )
+        reset_s = int(reset_us) / 1_000_000
+        return Decision(
+            allowed=bool(allowed),
+            limit=rate.count,
+            remaining=int(remaining),
+            reset_s=reset_s,
+            retry_after_s=0.0 if allowed else reset_s,
+        )
+
+
+# KEYS: the key's token times (zset), its token amounts (hash), its spend this period.
+# ARGV: window µs (0: no token limit), token limit, tokens, member, budget (-1: none),
+# cost, the spend key's lifetime in s. Returns {ok, what refused, wait µs, used}.
+RESERVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local window = tonumber(ARGV[1])
+local tokens = tonumber(ARGV[3])
+if window > 0 then
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - window)
+  for _, member in ipairs(expired) do redis.call('HDEL', KEYS[2], member) end
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+  local used = 0
+  for _, amount in ipairs(redis.call('HVALS', KEYS[2])) do used = used + tonumber(amount) end
+  local limit = tonumber(ARGV[2])
+  if used + tokens > limit then
+    local need, wait = used + tokens - limit, window
+    local entries = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+    for i = 1, #entries, 2 do
+      need = need - tonumber(redis.call('HGET', KEYS[2], entries[i]) or '0')
+      if need <= 0 then
+        wait = tonumber(entries[i + 1]) + window - now
+        break
+      end
+    end
+    return {0, 'tokens', tostring(wait), tostring(used)}
+  end
+end
+local budget = tonumber(ARGV[5])
+if budget >= 0 then
+  local spent = tonumber(redis.call('GET', KEYS[3]) or '0')
+  if spent + tonumber(ARGV[6]) > budget then
+    return {0, 'budget', '0', tostring(spent)}
+  end
+  redis.call('INCRBYFLOAT', KEYS[3], ARGV[6])
+  redis.call('EXPIRE', KEYS[3], ARGV[7])
+end
+if window > 0 then
+  redis.call('ZADD', KEYS[1], now, ARGV[4])
+  redis.call('HSET', KEYS[2], ARGV[4], tokens)
+  redis.call('PEXPIRE', KEYS[1], math.floor(window / 1000) + 1000)
+  redis.call('PEXPIRE', KEYS[2], math.floor(window / 1000) + 1000)
+end
+return {1, 'ok', '0', '0'}
+"""
+
+# KEYS: the token amounts (hash), the spend key. ARGV: member, tokens, cost change.
+SETTLE = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+if tonumber(ARGV[3]) ~= 0 and redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('INCRBYFLOAT', KEYS[2], ARGV[3])
+end
+return 1
+"""
+
+
+class RedisQuotas:
+    """Token limits and budgets in Redis, reserved and settled as in `quotas.Quotas`."""
+
+    def __init__(self, store: SharedStore, local: Quotas, *, prefix: str = PREFIX) -> None:
+        self.store = store
+        self.local = local
+        self.applies = local.applies
+        self._reserve: Any = store.redis.register_script(RESERVE)
+        self._settle: Any = store.redis.register_script(SETTLE)
+        self._prefix = prefix + "quota:"
+
+    async def reserve(self, key: ApiKey, tokens: int, cost: float) -> Hold:
+        async def shared() -> Hold | tuple[str, float, float]:
+            rate = key.token_limit or self.local.default_token_limit
+            bucket, left_s = period_bucket(key.budget_period, time.time())
+            keys = [
+                f"{self._prefix}tokens:{key.name}",
+                f"{self._prefix}amounts:{key.name}",
+                f"{self._prefix}spent:{key.name}:{bucket}",
+            ]
+            member = uuid.uuid4().hex
+            ok, what, wait_us, used = await self._reserve(
+                keys=keys,
+                args=[
+                    rate.window_s * 1_000_000 if rate else 0,
+                    rate.count if rate else 0,
+                    tokens,
+                    member,
+                    key.budget_usd if key.budget_usd is not None else -1,
+                    repr(cost),
+                    int(left_s) + 3600,
+                ],
+            )
+            if not int(ok):
+                wait = int(wait_us) / 1_000_000 if what == b"tokens" else left_s
+                return (what.decode(), wait, float(used))
+            return RedisReservation(self, keys, member, cost)
+
+        result = await self.store.call(shared, lambda: None)
+        if result is None:  # Redis is away: this replica's own memory decides
+            return await self.local.reserve(key, tokens, cost)
+        if isinstance(result, tuple):
+            what, wait, used = result
+            raise self.local.refusal(key, what, tokens, cost, used, wait)
+        return result
+
+
+@dataclass(eq=False)
+class RedisReservation:
+    quotas: RedisQuotas
+    keys: list[str]
+    member: str
+    cost: float
+    settled: bool = False
+
+    def settle(self, tokens: int, cost: float | None) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        delta = (cost or 0.0) - self.cost
+        script, keys, member = self.quotas._settle, self.keys[1:], self.member
+        self.quotas.store.later(lambda: script(keys=keys, args=[member, tokens, repr(delta)]))
+
+    def release(self) -> None:
+        self.settle(0, 0.0)
+
+
+class RedisUsage:
+    """Each key's usage summed in Redis across replicas; this replica's own in memory
+    too (for its shutdown line, and while Redis is away)."""
+
+    def __init__(self, store: SharedStore, local: UsageBook, *, prefix: str = PREFIX) -> None:
+        self.store = store
+        self.local = local
+        self._prefix = prefix + "usage:"
+
+    def record(self, key: str, model: str, usage: Usage, cost: float | None) -> None:
+        self.local.record(key, model, usage, cost)
+        name = self._prefix + key
+
+        async def shared() -> None:
+            pipe = self.store.redis.pipeline(transaction=True)
+            for scope in ("", f"{model}|"):
+                pipe.hincrby(name, scope + "requests", 1)
+                pipe.hincrby(name, scope + "input_tokens", usage.input_tokens)
+                pipe.hincrby(name, scope + "output_tokens", usage.output_tokens)
+                pipe.hincrbyfloat(name, scope + "cost_usd", cost or 0.0)
+            if cost is None:
+                pipe.hset(name, f"{model}|unpriced", 1)
+            await pipe.execute()
+
+        self.store.later(shared)
+
+    async def report(self, key: str) -> dict[str, Any]:
+        async def shared() -> dict[str, Any]:
+            raw = await self.store.redis.hgetall(self._prefix + key)
+            return usage_report(key, {_text(k): _text(v) for k, v in raw.items()})
+
+        return await self.store.call(shared, lambda: self.local.snapshot(key))
+
+    def all(self) -> dict[str, dict[str, Any]]:
+        return self.local.all()
+
+    async def aclose(self) -> None:
+        await self.store.aclose()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def usage_report(key: str, fields: dict[str, str]) -> dict[str, Any]:
+    """`/usage`'s answer from the flat hash: `requests`, `gpt-4o|requests`..."""
+
+    def totals(scope: str) -> dict[str, Any]:
+        unpriced = fields.get(scope + "unpriced") == "1"
+        return {
+            "requests": int(fields.get(scope + "requests", 0)),
+            "input_tokens": int(fields.get(scope + "input_tokens", 0)),
+            "output_tokens": int(fields.get(scope + "output_tokens", 0)),
+            "cost_usd": None if unpriced else round(float(fields.get(scope + "cost_usd", 0)), 10),
+        }
+
+    models = sorted({name.split("|")[0] for name in fields if "|" in name})
+    return {"key": key, **totals(""), "by_model": {m: totals(m + "|") for m in models}}

@@ -30,14 +30,16 @@ from errors import ApiError, api_error_response, error_response, provider_api_er
 from logs import get_logger
 from metrics import Metrics, metrics_route
 from quotas import Quotas
-from ratelimit import Limiter, MemoryLimiter, RateLimitMiddleware
-from redis_store import FailoverLimiter, RedisLimiter
+from ratelimit import Limiter, MemoryLimiter, RateLimitMiddleware, StoreUnavailable
+from redis_store import RedisLimiter, RedisQuotas, RedisUsage, SharedStore
 from requestlog import CALL, RequestContextMiddleware
 from service import (
     Inflight,
     JsonInt,
+    QuotaStore,
     Service,
     StreamMeter,
+    UsageStore,
     account,
     caller,
     choose_model,
@@ -92,7 +94,7 @@ class CompleteResponse(BaseModel):
     cost_usd: float | None
 
 
-def chat_request(request: Request, body: CompleteBody) -> llm.ChatRequest:
+async def chat_request(request: Request, body: CompleteBody) -> llm.ChatRequest:
     chat = llm.ChatRequest(
         model=choose_model(request, body.model),
         messages=(llm.Message("user", body.prompt),),
@@ -101,7 +103,7 @@ def chat_request(request: Request, body: CompleteBody) -> llm.ChatRequest:
         temperature=body.temperature,
         request_id=request_id(request.scope),
     )
-    reserve(request, chat.model, prompt_estimate(chat), chat.max_tokens)
+    await reserve(request, chat.model, prompt_estimate(chat), chat.max_tokens)
     return chat
 
 
@@ -118,9 +120,9 @@ async def ready(request: Request) -> Response:
     if not svc.ready or AppStatus.should_exit:
         return error_response(request.scope, 503, "not_ready", "the service is shutting down")
     store = "memory"
-    if isinstance(svc.limiter, FailoverLimiter):
-        store = "redis" if svc.limiter.healthy else "redis unreachable"
-        if not svc.limiter.healthy and not svc.limiter.fail_open:
+    if svc.store is not None:
+        store = "redis" if svc.store.healthy else "redis unreachable"
+        if not svc.store.healthy and not svc.store.fail_open:
             return error_response(
                 request.scope, 503, "store_unavailable", "the rate-limit store is unreachable"
             )
@@ -129,11 +131,11 @@ async def ready(request: Request) -> Response:
 
 async def usage(request: Request) -> Response:
     key = caller(request)
-    return JSONResponse(service(request).usage.report(key.name if key else "anonymous"))
+    return JSONResponse(await service(request).usage.report(key.name if key else "anonymous"))
 
 
 async def complete(request: Request) -> Response:
-    chat = chat_request(request, await parse_body(request, CompleteBody))
+    chat = await chat_request(request, await parse_body(request, CompleteBody))
     started = time.perf_counter()
     stayed, result = await provider_call(request, lambda: service(request).provider.complete(chat))
     if not stayed or result is None:
@@ -154,7 +156,7 @@ async def complete(request: Request) -> Response:
 
 
 async def stream(request: Request) -> Response:
-    chat = chat_request(request, await parse_body(request, CompleteBody))
+    chat = await chat_request(request, await parse_body(request, CompleteBody))
     return await open_sse(request, _frames(request, chat))
 
 
@@ -200,6 +202,12 @@ async def on_provider_error(request: Request, exc: Exception) -> Response:
     return api_error_response(request.scope, error)
 
 
+async def on_store_unavailable(request: Request, exc: Exception) -> Response:
+    return error_response(
+        request.scope, 503, "store_unavailable", str(exc), headers={"Retry-After": "1"}
+    )
+
+
 _HTTP_TYPES = {404: "not_found", 405: "method_not_allowed"}
 
 
@@ -224,7 +232,7 @@ def create_app(
     logger = get_logger(settings.log_format)
     client = llm.SharedClient(settings, transport)
     keys = KeyRing.from_settings(settings)
-    limiter = _limiter(settings, logger)
+    limiter, quotas, usage_store, store = _stores(settings, logger)
     svc = Service(
         settings=settings,
         provider=llm.make_provider(settings, client),
@@ -232,14 +240,15 @@ def create_app(
         prices=_prices(settings),
         keys=keys,
         limiter=limiter,
-        usage=UsageBook(),
+        store=store,
+        usage=usage_store,
         metrics=Metrics(models=settings.models, keys=keys.names()),
         inflight=Inflight(settings.max_inflight),
-        quotas=Quotas(default_token_limit=settings.token_limit),
+        quotas=quotas,
         logger=logger,
     )
-    if isinstance(limiter, FailoverLimiter):
-        svc.metrics.store_up.set_function(lambda: 1.0 if limiter.healthy else 0.0)
+    if store is not None:
+        svc.metrics.store_up.set_function(lambda: 1.0 if store.healthy else 0.0)
     _announce(svc)
 
     @contextlib.asynccontextmanager
@@ -250,8 +259,8 @@ def create_app(
         finally:
             svc.ready = False
             await client.aclose()
-            if isinstance(limiter, FailoverLimiter):
-                await limiter.aclose()
+            if store is not None:
+                await store.aclose()
             logger.info("usage totals", extra={"event": "usage_totals", "keys": svc.usage.all()})
 
     routes = [
@@ -289,6 +298,7 @@ def create_app(
             ApiError: on_api_error,
             llm.ProviderError: on_provider_error,
             HTTPException: on_http_exception,
+            StoreUnavailable: on_store_unavailable,
         },
         lifespan=lifespan,
     )
@@ -296,14 +306,24 @@ def create_app(
     return app
 
 
-def _limiter(settings: Settings, logger: logging.Logger) -> Limiter:
+def _stores(
+    settings: Settings, logger: logging.Logger
+) -> tuple[Limiter, QuotaStore, UsageStore, SharedStore | None]:
+    """Limits, quotas and usage in this process's memory, or shared through Redis."""
+    limiter, quotas = MemoryLimiter(), Quotas(default_token_limit=settings.token_limit)
+    usage_book = UsageBook()
     if settings.rate_limit_store == "memory":
-        return MemoryLimiter()
-    return FailoverLimiter(
-        RedisLimiter(settings.rate_limit_store),
-        MemoryLimiter(),
+        return limiter, quotas, usage_book, None
+    store = SharedStore(
+        settings.rate_limit_store,
         fail_open=settings.rate_limit_store_fail == "open",
         logger=logger,
+    )
+    return (
+        RedisLimiter(store, limiter),
+        RedisQuotas(store, quotas),
+        RedisUsage(store, usage_book),
+        store,
     )
 
 

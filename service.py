@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Protocol, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ValidationError
 from starlette.requests import Request
@@ -20,10 +20,10 @@ from auth import AUTH, ApiKey, KeyRing
 from config import Settings
 from errors import ApiError
 from metrics import Metrics
-from quotas import RESERVATION, Quotas
+from quotas import RESERVATION, Hold
 from ratelimit import Limiter
 from requestlog import CALL
-from usage import PriceTable, Usage, UsageBook
+from usage import PriceTable, Usage
 
 T = TypeVar("T")
 BodyT = TypeVar("BodyT", bound=BaseModel)
@@ -61,6 +61,29 @@ class Inflight:
             self.count -= 1
 
 
+class QuotaStore(Protocol):
+    def applies(self, key: ApiKey) -> bool: ...
+
+    async def reserve(self, key: ApiKey, tokens: int, cost: float) -> Hold: ...
+
+
+class UsageStore(Protocol):
+    def record(self, key: str, model: str, usage: Usage, cost: float | None) -> None: ...
+
+    async def report(self, key: str) -> dict[str, Any]: ...
+
+    def all(self) -> dict[str, dict[str, Any]]: ...
+
+
+class SharedStoreLike(Protocol):
+    fail_open: bool
+
+    @property
+    def healthy(self) -> bool: ...
+
+    async def aclose(self) -> None: ...
+
+
 @dataclass
 class Service:
     """What the routes share, kept in `app.state.service`."""
@@ -71,11 +94,12 @@ class Service:
     prices: PriceTable
     keys: KeyRing
     limiter: Limiter
-    usage: UsageBook
+    usage: UsageStore
     metrics: Metrics
     inflight: Inflight
-    quotas: Quotas
+    quotas: QuotaStore
     logger: logging.Logger
+    store: SharedStoreLike | None = None  # the Redis shared by replicas, if any
     ready: bool = True
 
 
@@ -182,7 +206,7 @@ def since_ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 2)
 
 
-def reserve(request: Request, model: str, input_tokens: int, max_tokens: int) -> None:
+async def reserve(request: Request, model: str, input_tokens: int, max_tokens: int) -> None:
     """Admit the call's worst case under the key's token limit and budget (429 when it
     does not fit), before any provider call; `account` settles it."""
     svc, key = service(request), caller(request)
@@ -190,7 +214,7 @@ def reserve(request: Request, model: str, input_tokens: int, max_tokens: int) ->
         return
     price = svc.prices.price(model)
     cost = 0.0 if price is None else (input_tokens * price.input + max_tokens * price.output) / 1e6
-    request.scope[RESERVATION] = svc.quotas.reserve(key, input_tokens + max_tokens, cost)
+    request.scope[RESERVATION] = await svc.quotas.reserve(key, input_tokens + max_tokens, cost)
 
 
 def account(request: Request, model: str, usage: Usage, finish_reason: str) -> float | None:

@@ -164,7 +164,12 @@ class UsageBook:
         total.add(usage, 0.0 if cost is None else cost)
         by_model.setdefault(model, Totals()).add(usage, cost)
 
-    def report(self, key: str) -> dict[str, Any]:
+    async def report(self, key: str) -> dict[str, Any]:
+        """The key's totals; `redis_store.RedisUsage` answers the same, summed across
+        replicas."""
+        return self.snapshot(key)
+
+    def snapshot(self, key: str) -> dict[str, Any]:
         total, by_model = self._keys.get(key, (Totals(), {}))
         return {
             "key": key,
@@ -173,4 +178,4 @@ class UsageBook:
         }
 
     def all(self) -> dict[str, dict[str, Any]]:
-        return {key: self.report(key) for key in self._keys}
+        return {key: self.snapshot(key) for key in self._keys}

@@ -70,10 +70,12 @@ def bytes_per_key(n: int = 100_000, hits: int = 1) -> None:
 async def redis_checks(url: str, n: int = 20_000, concurrency: int = 32) -> None:
     """The shared store's cost: one Lua call a check, over loopback."""
     import asyncio
+    import logging
 
-    from redis_store import RedisLimiter
+    from redis_store import RedisLimiter, SharedStore
 
-    limiter = RedisLimiter(url)
+    store = SharedStore(url, fail_open=False, logger=logging.getLogger("bench"))
+    limiter = RedisLimiter(store, MemoryLimiter())
     rate = Rate(1_000_000_000, 60)
     left = n
 
@@ -87,7 +89,7 @@ async def redis_checks(url: str, n: int = 20_000, concurrency: int = 32) -> None
     start = time.perf_counter()
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
     seconds = time.perf_counter() - start
-    await limiter.aclose()
+    await store.aclose()
     print(f"Redis ({url}), {concurrency} at once: {rate_per_s(n, seconds)}")
 
 

@@ -123,18 +123,18 @@ async def test_a_key_over_its_budget_gets_429_budget_exceeded_before_any_call(
     assert small.count(200) == 20 and set(small[20:]) == {429}
 
 
-def test_token_window_slides_and_the_retry_after_is_the_true_wait() -> None:
+async def test_token_window_slides_and_the_retry_after_is_the_true_wait() -> None:
     now = [1000.0]
     quotas = Quotas(clock=lambda: now[0])
     key = ApiKey(name="k", digest=digest("k"), token_limit=Rate(100, 60))
-    quotas.reserve(key, 60, 0.0).settle(60, 0.0)
+    (await quotas.reserve(key, 60, 0.0)).settle(60, 0.0)
     now[0] += 30
-    quotas.reserve(key, 30, 0.0).settle(30, 0.0)
+    (await quotas.reserve(key, 30, 0.0)).settle(30, 0.0)
     with pytest.raises(ApiError) as info:
-        quotas.reserve(key, 50, 0.0)
+        await quotas.reserve(key, 50, 0.0)
     assert info.value.headers["Retry-After"] == "30"  # when the first 60 leave
     now[0] += 30
-    quotas.reserve(key, 50, 0.0)
+    await quotas.reserve(key, 50, 0.0)
 
 
 @pytest.mark.parametrize(

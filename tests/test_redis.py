@@ -152,9 +152,12 @@ async def test_with_fail_closed_an_unreachable_store_is_a_503(tmp_path: Path, re
 
 
 async def test_redis_window_slides_like_the_memory_one(redis: Redis) -> None:
-    from redis_store import RedisLimiter
+    import logging
 
-    shared, local = RedisLimiter(redis.url), MemoryLimiter()
+    from redis_store import RedisLimiter, SharedStore
+
+    store = SharedStore(redis.url, fail_open=False, logger=logging.getLogger("test"))
+    shared, local = RedisLimiter(store, MemoryLimiter()), MemoryLimiter()
     rate = Rate(3, 1)
     try:
         decisions = [await shared.hit("k", rate) for _ in range(4)]
@@ -165,4 +168,83 @@ async def test_redis_window_slides_like_the_memory_one(redis: Redis) -> None:
         await asyncio.sleep(decisions[-1].retry_after_s + 0.05)
         assert (await shared.hit("k", rate)).allowed
     finally:
-        await shared.aclose()
+        await store.aclose()
+
+
+QUOTA_KEYS = """
+[[keys]]
+name = "tokens"
+key = "tokens-key"
+token_limit = "100/minute"
+
+[[keys]]
+name = "budget"
+key = "budget-key"
+budget_usd = 0.000067
+"""
+
+
+def quota_services(tmp_path: Path, redis: Redis, mock: Process) -> tuple[Process, Process]:
+    keys = tmp_path / "quota-keys.toml"
+    keys.write_text(QUOTA_KEYS)
+    env = {
+        "API_KEYS_FILE": str(keys),
+        "RATE_LIMIT_STORE": redis.url,
+        "OPENAI_API_KEY": "sk-test",
+        "OPENAI_BASE_URL": mock.url + "/v1",
+        "LLM_MODEL": "gpt-4o-mini",
+    }
+    return start_service(tmp_path, env), start_service(tmp_path, env)
+
+
+async def test_token_reservations_hold_across_replicas(
+    tmp_path: Path, redis: Redis, mock_provider: Process
+) -> None:
+    one, two = quota_services(tmp_path, redis, mock_provider)
+    slow = 'mock:{"ttft_ms": 400}\nhello'
+    try:
+        async with httpx.AsyncClient(timeout=15, headers={"X-API-Key": "tokens-key"}) as c:
+            answers = await asyncio.gather(
+                *(
+                    c.post(s.url + "/complete", json={"prompt": slow, "max_tokens": 40})
+                    for s in (one, two, one, two, one, two)
+                )
+            )
+            await asyncio.sleep(0.3)  # the settlements are written in the background
+            # settled at the real usage (2 in, 1 out): room again for two more
+            again = [
+                (await c.post(s.url + "/complete", json={"prompt": "hello", "max_tokens": 40}))
+                for s in (one, two)
+            ]
+            usage = (await c.get(two.url + "/usage")).json()
+    finally:
+        one.stop()
+        two.stop()
+    # each reserves about 5 + 40 of 100 while in flight: two fit, across both replicas
+    assert sorted(r.status_code for r in answers) == [200, 200, 429, 429, 429, 429]
+    assert [r.status_code for r in again] == [200, 200]
+    assert usage["requests"] == 4  # the shared totals, whichever replica served
+
+
+async def test_a_budget_is_crossed_once_across_replicas(
+    tmp_path: Path, redis: Redis, mock_provider: Process
+) -> None:
+    one, two = quota_services(tmp_path, redis, mock_provider)
+    statuses = []
+    try:
+        async with httpx.AsyncClient(timeout=15, headers={"X-API-Key": "budget-key"}) as c:
+            for i in range(20):
+                r = await c.post(
+                    (one, two)[i % 2].url + "/complete", json={"prompt": "hello", "max_tokens": 100}
+                )
+                statuses.append(r.status_code)
+                await asyncio.sleep(0.05)  # the settlement is written in the background
+            refused = r.json()["error"]
+    finally:
+        one.stop()
+        two.stop()
+    # each call reserves 2 x 0.15 + 100 x 0.60 = 60.3e-6 and really costs
+    # 1 x 0.15 + 1 x 0.60 = 0.75e-6: admitted while 0.75e-6 n + 60.3e-6 <= 67e-6, so 9,
+    # counted together by both replicas
+    assert statuses == [200] * 9 + [429] * 11
+    assert refused["type"] == "budget_exceeded"
