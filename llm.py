@@ -25,12 +25,12 @@ import math
 import random
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
+import aiohttp
 import httpx
-from httpx_aiohttp import AiohttpTransport
 
 from config import Settings
 from usage import Usage
@@ -125,34 +125,73 @@ class Provider:
         raise NotImplementedError
 
 
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A provider's whole answer to one POST."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+class Streamed(Protocol):
+    """A provider's answer to one POST, read as it comes; `close` it in every case."""
+
+    status: int
+    headers: Mapping[str, str]
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+    async def read(self) -> bytes: ...
+
+    async def close(self) -> None: ...
+
+
+class Upstream(Protocol):
+    """The HTTP exchange with a provider; failures are raised as `ProviderError`s."""
+
+    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> Answer: ...
+
+    async def open(self, url: str, body: bytes, headers: dict[str, str]) -> Streamed: ...
+
+    async def aclose(self) -> None: ...
+
+
 class SharedClient:
-    """The app's one httpx.AsyncClient, made on first use: a mounted sub-app gets no
-    lifespan from its parent, so nothing else would create it in time."""
+    """The app's one connection pool to the provider, made on first use: a mounted
+    sub-app gets no lifespan from its parent, so nothing else would create it in time.
+
+    `LLM_TRANSPORT=aiohttp` (the default) calls aiohttp directly; `httpx` goes through
+    an httpx.AsyncClient, which is also what a `transport` passed in (tests) plugs into.
+    httpcore's pool polls every idle connection's socket on each request and httpx's
+    layer costs more CPU than the call itself: see bench/README.md for the figures."""
 
     def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None):
         self._settings = settings
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
+        self._upstream: Upstream | None = None
+
+    def upstream(self) -> Upstream:
+        if self._upstream is None:
+            if self._transport is None and self._settings.transport == "aiohttp":
+                self._upstream = AiohttpUpstream(self._settings)
+            else:
+                self._upstream = HttpxUpstream(self)
+        return self._upstream
 
     def get(self) -> httpx.AsyncClient:
         if self._client is None or self._client.is_closed:
             s = self._settings
-            # One connection per call in flight at most: MAX_INFLIGHT refuses the rest.
-            # (httpx's default of 100 would queue the 101st concurrent stream.)
-            limits = httpx.Limits(
-                max_connections=s.max_inflight,
-                max_keepalive_connections=min(s.max_inflight, 256),
-                keepalive_expiry=30.0,
-            )
-            transport = self._transport
-            if transport is None and s.transport == "aiohttp":
-                # httpcore's pool polls the socket of every idle connection on each
-                # request: at 64 concurrent calls that held the service near 200 req/s.
-                # aiohttp's pool does not, behind the same httpx API (bench/README.md).
-                transport = AiohttpTransport(limits=limits)
             self._client = httpx.AsyncClient(
-                transport=transport,
-                limits=limits,
+                transport=self._transport,
+                # One connection per call in flight at most: MAX_INFLIGHT refuses the
+                # rest (httpx's default of 100 would queue the 101st concurrent stream).
+                limits=httpx.Limits(
+                    max_connections=s.max_inflight,
+                    max_keepalive_connections=min(s.max_inflight, 256),
+                    keepalive_expiry=30.0,
+                ),
                 # A slow first token must not be cut at httpx's 5 s default.
                 timeout=httpx.Timeout(
                     connect=s.connect_timeout_s,
@@ -164,6 +203,9 @@ class SharedClient:
         return self._client
 
     async def aclose(self) -> None:
+        if self._upstream is not None:
+            await self._upstream.aclose()
+            self._upstream = None
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -193,12 +235,12 @@ def _provider_message(body: bytes) -> str:
     return ""
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    raw = response.headers.get("retry-after-ms")
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    raw = headers.get("retry-after-ms")
     if raw:
         with contextlib.suppress(ValueError):
             return float(raw) / 1000
-    raw = response.headers.get("retry-after")
+    raw = headers.get("retry-after")
     if raw:
         with contextlib.suppress(ValueError):
             value = float(raw)
@@ -207,17 +249,17 @@ def _retry_after(response: httpx.Response) -> float | None:
     return None
 
 
-def status_error(response: httpx.Response, secrets: tuple[str, ...]) -> ProviderError:
-    """The exception for a provider's non-2xx answer (its body must have been read)."""
-    status = response.status_code
-    detail = _redact(_provider_message(response.content), secrets)
+def status_error(answer: Answer, secrets: tuple[str, ...]) -> ProviderError:
+    """The exception for a provider's non-2xx answer."""
+    status = answer.status
+    detail = _redact(_provider_message(answer.body), secrets)
     suffix = f": {detail}" if detail else ""
     if status in (401, 403):
         return ProviderRejected(f"the provider refused our provider key (HTTP {status})")
     if status == 429:
         return ProviderRateLimited(
             f"the provider is rate limiting this service (HTTP 429){suffix}",
-            _retry_after(response),
+            _retry_after(answer.headers),
         )
     if status == 408 or status >= 500:
         return ProviderUnavailable(f"the provider failed (HTTP {status}){suffix}")
@@ -247,25 +289,155 @@ def translate_transport_errors() -> Iterator[None]:
         ) from None
 
 
-async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
+class HttpxUpstream:
+    def __init__(self, shared: SharedClient) -> None:
+        self._shared = shared
+
+    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> Answer:
+        with translate_transport_errors():
+            response = await self._shared.get().post(url, content=body, headers=headers)
+        return Answer(response.status_code, response.headers, response.content)
+
+    async def open(self, url: str, body: bytes, headers: dict[str, str]) -> Streamed:
+        client = self._shared.get()
+        request = client.build_request("POST", url, content=body, headers=headers)
+        with translate_transport_errors():
+            return _HttpxStreamed(await client.send(request, stream=True))
+
+    async def aclose(self) -> None:
+        pass  # the httpx client is the SharedClient's to close
+
+
+class _HttpxStreamed:
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self.status = response.status_code
+        self.headers: Mapping[str, str] = response.headers
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        with translate_transport_errors():
+            async for chunk in self._response.aiter_bytes():
+                yield chunk
+
+    async def read(self) -> bytes:
+        with translate_transport_errors():
+            return await self._response.aread()
+
+    async def close(self) -> None:
+        await self._response.aclose()
+
+
+@contextlib.contextmanager
+def translate_aiohttp_errors() -> Iterator[None]:
+    """aiohttp's exceptions, as ours."""
+    try:
+        yield
+    except aiohttp.ConnectionTimeoutError:
+        # connect_timeout_s covers the wait for a free connection from the pool too
+        raise ProviderUnavailable("could not connect to the provider (connect timeout)") from None
+    except (aiohttp.ServerTimeoutError, TimeoutError):
+        raise ProviderTimeout("the provider did not answer in time") from None
+    except aiohttp.ClientConnectorError:
+        raise ProviderUnavailable("could not connect to the provider") from None
+    except aiohttp.ClientError as exc:
+        raise ProviderUnavailable(
+            f"the connection to the provider failed ({type(exc).__name__})"
+        ) from None
+
+
+class AiohttpUpstream:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            s = self._settings
+            self._session = aiohttp.ClientSession(
+                # One connection per call in flight at most: MAX_INFLIGHT refuses the rest.
+                connector=aiohttp.TCPConnector(
+                    limit=s.max_inflight, limit_per_host=0, keepalive_timeout=30
+                ),
+                timeout=aiohttp.ClientTimeout(
+                    total=None,
+                    connect=s.connect_timeout_s,
+                    sock_connect=s.connect_timeout_s,
+                    sock_read=s.timeout_s,  # per read: a slow first token is not cut short
+                ),
+                # No HTTPS_PROXY or .netrc lookups: aiohttp repeats them on every request
+                # (in a thread). Behind a proxy, use LLM_TRANSPORT=httpx.
+                trust_env=False,
+            )
+        return self._session
+
+    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> Answer:
+        with translate_aiohttp_errors():
+            async with self.session().post(url, data=body, headers=headers) as response:
+                return Answer(response.status, response.headers, await response.read())
+
+    async def open(self, url: str, body: bytes, headers: dict[str, str]) -> Streamed:
+        with translate_aiohttp_errors():
+            return _AiohttpStreamed(await self.session().post(url, data=body, headers=headers))
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+class _AiohttpStreamed:
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.status = response.status
+        self.headers: Mapping[str, str] = response.headers
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        with translate_aiohttp_errors():
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+
+    async def read(self) -> bytes:
+        with translate_aiohttp_errors():
+            return await self._response.read()
+
+    async def close(self) -> None:
+        # A stream left unread cannot go back to the pool: close its connection.
+        if self._response.content.at_eof():
+            self._response.release()
+        else:
+            self._response.close()
+
+
+async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[str, str]]:
     """(event, data) pairs of a text/event-stream; lines split across reads are joined."""
     event = ""
     data: list[str] = []
-    async for line in response.aiter_lines():
-        if not line:
-            if data:
-                yield event or "message", "\n".join(data)
-            event, data = "", []
+    pending = b""
+    async for chunk in chunks:
+        pending += chunk
+        if b"\n" not in chunk:
             continue
-        if line.startswith(":"):
-            continue
-        name, _, value = line.partition(":")
-        if value.startswith(" "):
-            value = value[1:]
-        if name == "event":
-            event = value
-        elif name == "data":
-            data.append(value)
+        *lines, pending = pending.split(b"\n")
+        for raw in lines:
+            line = raw.rstrip(b"\r").decode("utf-8", "replace")
+            if not line:
+                if data:
+                    yield event or "message", "\n".join(data)
+                event, data = "", []
+                continue
+            if line.startswith(":"):
+                continue
+            name, _, value = line.partition(":")
+            if value.startswith(" "):
+                value = value[1:]
+            if name == "event":
+                event = value
+            elif name == "data":
+                data.append(value)
+    if pending.strip():
+        name, _, value = pending.rstrip(b"\r").decode("utf-8", "replace").partition(":")
+        if name == "data":
+            data.append(value[1:] if value.startswith(" ") else value)
     if data:
         yield event or "message", "\n".join(data)
 
@@ -359,50 +531,44 @@ class HttpProvider(Provider):
         return headers
 
     async def post(self, body: dict[str, Any], request_id: str | None) -> dict[str, Any]:
-        async def once() -> httpx.Response:
-            with translate_transport_errors():
-                response = await self._client.get().post(
-                    self._base_url + self.path, json=body, headers=self.headers(request_id)
-                )
-            if response.status_code != 200:
-                raise status_error(response, self._secrets)
-            return response
+        upstream, data = self._client.upstream(), json.dumps(body).encode()
 
-        return _json_object((await self._retrying(once)).content)
+        async def once() -> Answer:
+            answer = await upstream.post(self._base_url + self.path, data, self.headers(request_id))
+            if answer.status != 200:
+                raise status_error(answer, self._secrets)
+            return answer
+
+        return _json_object((await self._retrying(once)).body)
 
     @contextlib.asynccontextmanager
     async def open_stream(
         self, body: dict[str, Any], request_id: str | None
     ) -> AsyncIterator[AsyncIterator[tuple[str, str]]]:
         """The provider's SSE events; the response is closed however the caller leaves."""
-        client = self._client.get()
+        upstream, data = self._client.upstream(), json.dumps(body).encode()
         headers = self.headers(request_id) | {"accept": "text/event-stream"}
 
-        async def once() -> httpx.Response:
-            request = client.build_request(
-                "POST", self._base_url + self.path, json=body, headers=headers
-            )
-            with translate_transport_errors():
-                response = await client.send(request, stream=True)
-                kind = response.headers.get("content-type", "")
-                if response.status_code == 200 and (not kind or "event-stream" in kind):
-                    return response
-                try:
-                    await response.aread()
-                finally:
-                    await response.aclose()
-            if response.status_code == 200:
+        async def once() -> Streamed:
+            streamed = await upstream.open(self._base_url + self.path, data, headers)
+            kind = streamed.headers.get("content-type", "")
+            if streamed.status == 200 and (not kind or "event-stream" in kind):
+                return streamed
+            try:
+                answer = Answer(streamed.status, streamed.headers, await streamed.read())
+            finally:
+                await streamed.close()
+            if answer.status == 200:
                 raise ProviderError(
                     f"the provider sent an answer that is not an event stream ({kind or 'no type'})"
                 )
-            raise status_error(response, self._secrets)
+            raise status_error(answer, self._secrets)
 
-        response = await self._retrying(once)
+        streamed = await self._retrying(once)
         try:
-            with translate_transport_errors():
-                yield sse_events(response)
+            yield sse_events(streamed.chunks())
         finally:
-            await response.aclose()
+            await streamed.close()
 
 
 # --- OpenAI and every OpenAI-compatible server ---------------------------------------

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 import respx
-from httpx_aiohttp import AiohttpTransport
 
 import llm
 from config import Settings, SettingsError
@@ -579,9 +578,18 @@ def test_the_fallback_model_defaults_to_its_providers_default() -> None:
 
 
 async def test_the_default_transport_is_aiohttp_with_the_same_pool_size() -> None:
-    shared = llm.SharedClient(Settings(max_inflight=700))
-    client = shared.get()
-    transport = client._transport
-    assert isinstance(transport, AiohttpTransport)
-    assert transport.limits.max_connections == 700
+    shared = llm.SharedClient(Settings(max_inflight=700, timeout_s=42))
+    upstream = shared.upstream()
+    assert isinstance(upstream, llm.AiohttpUpstream)
+    session = upstream.session()
+    assert session.connector is not None and session.connector.limit == 700
+    assert session.timeout.sock_read == 42 and session.timeout.total is None
+    await shared.aclose()
+    assert session.closed
+
+
+async def test_a_transport_passed_in_goes_through_httpx() -> None:
+    transport = httpx.MockTransport(lambda request: httpx.Response(200))
+    shared = llm.SharedClient(Settings(), transport)
+    assert isinstance(shared.upstream(), llm.HttpxUpstream)
     await shared.aclose()
