@@ -349,9 +349,10 @@ def _announce(svc: Service) -> None:
             extra={"event": "no_keys"},
         )
     if settings.provider == "echo":
+        why = "no provider key is set" if settings.provider_was_defaulted else "LLM_PROVIDER=echo"
         logger.warning(
-            "LLM_PROVIDER is echo: answers repeat the prompt; set OPENAI_API_KEY or "
-            "ANTHROPIC_API_KEY (or LLM_PROVIDER) for a real model",
+            f"{why}, so the provider is echo: answers repeat the prompt; set "
+            "OPENAI_API_KEY or ANTHROPIC_API_KEY (or LLM_PROVIDER) for a real model",
             extra=fields,
         )
     else:

@@ -395,3 +395,12 @@ async def test_ready_turns_503_while_the_server_drains() -> None:
         back = await c.get("/ready")
     assert draining.status_code == 503 and draining.json()["error"]["type"] == "not_ready"
     assert back.status_code == 200
+
+
+def test_the_start_log_says_why_the_provider_is_echo(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="text_tool"):
+        create_app(Settings.from_env(environ={"API_KEYS": CLIENT_KEY}, env_file=None))
+        create_app(Settings(provider="echo", api_keys=(CLIENT_KEY,)))
+    starts = [r.getMessage() for r in caplog.records if getattr(r, "event", None) == "start"]
+    assert starts[0].startswith("no provider key is set, so the provider is echo")
+    assert starts[1].startswith("LLM_PROVIDER=echo, so the provider is echo")
