@@ -325,9 +325,6 @@ class RedisUsage:
     def all(self) -> dict[str, dict[str, Any]]:
         return self.local.all()
 
-    async def aclose(self) -> None:
-        await self.store.aclose()
-
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
