@@ -13,10 +13,10 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from starlette.responses import JSONResponse
 from starlette.types import Scope
 
 import llm
+from jsonio import JSONResponse
 
 REQUEST_ID = "text_tool.request_id"
 

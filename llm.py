@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import random
@@ -32,6 +31,7 @@ from typing import Any, ClassVar, Protocol, TypeVar
 import aiohttp
 import httpx
 
+import jsonio
 from config import Settings
 from usage import Usage
 
@@ -224,7 +224,7 @@ def _redact(text: str, secrets: tuple[str, ...]) -> str:
 def _provider_message(body: bytes) -> str:
     """The human message inside an OpenAI or Anthropic error body, if there is one."""
     try:
-        data = json.loads(body)
+        data = jsonio.loads(body)
     except ValueError:
         return ""
     error = data.get("error") if isinstance(data, dict) else None
@@ -444,7 +444,7 @@ async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[str, s
 
 def _json_object(data: str | bytes) -> dict[str, Any]:
     try:
-        value = json.loads(data)
+        value = jsonio.loads(data)
     except ValueError:
         raise ProviderError("the provider sent an answer that is not JSON") from None
     if not isinstance(value, dict):
@@ -531,7 +531,7 @@ class HttpProvider(Provider):
         return headers
 
     async def post(self, body: dict[str, Any], request_id: str | None) -> dict[str, Any]:
-        upstream, data = self._client.upstream(), json.dumps(body).encode()
+        upstream, data = self._client.upstream(), jsonio.dumps(body)
 
         async def once() -> Answer:
             answer = await upstream.post(self._base_url + self.path, data, self.headers(request_id))
@@ -546,7 +546,7 @@ class HttpProvider(Provider):
         self, body: dict[str, Any], request_id: str | None
     ) -> AsyncIterator[AsyncIterator[tuple[str, str]]]:
         """The provider's SSE events; the response is closed however the caller leaves."""
-        upstream, data = self._client.upstream(), json.dumps(body).encode()
+        upstream, data = self._client.upstream(), jsonio.dumps(body)
         headers = self.headers(request_id) | {"accept": "text/event-stream"}
 
         async def once() -> Streamed:

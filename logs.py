@@ -3,12 +3,13 @@ human at a terminal). A line written while a request is served carries its id.""
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
 from contextvars import ContextVar
 from typing import Any
+
+from pydantic_core import to_json
 
 LOGGER_NAME = "text_tool"
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -16,19 +17,29 @@ _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"messa
 current_request_id: ContextVar[str | None] = ContextVar("text_tool_request_id", default=None)
 
 
+_second: tuple[int, str] = (-1, "")
+
+
+def _timestamp(created: float) -> str:
+    """ISO 8601 in UTC to the millisecond; the formatted second is reused, since a busy
+    server writes many lines within one."""
+    global _second
+    whole = int(created)
+    if _second[0] != whole:
+        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{_second[1]}.{int((created - whole) * 1000):03d}Z"
+
+
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
     line: dict[str, Any] = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        + f".{int(record.msecs):03d}Z",
+        "time": _timestamp(record.created),
         "level": record.levelname.lower(),
         "msg": record.getMessage(),
     }
     rid = current_request_id.get()
     if rid is not None:
         line["request_id"] = rid
-    for key, value in vars(record).items():
-        if key not in _RESERVED and not key.startswith("_"):
-            line[key] = value
+    line.update({k: v for k, v in record.__dict__.items() if k not in _RESERVED and k[0] != "_"})
     return line
 
 
@@ -37,7 +48,7 @@ class JsonFormatter(logging.Formatter):
         line = _fields(record)
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str, ensure_ascii=False)
+        return to_json(line, fallback=str, inf_nan_mode="null").decode()
 
 
 class TextFormatter(logging.Formatter):
