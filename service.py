@@ -123,14 +123,17 @@ def _is_json(content_type: str) -> bool:
     )
 
 
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, "body_too_large", f"request body is over {limit} bytes")
+
+
 async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The request body, refused with 413 as soon as it passes `limit` bytes, so a huge
     upload is never held in memory (a chunked one included), and with 408 when it takes
     longer than `timeout_s`, so a client trickling bytes cannot hold a worker."""
-    too_large = ApiError(413, "body_too_large", f"request body is over {limit} bytes")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large
+        raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
     try:
@@ -138,7 +141,7 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
-                    raise too_large
+                    raise _too_large(limit)
                 chunks.append(chunk)
     except TimeoutError:
         raise ApiError(
@@ -287,16 +290,32 @@ async def provider_call(
 
 async def unless_disconnected(request: Request, awaitable: Awaitable[T]) -> tuple[bool, T | None]:
     """Await a provider call, but drop it the moment the client goes away: nobody pays
-    for tokens nobody reads. Returns (False, None) when the client left."""
-    work = asyncio.ensure_future(awaitable)
-    watch = asyncio.ensure_future(_disconnected(request.receive))
+    for tokens nobody reads. Returns (False, None) when the client left.
+
+    The call runs in the request's own task; one small task waits for the disconnect
+    and cancels it. (Running the call in a task of its own as well cost a sixth of a
+    request's CPU time in the benchmark's profile.)"""
+    task = asyncio.current_task()
+    assert task is not None
+    cancelling = task.cancelling()
+    left = False
+
+    async def watch() -> None:
+        nonlocal left
+        await _disconnected(request.receive)
+        left = True
+        task.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(watch())
     try:
-        await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
+        result = await awaitable
+    except asyncio.CancelledError:
+        # Ours only if no one else asked to cancel this task meanwhile (as in asyncio.timeout).
+        if left and task.uncancel() <= cancelling:
+            return False, None
+        raise
     finally:
-        for task in (work, watch):
-            if not task.done():
-                task.cancel()
-        await asyncio.gather(work, watch, return_exceptions=True)
-    if work.cancelled():
-        return False, None
-    return True, work.result()
+        watcher.cancel()
+    if left:
+        task.uncancel()  # the call ended as the client left, and swallowed our cancel
+    return True, result

@@ -1,0 +1,142 @@
+"""`unless_disconnected`: a provider call is dropped when its client leaves, and only then.
+
+The call runs in the request's own task and a watcher cancels it, so these pin down
+the cancellation bookkeeping: the client leaving is (False, None), anyone else's
+cancel still propagates, and no cancel request is left behind on the task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from starlette.requests import Request
+from starlette.types import Message
+
+from service import unless_disconnected
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # the function uses asyncio's task cancellation counts
+
+
+class Client:
+    """The ASGI receive channel of one request: the body, then silence until `leave()`."""
+
+    def __init__(self) -> None:
+        self.gone = asyncio.Event()
+        self.body_sent = False
+
+    async def receive(self) -> Message:
+        if not self.body_sent:
+            self.body_sent = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+    def leave(self) -> None:
+        self.gone.set()
+
+    def request(self) -> Request:
+        scope = {"type": "http", "method": "POST", "path": "/", "headers": []}
+        return Request(scope, self.receive)
+
+
+async def _drain_body(request: Request) -> None:
+    await request.body()
+
+
+async def test_a_call_whose_client_stays_returns_its_result() -> None:
+    client = Client()
+    request = client.request()
+    await _drain_body(request)
+
+    async def call() -> str:
+        await asyncio.sleep(0.01)
+        return "answer"
+
+    assert await unless_disconnected(request, call()) == (True, "answer")
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+
+
+async def test_a_client_that_leaves_cancels_the_call_at_once() -> None:
+    client = Client()
+    request = client.request()
+    await _drain_body(request)
+    cancelled = asyncio.Event()
+
+    async def call() -> str:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return "never"
+
+    asyncio.get_running_loop().call_later(0.05, client.leave)
+    async with asyncio.timeout(5):
+        assert await unless_disconnected(request, call()) == (False, None)
+    assert cancelled.is_set()
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0  # our cancel was taken back
+
+
+async def test_someone_elses_cancel_still_cancels_the_request() -> None:
+    client = Client()
+    request = client.request()
+    await _drain_body(request)
+    started = asyncio.Event()
+
+    async def call() -> str:
+        started.set()
+        await asyncio.sleep(30)
+        return "never"
+
+    async def serve() -> tuple[bool, str | None]:
+        return await unless_disconnected(request, call())
+
+    task = asyncio.ensure_future(serve())
+    await asyncio.wait_for(started.wait(), 5)
+    task.cancel()  # a server shutting down, say: not the client leaving
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+
+
+async def test_a_cancel_from_outside_as_the_client_leaves_is_not_swallowed() -> None:
+    client = Client()
+    request = client.request()
+    await _drain_body(request)
+    started = asyncio.Event()
+
+    async def call() -> str:
+        started.set()
+        await asyncio.sleep(30)
+        return "never"
+
+    async def serve() -> tuple[bool, str | None]:
+        return await unless_disconnected(request, call())
+
+    task = asyncio.ensure_future(serve())
+    await asyncio.wait_for(started.wait(), 5)
+    client.leave()
+    task.cancel()  # both in the same turn of the loop
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+
+
+async def test_the_watcher_does_not_outlive_the_call() -> None:
+    client = Client()
+    request = client.request()
+    await _drain_body(request)
+    before = asyncio.all_tasks()
+
+    async def call() -> str:
+        return "quick"
+
+    assert await unless_disconnected(request, call()) == (True, "quick")
+    await asyncio.sleep(0)  # let the cancelled watcher finish
+    assert asyncio.all_tasks() == before
