@@ -12,6 +12,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics import MetricWrapperBase as Metric
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -51,6 +52,8 @@ class Metrics:
             "text_tool_rate_limit_store_up", "1 while the shared store answers", registry=r
         )
         self.store_up.set(1)
+        # Bounded like the series: labels come from configuration only.
+        self._children: dict[tuple[Metric, tuple[str, ...]], Any] = {}
 
     def _model(self, model: Any) -> str:
         return model if model in self.models else OTHER
@@ -60,26 +63,34 @@ class Metrics:
             return "none"
         return key if key in self.keys else OTHER
 
+    def _child(self, metric: Metric, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once: prometheus-client's own lookup
+        (label checks, a lock) cost more than the increment it leads to."""
+        known = self._children.get((metric, labels))
+        if known is None:
+            known = self._children[(metric, labels)] = metric.labels(*labels)
+        return known
+
     def observe(
         self, route: str, status: int, key: str | None, seconds: float, call: Mapping[str, Any]
     ) -> None:
         """One finished request: `call` is what the route noted (model, tokens, cost...)."""
         key_label = self._key(key)
-        self.requests.labels(route, str(status), key_label).inc()
-        self.duration.labels(route).observe(seconds)
+        self._child(self.requests, route, str(status), key_label).inc()
+        self._child(self.duration, route).observe(seconds)
         if status == 429:
-            self.limited.labels(key_label).inc()
+            self._child(self.limited, key_label).inc()
         if "model" not in call:
             return
         model = self._model(call["model"])
-        self.tokens.labels("input", model, key_label).inc(call.get("input_tokens") or 0)
-        self.tokens.labels("output", model, key_label).inc(call.get("output_tokens") or 0)
+        self._child(self.tokens, "input", model, key_label).inc(call.get("input_tokens") or 0)
+        self._child(self.tokens, "output", model, key_label).inc(call.get("output_tokens") or 0)
         if call.get("cost_usd"):
-            self.cost.labels(model, key_label).inc(call["cost_usd"])
+            self._child(self.cost, model, key_label).inc(call["cost_usd"])
         if "ttft_ms" in call:
-            self.ttft.labels(model).observe(call["ttft_ms"] / 1000)
+            self._child(self.ttft, model).observe(call["ttft_ms"] / 1000)
         if "provider_ms" in call:
-            self.provider.labels(model).observe(call["provider_ms"] / 1000)
+            self._child(self.provider, model).observe(call["provider_ms"] / 1000)
 
     def response(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
