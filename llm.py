@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import aiohttp
@@ -185,6 +186,8 @@ class SharedClient:
             s = self._settings
             self._client = httpx.AsyncClient(
                 transport=self._transport,
+                # A cookie a provider sets must not ride along on other callers' calls.
+                cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
                 # One connection per call in flight at most: MAX_INFLIGHT refuses the
                 # rest (httpx's default of 100 would queue the 101st concurrent stream).
                 limits=httpx.Limits(
@@ -367,6 +370,8 @@ class AiohttpUpstream:
                 # No HTTPS_PROXY or .netrc lookups: aiohttp repeats them on every request
                 # (in a thread). Behind a proxy, use LLM_TRANSPORT=httpx.
                 trust_env=False,
+                # A cookie a provider sets must not ride along on other callers' calls.
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
 

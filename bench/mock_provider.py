@@ -25,6 +25,7 @@ line `mock:{...json...}` in the last message (for calls through text-tool):
   empty                     stream: answer 200 and end with no event at all
   malformed_after           stream this many tokens, then a data line that is not JSON
   split                     stream every frame in pieces of this many bytes
+  set_cookie                non-streaming: answer with this Set-Cookie header
 """
 
 from __future__ import annotations
@@ -188,7 +189,8 @@ class MockProvider:
                 return
             await _sleep(options["token_delay_ms"] * len(chunks), gone)
             make = _openai_completion if protocol == "openai" else _anthropic_message
-            await _json(send, 200, make(model, "".join(chunks), finish, usage, options))
+            cookie = {"set-cookie": str(options["set_cookie"])} if "set_cookie" in options else {}
+            await _json(send, 200, make(model, "".join(chunks), finish, usage, options), cookie)
             self.stats.finished += 1
             return
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+import llm
+from config import Settings
 from tests.conftest import AUTH_HEADERS, CLIENT_KEY, PROVIDER_KEY, ROOT, Process
 
 pytestmark = pytest.mark.anyio
@@ -182,6 +184,26 @@ async def test_provider_key_reaches_no_response_and_no_log_line(
     assert PROVIDER_KEY not in openai_service.output()
     assert CLIENT_KEY not in openai_service.output()
     assert "Traceback" not in openai_service.output()
+
+
+async def test_a_cookie_the_provider_sets_is_not_sent_on_later_calls(
+    mock_provider: Process,
+) -> None:
+    # By host name: aiohttp's cookie jar ignores cookies from bare IP addresses anyway.
+    url = f"http://localhost:{mock_provider.port}/v1/chat/completions"
+    upstream = llm.AiohttpUpstream(Settings())
+    headers = {"content-type": "application/json"}
+    try:
+        for prompt in (directive(set_cookie="session=caller-one; Path=/"), "hi"):
+            body = json.dumps({"model": "m", "messages": [{"role": "user", "content": prompt}]})
+            answer = await upstream.post(url, body.encode(), headers)
+            assert answer.status == 200
+    finally:
+        await upstream.aclose()
+    async with httpx.AsyncClient(timeout=10) as c:
+        last = (await c.get(mock_provider.url + "/_last")).json()
+    assert "hi" in json.dumps(last["body"])
+    assert "cookie" not in last["headers"]
 
 
 async def test_request_id_is_forwarded_to_the_provider(

@@ -593,3 +593,20 @@ async def test_a_transport_passed_in_goes_through_httpx() -> None:
     shared = llm.SharedClient(Settings(), transport)
     assert isinstance(shared.upstream(), llm.HttpxUpstream)
     await shared.aclose()
+
+
+@respx.mock
+async def test_the_httpx_client_keeps_no_cookie_a_provider_sets() -> None:
+    answer = {
+        "id": "c",
+        "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "message": {"content": "hi"}, "finish_reason": "stop"}],
+    }
+    route = respx.post(OPENAI).respond(
+        200, json=answer, headers={"Set-Cookie": "session=caller-one; Path=/"}
+    )
+    p = provider("openai")
+    await p.complete(request())
+    await p.complete(request())
+    assert route.call_count == 2
+    assert "cookie" not in route.calls[1].request.headers
