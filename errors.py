@@ -19,6 +19,9 @@ import llm
 from jsonio import JSONResponse
 
 REQUEST_ID = "text_tool.request_id"
+# Headers for the response, whatever answers: a list the outermost middleware puts in
+# the scope and adds to the response start, so inner ones need no send wrapper of their own.
+RESPONSE_HEADERS = "text_tool.response_headers"
 
 
 class ApiError(Exception):

@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auth import AUTH, ApiKey
 from config import Rate
-from errors import error_response, whole_seconds
+from errors import RESPONSE_HEADERS, error_response, whole_seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +147,12 @@ class RateLimitMiddleware:
             )
             response.raw_headers.extend(headers)
             await response(scope, receive, send)
+            return
+
+        collected = scope.get(RESPONSE_HEADERS)
+        if collected is not None:
+            collected.extend(headers)
+            await self.app(scope, receive, send)
             return
 
         async def send_with_headers(message: Message) -> None:

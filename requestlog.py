@@ -19,7 +19,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auth import AUTH
-from errors import REQUEST_ID, error_response, relative_path
+from errors import REQUEST_ID, RESPONSE_HEADERS, error_response, relative_path
 from logs import current_request_id
 from metrics import OTHER, Metrics
 from quotas import RESERVATION
@@ -84,14 +84,15 @@ class RequestContextMiddleware:
             self.metrics.in_flight.inc()
         call: dict[str, Any] = {}
         scope[CALL] = call
-        header = (b"x-request-id", rid.encode("ascii"))
+        headers = [(b"x-request-id", rid.encode("ascii"))]
+        scope[RESPONSE_HEADERS] = headers
         status = 0
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()), header]
+                message["headers"] = [*message.get("headers", ()), *headers]
             await send(message)
 
         try:
