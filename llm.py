@@ -1,4 +1,4 @@
-"""Providers: plain REST calls through one shared httpx.AsyncClient, no provider SDKs.
+"""Providers: plain REST calls through one shared client pool, no provider SDKs.
 
 Every provider answers `complete()` with a `Completion`, and `stream()` with text
 chunks followed by one `StreamEnd`. Failures are raised as:
@@ -26,15 +26,16 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from http.cookiejar import CookieJar, DefaultCookiePolicy
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import aiohttp
-import httpx
 
 import jsonio
 from config import Settings
 from usage import Usage
+
+if TYPE_CHECKING:
+    import httpx
 
 logger = logging.getLogger("text_tool")
 T = TypeVar("T")
@@ -170,7 +171,6 @@ class SharedClient:
     def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None):
         self._settings = settings
         self._transport = transport
-        self._client: httpx.AsyncClient | None = None
         self._upstream: Upstream | None = None
 
     def upstream(self) -> Upstream:
@@ -178,40 +178,16 @@ class SharedClient:
             if self._transport is None and self._settings.transport == "aiohttp":
                 self._upstream = AiohttpUpstream(self._settings)
             else:
-                self._upstream = HttpxUpstream(self)
-        return self._upstream
+                # Imported here: httpx and its pool hold 6 MB the default path never uses.
+                from httpx_upstream import HttpxUpstream
 
-    def get(self) -> httpx.AsyncClient:
-        if self._client is None or self._client.is_closed:
-            s = self._settings
-            self._client = httpx.AsyncClient(
-                transport=self._transport,
-                # A cookie a provider sets must not ride along on other callers' calls.
-                cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
-                # One connection per call in flight at most: MAX_INFLIGHT refuses the
-                # rest (httpx's default of 100 would queue the 101st concurrent stream).
-                limits=httpx.Limits(
-                    max_connections=s.max_inflight,
-                    max_keepalive_connections=min(s.max_inflight, 256),
-                    keepalive_expiry=30.0,
-                ),
-                # A slow first token must not be cut at httpx's 5 s default.
-                timeout=httpx.Timeout(
-                    connect=s.connect_timeout_s,
-                    read=s.timeout_s,
-                    write=s.timeout_s,
-                    pool=s.connect_timeout_s,
-                ),
-            )
-        return self._client
+                self._upstream = HttpxUpstream(self._settings, self._transport)
+        return self._upstream
 
     async def aclose(self) -> None:
         if self._upstream is not None:
             await self._upstream.aclose()
             self._upstream = None
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
 
 
 # --- helpers shared by the HTTP providers -------------------------------------------
@@ -269,65 +245,6 @@ def status_error(answer: Answer, secrets: tuple[str, ...]) -> ProviderError:
     if 400 <= status < 500:
         return ProviderBadRequest(f"the provider rejected the request (HTTP {status}){suffix}")
     return ProviderError(f"unexpected provider answer (HTTP {status})")
-
-
-@contextlib.contextmanager
-def translate_transport_errors() -> Iterator[None]:
-    """httpx's exceptions, as ours: callers handle one hierarchy."""
-    try:
-        yield
-    except httpx.ConnectTimeout:
-        raise ProviderUnavailable("could not connect to the provider (connect timeout)") from None
-    except httpx.PoolTimeout:
-        raise ProviderUnavailable(
-            "too many concurrent provider calls; no connection was free in time"
-        ) from None
-    except httpx.TimeoutException:
-        raise ProviderTimeout("the provider did not answer in time") from None
-    except httpx.ConnectError:
-        raise ProviderUnavailable("could not connect to the provider") from None
-    except httpx.TransportError as exc:
-        raise ProviderUnavailable(
-            f"the connection to the provider failed ({type(exc).__name__})"
-        ) from None
-
-
-class HttpxUpstream:
-    def __init__(self, shared: SharedClient) -> None:
-        self._shared = shared
-
-    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> Answer:
-        with translate_transport_errors():
-            response = await self._shared.get().post(url, content=body, headers=headers)
-        return Answer(response.status_code, response.headers, response.content)
-
-    async def open(self, url: str, body: bytes, headers: dict[str, str]) -> Streamed:
-        client = self._shared.get()
-        request = client.build_request("POST", url, content=body, headers=headers)
-        with translate_transport_errors():
-            return _HttpxStreamed(await client.send(request, stream=True))
-
-    async def aclose(self) -> None:
-        pass  # the httpx client is the SharedClient's to close
-
-
-class _HttpxStreamed:
-    def __init__(self, response: httpx.Response) -> None:
-        self._response = response
-        self.status = response.status_code
-        self.headers: Mapping[str, str] = response.headers
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        with translate_transport_errors():
-            async for chunk in self._response.aiter_bytes():
-                yield chunk
-
-    async def read(self) -> bytes:
-        with translate_transport_errors():
-            return await self._response.aread()
-
-    async def close(self) -> None:
-        await self._response.aclose()
 
 
 @contextlib.contextmanager

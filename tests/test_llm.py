@@ -12,6 +12,7 @@ import respx
 
 import llm
 from config import Settings, SettingsError
+from httpx_upstream import HttpxUpstream
 from tests.conftest import PROVIDER_KEY
 from usage import Usage
 
@@ -412,8 +413,10 @@ async def test_echo_answers_with_the_prompts_words_and_exact_counts() -> None:
 
 async def test_shared_client_is_made_once_and_sized_on_purpose() -> None:
     shared = llm.SharedClient(Settings(max_inflight=700, timeout_s=42, transport="httpx"))
-    client = shared.get()
-    assert shared.get() is client
+    upstream = shared.upstream()
+    assert isinstance(upstream, HttpxUpstream) and shared.upstream() is upstream
+    client = upstream.client()
+    assert upstream.client() is client
     assert client.timeout.read == 42 and client.timeout.connect == 5
     pool = client._transport._pool  # type: ignore[attr-defined]
     assert pool._max_connections == 700
@@ -591,7 +594,7 @@ async def test_the_default_transport_is_aiohttp_with_the_same_pool_size() -> Non
 async def test_a_transport_passed_in_goes_through_httpx() -> None:
     transport = httpx.MockTransport(lambda request: httpx.Response(200))
     shared = llm.SharedClient(Settings(), transport)
-    assert isinstance(shared.upstream(), llm.HttpxUpstream)
+    assert isinstance(shared.upstream(), HttpxUpstream)
     await shared.aclose()
 
 
