@@ -13,9 +13,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING
 
-import anyio.lowlevel
 from pydantic import BaseModel, ConfigDict, Field
-from sse_starlette.sse import AppStatus
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -122,8 +120,7 @@ async def health(request: Request) -> Response:
 
 async def ready(request: Request) -> Response:
     svc = service(request)
-    # AppStatus.should_exit is set by sse-starlette's hook on uvicorn's signal handler.
-    if not svc.ready or AppStatus.should_exit:
+    if not svc.ready or svc.draining.shutting_down():
         return error_response(request.scope, 503, "not_ready", "the service is shutting down")
     store = "memory"
     if svc.store is not None:
@@ -259,9 +256,6 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        # anyio (under sse-starlette) imports its event-loop backend on first use, about
-        # 60 ms: at start, not inside the first stream's time to first token.
-        await anyio.lowlevel.checkpoint()
         svc.ready = True
         try:
             yield

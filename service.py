@@ -8,10 +8,11 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Protocol, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ValidationError
+from sse_starlette.sse import AppStatus
 from starlette.requests import Request
 from starlette.types import Receive
 
@@ -61,6 +62,44 @@ class Inflight:
             self.count -= 1
 
 
+class Drainable(Protocol):
+    def drain(self) -> None: ...
+
+
+class Draining:
+    """Server shutdown, as the open streams learn of it. sse-starlette hooks uvicorn's
+    signal handler to set `AppStatus.should_exit`; one task per app looks at it four
+    times a second while streams are open, and tells each stream to start its grace."""
+
+    POLL_S = 0.25
+
+    def __init__(self) -> None:
+        self._streams: set[Drainable] = set()
+        self._poller: asyncio.Task[None] | None = None
+
+    @staticmethod
+    def shutting_down() -> bool:
+        return AppStatus.should_exit
+
+    def add(self, stream: Drainable) -> None:
+        self._streams.add(stream)
+        if self.shutting_down():
+            stream.drain()
+        elif self._poller is None or self._poller.done():
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    def discard(self, stream: Drainable) -> None:
+        self._streams.discard(stream)
+
+    async def _poll(self) -> None:
+        while self._streams:
+            if self.shutting_down():
+                for stream in list(self._streams):
+                    stream.drain()
+                return
+            await asyncio.sleep(self.POLL_S)
+
+
 class QuotaStore(Protocol):
     def applies(self, key: ApiKey) -> bool: ...
 
@@ -101,6 +140,7 @@ class Service:
     logger: logging.Logger
     store: SharedStoreLike | None = None  # the Redis shared by replicas, if any
     ready: bool = True
+    draining: Draining = field(default_factory=Draining)
 
 
 def service(request: Request) -> Service:
