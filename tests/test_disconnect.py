@@ -85,8 +85,8 @@ async def test_a_client_that_leaves_cancels_the_call_at_once() -> None:
     assert task is not None and task.cancelling() == 0  # our cancel was taken back
 
 
-async def test_someone_elses_cancel_still_cancels_the_request() -> None:
-    client = Client()
+async def _serving_a_call_that_hangs(client: Client) -> asyncio.Task[tuple[bool, str | None]]:
+    """A request task inside `unless_disconnected`, its provider call under way."""
     request = client.request()
     await _drain_body(request)
     started = asyncio.Event()
@@ -101,6 +101,11 @@ async def test_someone_elses_cancel_still_cancels_the_request() -> None:
 
     task = asyncio.ensure_future(serve())
     await asyncio.wait_for(started.wait(), 5)
+    return task
+
+
+async def test_someone_elses_cancel_still_cancels_the_request() -> None:
+    task = await _serving_a_call_that_hangs(Client())
     task.cancel()  # a server shutting down, say: not the client leaving
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, 5)
@@ -108,20 +113,7 @@ async def test_someone_elses_cancel_still_cancels_the_request() -> None:
 
 async def test_a_cancel_from_outside_as_the_client_leaves_is_not_swallowed() -> None:
     client = Client()
-    request = client.request()
-    await _drain_body(request)
-    started = asyncio.Event()
-
-    async def call() -> str:
-        started.set()
-        await asyncio.sleep(30)
-        return "never"
-
-    async def serve() -> tuple[bool, str | None]:
-        return await unless_disconnected(request, call())
-
-    task = asyncio.ensure_future(serve())
-    await asyncio.wait_for(started.wait(), 5)
+    task = await _serving_a_call_that_hangs(client)
     client.leave()
     task.cancel()  # both in the same turn of the loop
     with pytest.raises(asyncio.CancelledError):

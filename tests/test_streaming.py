@@ -70,18 +70,19 @@ async def test_idle_streams_get_pings_and_none_follows_the_end() -> None:
     assert service_of(stream).metrics.open_streams._value.get() == 0
 
 
+async def hanging(closed: asyncio.Event) -> AsyncGenerator[bytes, None]:
+    """Frames from a provider that has gone quiet; `closed` is set when they are closed."""
+    try:
+        await asyncio.sleep(30)
+        yield b"data: never\n\n"
+    finally:
+        closed.set()
+
+
 async def test_a_client_that_leaves_stops_the_frames_at_once() -> None:
     closed = asyncio.Event()
-
-    async def frames() -> AsyncGenerator[bytes, None]:
-        try:
-            await asyncio.sleep(30)
-            yield b"data: never\n\n"
-        finally:
-            closed.set()
-
     channel = Channel()
-    stream = stream_for(frames())
+    stream = stream_for(hanging(closed))
     asyncio.get_running_loop().call_later(0.05, channel.gone.set)
     async with asyncio.timeout(5):  # in this task, so that its cancel count can be read
         await stream(stream.request.scope, channel.receive, channel.send)
@@ -93,16 +94,8 @@ async def test_a_client_that_leaves_stops_the_frames_at_once() -> None:
 
 async def test_someone_elses_cancel_propagates_and_closes_the_frames() -> None:
     closed = asyncio.Event()
-
-    async def frames() -> AsyncGenerator[bytes, None]:
-        try:
-            await asyncio.sleep(30)
-            yield b"data: never\n\n"
-        finally:
-            closed.set()
-
     channel = Channel()
-    stream = stream_for(frames())
+    stream = stream_for(hanging(closed))
     task = asyncio.ensure_future(stream(stream.request.scope, channel.receive, channel.send))
     await asyncio.sleep(0.05)
     task.cancel()
