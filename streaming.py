@@ -104,12 +104,13 @@ class EventStream(Response):
         assert task is not None
         cancelling = task.cancelling()
         loop = asyncio.get_running_loop()
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        self._last_sent = loop.time()
-        companion = loop.create_task(self._companion(receive, send))
+        companion: asyncio.Task[None] | None = None
         self.draining.add(self)
         self.open_streams.inc()
         try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            self._last_sent = loop.time()
+            companion = loop.create_task(self._companion(receive, send))
             frame: bytes | None = self.first
             try:
                 while frame is not None:
@@ -129,7 +130,8 @@ class EventStream(Response):
             companion.cancel()  # before the last message: no ping may follow it
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            companion.cancel()
+            if companion is not None:
+                companion.cancel()
             if self._deadline is not None:
                 self._deadline.cancel()
             self.draining.discard(self)
