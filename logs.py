@@ -24,10 +24,10 @@ def _timestamp(created: float) -> str:
     """ISO 8601 in UTC to the millisecond; the formatted second is reused, since a busy
     server writes many lines within one."""
     global _second
-    whole = int(created)
-    if _second[0] != whole:
-        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
-    return f"{_second[1]}.{int((created - whole) * 1000):03d}Z"
+    whole, cached = int(created), _second  # one read: a thread may replace it meanwhile
+    if cached[0] != whole:
+        cached = _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{cached[1]}.{int((created - whole) * 1000):03d}Z"
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:

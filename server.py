@@ -256,6 +256,9 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if getattr(app.state, "owns_process", False):
+            tune_gc()
+            tune_logging()
         svc.ready = True
         try:
             yield
@@ -365,11 +368,12 @@ def _announce(svc: Service) -> None:
 def tune_gc() -> None:
     """Make the cyclic garbage collector cheap for a server that owns its process.
 
-    Measured under load (bench/README.md): with Python's default thresholds a
-    collection ran about every 700 allocations, and each full one walked every object
-    imported at start, together about a sixth of the CPU time of a request. Objects
-    made at start are frozen out of collections; young collections run a tenth as
-    often. Embedding apps that call `create_app()` keep their own settings."""
+        Measured under load (bench/README.md): with Python's default thresholds a
+        collection ran about every 700 allocations, and each full one walked every object
+        imported at start, together about a sixth of the CPU time of a request. Objects
+        made at start are frozen out of collections; young collections run a tenth as
+        often. Only for the app served as `server:app`: one that mounts `create_app()` keeps
+    its own settings."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(7000, 20, 20)
@@ -391,8 +395,9 @@ def _app_from_environment() -> Starlette:
     except SettingsError as exc:
         print(f"text-tool: bad setting: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    tune_gc()
-    tune_logging()
+    # Its lifespan tunes the process, which it owns when served; an app that imports
+    # this module but serves its own create_app() does not run it.
+    app.state.owns_process = True
     return app
 
 

@@ -404,3 +404,24 @@ def test_the_start_log_says_why_the_provider_is_echo(caplog: pytest.LogCaptureFi
     starts = [r.getMessage() for r in caplog.records if getattr(r, "event", None) == "start"]
     assert starts[0].startswith("no provider key is set, so the provider is echo")
     assert starts[1].startswith("LLM_PROVIDER=echo, so the provider is echo")
+
+
+async def test_only_the_app_served_as_server_app_tunes_the_process() -> None:
+    import gc
+    import logging
+
+    import server
+
+    before = gc.get_threshold()
+    embedded = create_app(Settings())
+    async with embedded.router.lifespan_context(embedded):
+        assert gc.get_threshold() == before  # a host app's process is left alone
+    try:
+        async with server.app.router.lifespan_context(server.app):
+            assert gc.get_threshold() == (7000, 20, 20)
+            assert gc.get_freeze_count() > 0
+            assert logging.logThreads is False
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+        logging.logThreads = logging.logProcesses = logging.logMultiprocessing = True
