@@ -7,15 +7,17 @@ writes three JSON documents and reads one or two.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pydantic_core import from_json, to_json
 from starlette.responses import JSONResponse as StarletteJSONResponse
 
 
-def dumps(value: Any) -> bytes:
-    """Compact UTF-8 JSON; NaN and infinities become null rather than invalid JSON."""
-    return to_json(value, inf_nan_mode="null")
+def dumps(value: Any, fallback: Callable[[Any], Any] | None = None) -> bytes:
+    """Compact UTF-8 JSON; NaN and infinities become null rather than invalid JSON.
+    `fallback` turns what JSON cannot hold into what it can (log lines use `str`)."""
+    return to_json(value, inf_nan_mode="null", fallback=fallback)
 
 
 def loads(data: str | bytes) -> Any:

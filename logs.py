@@ -9,7 +9,7 @@ import time
 from contextvars import ContextVar
 from typing import Any
 
-from pydantic_core import to_json
+import jsonio
 
 LOGGER_NAME = "text_tool"
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -48,7 +48,7 @@ class JsonFormatter(logging.Formatter):
         line = _fields(record)
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
-        return to_json(line, fallback=str, inf_nan_mode="null").decode()
+        return jsonio.dumps(line, fallback=str).decode()
 
 
 class TextFormatter(logging.Formatter):

@@ -14,11 +14,11 @@ import time
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
-from pydantic_core import to_json
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+import jsonio
 import llm
 from errors import ApiError, error_body, provider_api_error
 from requestlog import CALL
@@ -30,7 +30,7 @@ DONE = b"data: [DONE]\n\n"
 def sse_frame(data: Mapping[str, Any], event: str | None = None) -> bytes:
     """One SSE event whose data is one line of JSON: newlines in text stay escaped."""
     head = b"event: " + event.encode() + b"\n" if event else b""
-    return head + b"data: " + to_json(data) + b"\n\n"
+    return head + b"data: " + jsonio.dumps(data) + b"\n\n"
 
 
 PING = b": ping\n\n"
