@@ -16,7 +16,6 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 import llm
 from errors import ApiError, request_id
@@ -32,6 +31,7 @@ from service import (
     prompt_estimate,
     provider_call,
     reserve,
+    route,
     service,
 )
 from streaming import DONE, open_sse, sse_frame
@@ -286,6 +286,6 @@ async def list_models(request: Request) -> Response:
 
 
 routes = [
-    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-    Route("/v1/models", list_models, methods=["GET"]),
+    route("/v1/chat/completions", chat_completions, "POST"),
+    route("/v1/models", list_models, "GET"),
 ]

@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 from errors import ApiError
 from jsonio import JSONResponse
+from service import route
 
 
 class ErrorDetail(BaseModel):
@@ -348,7 +349,7 @@ def routes(body_models: list[type[BaseModel]]) -> list[Route]:
         return JSONResponse(documents[root])
 
     return [
-        Route("/openapi.json", openapi, methods=["GET"]),
-        Route("/docs", docs, methods=["GET"]),
-        Route("/docs/{name}", docs_asset, methods=["GET"]),
+        route("/openapi.json", openapi, "GET"),
+        route("/docs", docs, "GET"),
+        route("/docs/{name}", docs_asset, "GET"),
     ]

@@ -49,6 +49,7 @@ from service import (
     prompt_estimate,
     provider_call,
     reserve,
+    route,
     service,
     since_ms,
 )
@@ -270,12 +271,12 @@ def create_app(
             logger.info("usage totals", extra={"event": "usage_totals", "keys": svc.usage.all()})
 
     routes = [
-        Route("/health", health, methods=["GET"]),
-        Route("/ready", ready, methods=["GET"]),
-        Route("/complete", complete, methods=["POST"]),
-        Route("/stream", stream, methods=["POST"]),
-        Route("/usage", usage, methods=["GET"]),
-        Route("/metrics", metrics_route, methods=["GET"]),
+        route("/health", health, "GET"),
+        route("/ready", ready, "GET"),
+        route("/complete", complete, "POST"),
+        route("/stream", stream, "POST"),
+        route("/usage", usage, "GET"),
+        route("/metrics", metrics_route, "GET"),
         *openai_compat.routes,
         *openapi.routes(
             [

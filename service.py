@@ -14,7 +14,9 @@ from typing import Annotated, Any, Protocol, TypeVar
 from pydantic import BaseModel, BeforeValidator, ValidationError
 from sse_starlette.sse import AppStatus
 from starlette.requests import Request
-from starlette.types import Receive
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 import llm
 from auth import AUTH, ApiKey, KeyRing
@@ -143,9 +145,34 @@ class Service:
     draining: Draining = field(default_factory=Draining)
 
 
+SERVICE = "text_tool.service"
+
+
 def service(request: Request) -> Service:
-    svc: Service = request.app.state.service
+    """The app's `Service`, looked up once a request: a route and its helpers ask for it
+    half a dozen times, and `app.state` is an attribute lookup through Python code."""
+    scope = request.scope
+    svc: Service | None = scope.get(SERVICE)
+    if svc is None:
+        svc = scope[SERVICE] = request.app.state.service
     return svc
+
+
+class Endpoint:
+    """A route function as a plain ASGI app. Starlette's adapter for functions wraps
+    every call in one more exception-handling layer (a closure and a `send` wrapper a
+    request), which the app's own ExceptionMiddleware already is."""
+
+    def __init__(self, func: Callable[[Request], Awaitable[Response]]) -> None:
+        self.func = func
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = await self.func(Request(scope, receive, send))
+        await response(scope, receive, send)
+
+
+def route(path: str, func: Callable[[Request], Awaitable[Response]], method: str) -> Route:
+    return Route(path, Endpoint(func), methods=[method], name=func.__name__)
 
 
 def caller(request: Request) -> ApiKey | None:
