@@ -48,7 +48,7 @@ async def open_sse(request: Request, frames: AsyncGenerator[bytes, None]) -> Res
     svc = service(request)
     held = _held(svc.inflight, frames)
     started = time.perf_counter()
-    stayed, first = await unless_disconnected(request, anext(held))
+    stayed, first = await unless_disconnected(request, anext(held), svc.timers)
     if not stayed or first is None:
         await held.aclose()
         return Response(status_code=499)  # the client has gone; nobody reads this

@@ -1,8 +1,9 @@
 """`unless_disconnected`: a provider call is dropped when its client leaves, and only then.
 
-The call runs in the request's own task and a watcher cancels it, so these pin down
-the cancellation bookkeeping: the client leaving is (False, None), anyone else's
-cancel still propagates, and no cancel request is left behind on the task.
+The call runs in the request's own task and a watcher, started from the next tick of
+the coarse timers, cancels it, so these pin down the cancellation bookkeeping: the
+client leaving is (False, None), anyone else's cancel still propagates, and no cancel
+request is left behind on the task.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from starlette.requests import Request
 from starlette.types import Message
 
 from service import unless_disconnected
+from timers import CoarseTimers
 
 pytestmark = pytest.mark.anyio
 
@@ -58,7 +60,7 @@ async def test_a_call_whose_client_stays_returns_its_result() -> None:
         await asyncio.sleep(0.01)
         return "answer"
 
-    assert await unless_disconnected(request, call()) == (True, "answer")
+    assert await unless_disconnected(request, call(), CoarseTimers()) == (True, "answer")
     task = asyncio.current_task()
     assert task is not None and task.cancelling() == 0
 
@@ -79,7 +81,7 @@ async def test_a_client_that_leaves_cancels_the_call_at_once() -> None:
 
     asyncio.get_running_loop().call_later(0.05, client.leave)
     async with asyncio.timeout(5):
-        assert await unless_disconnected(request, call()) == (False, None)
+        assert await unless_disconnected(request, call(), CoarseTimers()) == (False, None)
     assert cancelled.is_set()
     task = asyncio.current_task()
     assert task is not None and task.cancelling() == 0  # our cancel was taken back
@@ -97,10 +99,11 @@ async def _serving_a_call_that_hangs(client: Client) -> asyncio.Task[tuple[bool,
         return "never"
 
     async def serve() -> tuple[bool, str | None]:
-        return await unless_disconnected(request, call())
+        return await unless_disconnected(request, call(), CoarseTimers())
 
     task = asyncio.ensure_future(serve())
     await asyncio.wait_for(started.wait(), 5)
+    await asyncio.sleep(2 * CoarseTimers().resolution_s)  # the watcher is on by now
     return task
 
 
@@ -129,6 +132,6 @@ async def test_the_watcher_does_not_outlive_the_call() -> None:
     async def call() -> str:
         return "quick"
 
-    assert await unless_disconnected(request, call()) == (True, "quick")
+    assert await unless_disconnected(request, call(), CoarseTimers()) == (True, "quick")
     await asyncio.sleep(0)  # let the cancelled watcher finish
     assert asyncio.all_tasks() == before
