@@ -3,11 +3,12 @@ human at a terminal). A line written while a request is served carries its id.""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TextIO
 
 import jsonio
 
@@ -61,11 +62,46 @@ class TextFormatter(logging.Formatter):
         return text
 
 
+class TurnBatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes the lines of one turn of the event loop in one go. Under load several
+    requests end in each turn, and each access line's own write and flush was a system
+    call. Lines from outside a running loop (start-up, exit, another thread) are written
+    at once, after any still pending; logging's exit hook flushes what is left."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        self._pending.append(line)
+        if len(self._pending) > 1:
+            return  # a flush is scheduled already
+        try:
+            asyncio.get_running_loop().call_soon(self.flush)
+        except RuntimeError:
+            self.flush()
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            if self._pending:
+                lines, self._pending = self._pending, []
+                try:
+                    self.stream.write("\n".join(lines) + "\n")
+                except Exception:
+                    pass  # as logging does: a broken log stream must not break a request
+            super().flush()
+
+
 def get_logger(log_format: str = "json") -> logging.Logger:
     """The service's logger; given a handler on stderr unless logging is set up already."""
     logger = logging.getLogger(LOGGER_NAME)
     if not logger.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = TurnBatchingHandler(sys.stderr)
         handler.setFormatter(TextFormatter() if log_format == "text" else JsonFormatter())
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
