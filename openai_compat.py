@@ -8,8 +8,8 @@ translated is a 400 naming it, never silently dropped.
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from collections.abc import AsyncGenerator
 from typing import Annotated, Any, Literal
 
@@ -244,7 +244,7 @@ async def _translated_frames(
     events = service(request).provider.stream(chat)
     meter = StreamMeter(request, chat.model, lambda: prompt_estimate(chat))
     head = {
-        "id": "chatcmpl-" + uuid.uuid4().hex,
+        "id": "chatcmpl-" + os.urandom(16).hex(),
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": chat.model,
