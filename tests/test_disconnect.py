@@ -1,7 +1,7 @@
 """`unless_disconnected`: a provider call is dropped when its client leaves, and only then.
 
-The call runs in the request's own task and a watcher, started from the next tick of
-the coarse timers, cancels it, so these pin down the cancellation bookkeeping: the
+The call runs in the request's own task and a watcher, started WATCH_AFTER_S into
+the call, cancels it, so these pin down the cancellation bookkeeping: the
 client leaving is (False, None), anyone else's cancel still propagates, and no cancel
 request is left behind on the task.
 """
@@ -14,7 +14,7 @@ import pytest
 from starlette.requests import Request
 from starlette.types import Message
 
-from service import unless_disconnected
+from service import WATCH_AFTER_S, unless_disconnected
 from timers import CoarseTimers
 
 pytestmark = pytest.mark.anyio
@@ -103,7 +103,7 @@ async def _serving_a_call_that_hangs(client: Client) -> asyncio.Task[tuple[bool,
 
     task = asyncio.ensure_future(serve())
     await asyncio.wait_for(started.wait(), 5)
-    await asyncio.sleep(2 * CoarseTimers().resolution_s)  # the watcher is on by now
+    await asyncio.sleep(WATCH_AFTER_S + 2 * CoarseTimers().resolution_s)  # the watcher is on
     return task
 
 
@@ -135,3 +135,17 @@ async def test_the_watcher_does_not_outlive_the_call() -> None:
     assert await unless_disconnected(request, call(), CoarseTimers()) == (True, "quick")
     await asyncio.sleep(0)  # let the cancelled watcher finish
     assert asyncio.all_tasks() == before
+
+
+async def test_a_call_answered_quickly_makes_no_watcher_task() -> None:
+    client = Client()
+    request = client.request()
+    await _drain_body(request)
+    before = asyncio.all_tasks()
+
+    async def call() -> set[asyncio.Task[object]]:
+        await asyncio.sleep(0.01)
+        return asyncio.all_tasks()
+
+    stayed, during = await unless_disconnected(request, call(), CoarseTimers())
+    assert stayed and during == before
