@@ -270,14 +270,15 @@ def create_app(
                 await store.aclose()
             logger.info("usage totals", extra={"event": "usage_totals", "keys": svc.usage.all()})
 
+    # The router tries routes in order: the provider calls come first.
     routes = [
-        route("/health", health, "GET"),
-        route("/ready", ready, "GET"),
         route("/complete", complete, "POST"),
         route("/stream", stream, "POST"),
+        *openai_compat.routes,
+        route("/health", health, "GET"),
+        route("/ready", ready, "GET"),
         route("/usage", usage, "GET"),
         route("/metrics", metrics_route, "GET"),
-        *openai_compat.routes,
         *openapi.routes(
             [
                 CompleteBody,
