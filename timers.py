@@ -58,7 +58,8 @@ class CoarseTimers:
 
     def _tick(self) -> None:
         loop = self._loop
-        assert loop is not None
+        if loop is None or asyncio.get_running_loop() is not loop:
+            return  # a tick left on a loop these timers have moved on from
         due = math.floor(loop.time() / self.resolution_s)
         for slot in range(self._fired + 1, due + 1):
             for callback in self._slots.pop(slot, {}).values():
