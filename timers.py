@@ -25,9 +25,12 @@ class Timer:
         self._slot = slot
 
     def cancel(self) -> None:
-        pending = self._timers._slots.get(self._slot)
+        slots = self._timers._slots
+        pending = slots.get(self._slot)
         if pending is not None:
             pending.pop(self, None)
+            if not pending:
+                del slots[self._slot]  # so the loop timer stops once nothing is pending
 
 
 class CoarseTimers:

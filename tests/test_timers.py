@@ -112,3 +112,13 @@ def test_the_timers_move_on_to_a_new_event_loop() -> None:
     asyncio.run(leave_one_pending())
     asyncio.run(wait_once())
     asyncio.run(wait_once())
+
+
+async def test_the_loop_timer_stops_once_nothing_is_pending() -> None:
+    timers = CoarseTimers(resolution_s=0.01)
+    timers.call_later(30, lambda: None).cancel()
+    ran = asyncio.Event()
+    timers.call_later(0.01, ran.set)
+    await asyncio.wait_for(ran.wait(), 5)
+    await asyncio.sleep(0.05)  # a tick or two later
+    assert timers._tick_handle is None  # no wake-ups every 10 ms for the next 30 s
