@@ -65,7 +65,7 @@ async def test_a_call_whose_client_stays_returns_its_result() -> None:
     assert task is not None and task.cancelling() == 0
 
 
-async def test_a_client_that_leaves_cancels_the_call_at_once() -> None:
+async def test_a_client_that_leaves_has_the_call_cancelled() -> None:
     client = Client()
     request = client.request()
     await _drain_body(request)
@@ -129,10 +129,14 @@ async def test_the_watcher_does_not_outlive_the_call() -> None:
     await _drain_body(request)
     before = asyncio.all_tasks()
 
-    async def call() -> str:
-        return "quick"
+    async def call() -> tuple[str, int]:
+        await asyncio.sleep(WATCH_AFTER_S + 2 * CoarseTimers().resolution_s)
+        return "answer", len(asyncio.all_tasks())
 
-    assert await unless_disconnected(request, call(), CoarseTimers()) == (True, "quick")
+    assert await unless_disconnected(request, call(), CoarseTimers()) == (
+        True,
+        ("answer", len(before) + 1),  # the watcher was running
+    )
     await asyncio.sleep(0)  # let the cancelled watcher finish
     assert asyncio.all_tasks() == before
 
