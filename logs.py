@@ -78,9 +78,14 @@ class TurnBatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:
             self.handleError(record)
             return
-        self._pending.append(line)
-        if len(self._pending) > 1:
-            return  # a flush is scheduled already
+        self.queue_line(line)
+
+    def queue_line(self, line: str) -> None:
+        """Write a formatted `line` with the others of this loop turn."""
+        with self.lock:  # type: ignore[union-attr]
+            self._pending.append(line)
+            if len(self._pending) > 1:
+                return  # a flush is scheduled already
         try:
             asyncio.get_running_loop().call_soon(self.flush)
         except RuntimeError:
@@ -95,6 +100,43 @@ class TurnBatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
                 except Exception:
                     pass  # as logging does: a broken log stream must not break a request
             super().flush()
+
+
+def _sole_json_handler(logger: logging.Logger) -> TurnBatchingHandler | None:
+    """The handler `get_logger` installs, when it is the only place a line can go."""
+    if len(logger.handlers) != 1 or logger.propagate or logger.filters:
+        return None
+    handler = logger.handlers[0]
+    if (
+        type(handler) is not TurnBatchingHandler
+        or type(handler.formatter) is not JsonFormatter
+        or handler.filters
+        or handler.level > logging.INFO
+    ):
+        return None
+    return handler
+
+
+def info_fields(logger: logging.Logger, msg: str, fields: dict[str, Any]) -> None:
+    """`logger.info(msg, extra=fields)`, for the access line of every request. When the
+    line can only go to the JSON handler `get_logger` installs, it is made here without
+    a LogRecord: making, handling and formatting one was ~25 us, a twelfth of a request's
+    CPU time, for the same line. Otherwise (a host's own logging set-up) it goes through
+    logging as any other line."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    handler = _sole_json_handler(logger)
+    if handler is None:
+        # makeRecord, not info(): no search of the stack for the caller.
+        record = logger.makeRecord(logger.name, logging.INFO, "", 0, msg, (), None, extra=fields)
+        logger.handle(record)
+        return
+    line: dict[str, Any] = {"time": _timestamp(time.time()), "level": "info", "msg": msg}
+    rid = current_request_id.get()
+    if rid is not None:
+        line["request_id"] = rid
+    line.update(fields)
+    handler.queue_line(jsonio.dumps(line, fallback=str).decode())
 
 
 def get_logger(log_format: str = "json") -> logging.Logger:

@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auth import AUTH
 from errors import REQUEST_ID, RESPONSE_HEADERS, error_response, relative_path
-from logs import current_request_id
+from logs import current_request_id, info_fields
 from metrics import OTHER, Metrics
 from quotas import RESERVATION
 
@@ -125,14 +125,7 @@ class RequestContextMiddleware:
             for name in _LOGGED_FIELDS:
                 if name in call:
                     fields[name] = call[name]
-            logger = self.logger
-            if logger.isEnabledFor(logging.INFO):
-                # The access line, without logging's search of the stack for its caller.
-                logger.handle(
-                    logger.makeRecord(
-                        logger.name, logging.INFO, "", 0, "request", (), None, extra=fields
-                    )
-                )
+            info_fields(self.logger, "request", fields)
             if self.metrics is not None:
                 self.metrics.in_flight.dec()
                 self.metrics.observe(fields["route"], fields["status"], key, seconds, call)

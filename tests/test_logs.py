@@ -1,5 +1,6 @@
 """The log handler: lines of one event-loop turn go out in one write, none is lost,
-and lines from outside a loop go out at once, in order."""
+and lines from outside a loop go out at once, in order; the access line's shortcut
+past the LogRecord writes what logging would."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import asyncio
 import io
 import json
 import logging
+from typing import Any
 
-from logs import JsonFormatter, TurnBatchingHandler
+import pytest
+
+from logs import JsonFormatter, TurnBatchingHandler, current_request_id, info_fields
 
 
 class CountingStream(io.StringIO):
@@ -26,6 +30,7 @@ def _logger(stream: CountingStream) -> logging.Logger:
     handler.setFormatter(JsonFormatter())
     logger = logging.Logger("text_tool.test")  # not registered: no other handler sees it
     logger.addHandler(handler)
+    logger.propagate = False  # as get_logger sets it up
     return logger
 
 
@@ -72,3 +77,42 @@ def test_a_broken_stream_does_not_break_the_caller() -> None:
 
     logger = _logger(Broken())
     logger.warning("lost, quietly")  # no exception reaches the request
+
+
+def test_info_fields_writes_what_logging_would_with_or_without_a_record() -> None:
+    """The access line skips the LogRecord when our JSON handler is the only one; with a
+    host's filter on the logger it goes through logging: the same line either way."""
+    fields = {"event": "access", "status": 200, "cost_usd": 1.5e-05, "model": None, "n": [1]}
+    direct_stream, logged_stream = CountingStream(), CountingStream()
+    direct, logged = _logger(direct_stream), _logger(logged_stream)
+    logged.addFilter(lambda record: True)  # a host's filter: logging's own path
+    records: list[str] = []
+    make_record = logging.Logger.makeRecord
+
+    def counted(self: logging.Logger, *args: Any, **kwargs: Any) -> logging.LogRecord:
+        records.append(self.name)
+        return make_record(self, *args, **kwargs)
+
+    token = current_request_id.set("rid-1")
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(logging.Logger, "makeRecord", counted)
+            info_fields(direct, "request", fields)
+            assert records == []  # no LogRecord
+            info_fields(logged, "request", fields)
+            assert records == ["text_tool.test"]
+    finally:
+        current_request_id.reset(token)
+    lines = [json.loads(s.getvalue()) for s in (direct_stream, logged_stream)]
+    for line in lines:
+        assert line.pop("time").endswith("Z")
+    assert lines[0] == lines[1]
+    assert list(lines[0]) == ["level", "msg", "request_id", *fields]
+
+
+def test_info_fields_respects_the_level() -> None:
+    stream = CountingStream()
+    logger = _logger(stream)
+    logger.setLevel(logging.WARNING)
+    info_fields(logger, "request", {"event": "access"})
+    assert stream.getvalue() == ""
