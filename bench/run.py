@@ -36,7 +36,11 @@ from load import Result, run  # noqa: E402
 KEY = "bench-key-0123456789abcdef"
 CPUS = os.cpu_count() or 1
 SERVICE_CPU, LOAD_CPU = ("0", "1") if CPUS >= 2 else ("0", "0")
-S2_ROUNDS = 3
+ROUNDS = 3  # of S1 and S2, alternating between the columns
+
+
+def median(rounds: list[dict[str, float]], figure: str) -> float:
+    return statistics.median(r[figure] for r in rounds)
 
 
 def free_port() -> int:
@@ -222,26 +226,26 @@ def main() -> None:
         httpx.post(service_url + "/complete", json={"prompt": "warm"}, headers={"X-API-Key": KEY})
         idle_mb = rss_mb(pid)
 
-        s1 = [wrk(t, 1, seconds) for t in both]
-        row("S1", "c=1 p50 ms", s1[0]["p50_ms"], s1[1]["p50_ms"])
-        row("S1", "c=1 p99 ms", s1[0]["p99_ms"], s1[1]["p99_ms"])
+        # S1 and S2 run in rounds alternating between the columns, and each figure is
+        # the median of its column's rounds: on a shared VM one round can land in a slow
+        # spell of a few seconds.
+        s1: list[list[dict[str, float]]] = [[], []]
+        for _ in range(ROUNDS):
+            for column, target in enumerate(both):
+                s1[column].append(wrk(target, 1, seconds))
+        for pct in ("p50", "p99"):
+            row("S1", f"c=1 {pct} ms", *(median(s1[c], f"{pct}_ms") for c in (0, 1)))
 
-        # Rounds alternating between the columns, each column's median round reported:
-        # on a shared VM one round can land in a slow spell of a few seconds.
-        rounds: list[list[dict[str, float]]] = [[], []]
-        cpu_per_request: list[float] = []
-        for _ in range(S2_ROUNDS):
-            rounds[0].append(wrk(direct, 64, seconds))
+        s2: list[list[dict[str, float]]] = [[], []]
+        for _ in range(ROUNDS):
+            s2[0].append(wrk(direct, 64, seconds))
             cpu_before = cpu_seconds(pid)
             served = wrk(service, 64, seconds)
-            cpu_used = cpu_seconds(pid) - cpu_before
-            cpu_per_request.append(1000 * cpu_used / (served["rps"] * seconds))
-            rounds[1].append(served)
-        s2 = [sorted(r, key=lambda figures: figures["rps"])[len(r) // 2] for r in rounds]
-        row("S2", "c=64 req/s", s2[0]["rps"], s2[1]["rps"])
-        row("S2", "service CPU ms/request", 0.0, statistics.median(cpu_per_request))
-        row("S2", "failures", sum(f["failures"] for f in rounds[0]),
-            sum(f["failures"] for f in rounds[1]))  # fmt: skip
+            served["cpu_ms"] = 1000 * (cpu_seconds(pid) - cpu_before) / (served["rps"] * seconds)
+            s2[1].append(served)
+        row("S2", "c=64 req/s", median(s2[0], "rps"), median(s2[1], "rps"))
+        row("S2", "service CPU ms/request", 0.0, median(s2[1], "cpu_ms"))
+        row("S2", "failures", *(sum(f["failures"] for f in s2[c]) for c in (0, 1)))
 
         slow = mock_prompt(ttft_ms=1000, tokens=20)
         s3 = [scenario_load(t, slow, stream=False, concurrency=500, requests=500) for t in both]
