@@ -5,13 +5,15 @@ Every wait is bounded; every process is stopped at the end of its fixture.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -72,6 +74,27 @@ class Process:
         if not self._log_file.closed:
             self._log_file.flush()
         return self.log.read_text(errors="replace")
+
+    def json_lines(
+        self, until: Callable[[list[dict[str, Any]]], bool] = lambda _: True, timeout_s: float = 5
+    ) -> list[dict[str, Any]]:
+        """The JSON log lines so far, once `until` holds of them (or `timeout_s` passed):
+        a request's access line is written just after its last byte went out, so a
+        client holding the answer can be a moment ahead of the log."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            lines = [json.loads(x) for x in self.output().splitlines() if x.startswith("{")]
+            if until(lines) or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.02)
+
+    def access_lines(self, *request_ids: str) -> dict[str, dict[str, Any]]:
+        """The access lines by request id, once those of `request_ids` are all written."""
+
+        def access(lines: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+            return {x["request_id"]: x for x in lines if x.get("event") == "access"}
+
+        return access(self.json_lines(lambda lines: set(request_ids) <= access(lines).keys()))
 
     def stop(self) -> None:
         """SIGTERM, as an orchestrator would; idempotent."""

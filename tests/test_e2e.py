@@ -228,8 +228,7 @@ async def test_access_log_has_one_json_line_per_request(openai_service: Process)
             headers={"x-request-id": "log-1"},
         )
         await c.get(openai_service.url + "/nope", headers={"x-request-id": "log-2"})
-    lines = [json.loads(x) for x in openai_service.output().splitlines() if x.startswith("{")]
-    access = {x["request_id"]: x for x in lines if x.get("event") == "access"}
+    access = openai_service.access_lines("log-1", "log-2")
     assert access["log-1"]["status"] == 200
     assert access["log-1"]["model"] == "gpt-4o-mini"
     assert (access["log-1"]["input_tokens"], access["log-1"]["output_tokens"]) == (3, 3)

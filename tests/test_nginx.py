@@ -3,7 +3,6 @@ and client addresses from X-Forwarded-For are trusted only from the proxy."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import time
@@ -102,12 +101,9 @@ def test_tokens_arrive_through_nginx_as_they_are_produced(nginx: str) -> None:
 
 
 def client_seen(service: Process, request_id: str) -> str:
-    for line in service.output().splitlines():
-        if line.startswith("{"):
-            entry = json.loads(line)
-            if entry.get("request_id") == request_id and entry.get("event") == "access":
-                return str(entry["client"])
-    raise AssertionError(f"no access line for {request_id}")
+    entry = service.access_lines(request_id).get(request_id)
+    assert entry is not None, f"no access line for {request_id}"
+    return str(entry["client"])
 
 
 def test_forwarded_for_is_trusted_from_the_proxy_only(nginx: str, service: Process) -> None:

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -124,7 +125,12 @@ def test_swagger_ui_renders_the_operations_in_headless_chromium(
     assert "swagger-ui" in dom, done.stderr[-2000:]
     for path in ("/complete", "/stream", "/v1/chat/completions", "/v1/models", "/usage"):
         assert f'data-path="{path}"' in dom
-    log = [json.loads(x) for x in docs_service.output().splitlines() if x.startswith("{")]
-    fetched = {x["path"]: x["status"] for x in log if x.get("event") == "access"}
+
+    def fetched_of(log: list[dict[str, Any]]) -> dict[str, int]:
+        return {x["path"]: x["status"] for x in log if x.get("event") == "access"}
+
+    fetched = fetched_of(
+        docs_service.json_lines(lambda log: "/docs/swagger-ui.css" in fetched_of(log))
+    )
     assert fetched["/docs"] == fetched["/openapi.json"] == 200
     assert fetched["/docs/swagger-ui-bundle.js"] == fetched["/docs/swagger-ui.css"] == 200
