@@ -13,7 +13,7 @@ from typing import Annotated, Any, Protocol, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ValidationError
 from sse_starlette.sse import AppStatus
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -203,15 +203,24 @@ async def read_body(request: Request, limit: int, timeout_s: float, timers: Coar
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
+    # receive() itself rather than Request.stream(): an async generator costs a
+    # registration with the loop and more frames, for what is one message most times.
+    receive = request.receive
     chunks: list[bytes] = []
     size = 0
     try:
         with timers.timeout(timeout_s):
-            async for chunk in request.stream():
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    raise ClientDisconnect()
+                chunk = message.get("body", b"")
                 size += len(chunk)
                 if size > limit:
                     raise _too_large(limit)
                 chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
     except TimeoutError:
         raise ApiError(
             408, "request_timeout", f"the request body did not arrive within {timeout_s:g} s"
