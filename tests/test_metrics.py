@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 
 import httpx
@@ -11,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 
 from config import Rate, Settings
+from metrics import Metrics
 from server import create_app
 from tests.conftest import AUTH_HEADERS, CLIENT_KEY, Process
 
@@ -121,9 +121,8 @@ async def test_access_log_lines_carry_the_request_id_ttft_and_no_key(
             json={"prompt": "a b c"},
             headers={"X-Request-ID": "ttft-1"},
         )
-    lines = [json.loads(x) for x in openai_service.output().splitlines() if x.startswith("{")]
-    (line,) = [x for x in lines if x.get("request_id") == "ttft-1"]
-    assert line["event"] == "access" and line["route"] == "/stream"
+    line = openai_service.access_lines("ttft-1")["ttft-1"]
+    assert line["route"] == "/stream"
     assert line["ttft_ms"] > 0 and line["provider_ms"] >= line["ttft_ms"]
     assert (line["input_tokens"], line["output_tokens"]) == (3, 3)
     assert CLIENT_KEY not in openai_service.output()
@@ -143,3 +142,20 @@ def test_log_format_text_is_for_humans() -> None:
         current_request_id.reset(token)
     assert " info    request request_id=r-1 event=access status=200" in line
     assert not line.startswith("{")
+
+
+def test_histogram_buckets_count_up_and_a_value_on_a_bound_is_in_it() -> None:
+    metrics = Metrics(models=("echo",), keys=())
+    for seconds in (0.005, 0.007, 200.0):
+        metrics.duration.observe(("/complete",), seconds)
+    text = bytes(metrics.response().body).decode()
+
+    def bucket(le: str) -> float:
+        return value(text, "text_tool_request_seconds_bucket", route="/complete", le=le)
+
+    assert (bucket("0.005"), bucket("0.01"), bucket("120.0"), bucket("+Inf")) == (1, 2, 2, 3)
+    assert value(text, "text_tool_request_seconds_count", route="/complete") == 3
+    assert value(text, "text_tool_request_seconds_sum", route="/complete") == pytest.approx(200.012)
+    assert value(text, "text_tool_rate_limit_store_up") == 1
+    metrics.store_up.set_function(lambda: 0.0)
+    assert value(bytes(metrics.response().body).decode(), "text_tool_rate_limit_store_up") == 0

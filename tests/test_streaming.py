@@ -67,7 +67,7 @@ async def test_idle_streams_get_pings_and_none_follows_the_end() -> None:
     assert bodies[0] == b"data: first\n\n"
     assert PING in bodies[1:-2] and bodies[-2:] == [b"data: second\n\n", b""]
     assert channel.sent[-1]["more_body"] is False
-    assert service_of(stream).metrics.open_streams._value.get() == 0
+    assert service_of(stream).metrics.open_streams.value == 0
 
 
 async def hanging(closed: asyncio.Event) -> AsyncGenerator[bytes, None]:
