@@ -6,12 +6,15 @@ Starts the mock provider and the service (auth and rate limiting on, limits set
 high), pinned with taskset: the service on core 0, the mock and the load generator
 on core 1. Runs S1-S7 against the mock directly and through the service with the
 same load generator (wrk for S1 and S2, bench/load.py for the rest), and prints one
-table with both columns and their ratio, then the service's memory.
+table with both columns and their ratio, then the service's memory. With --floor, S1,
+S2, S3 and S6 also run through bench/floor.py (the same stack with none of the
+service in it), in a third column.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -179,6 +182,19 @@ def scenario_load(target: Target, prompt: str, **kwargs: object) -> dict[str, ob
     return summary
 
 
+def wall(summary: dict[str, object]) -> float:
+    value = summary["wall_s"]
+    assert isinstance(value, int | float)
+    return float(value)
+
+
+def failures(summary: dict[str, object]) -> float:
+    """Failed calls, whatever their status."""
+    by_status = summary["failures"]
+    assert isinstance(by_status, dict)
+    return float(sum(by_status.values()))
+
+
 def stats(mock_url: str) -> dict[str, int]:
     return dict(httpx.get(mock_url + "/_stats").json())
 
@@ -187,11 +203,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs, smaller S6/S7")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--floor", action="store_true", help="a third column: bench/floor.py")
     args = parser.parse_args()
     seconds = 3 if args.quick else 6
     s6, s7 = (500, 300) if args.quick else (2000, 1000)
 
-    mock_port, service_port = free_port(), free_port()
+    mock_port, service_port, floor_port = free_port(), free_port(), free_port()
     mock_url, service_url = f"http://127.0.0.1:{mock_port}", f"http://127.0.0.1:{service_port}"
     env = {
         **os.environ,
@@ -211,46 +228,60 @@ def main() -> None:
                                        "--port", str(service_port), "--no-access-log",
                                        "--loop", "uvloop", "--http", "httptools",
                                        "--backlog", "4096", "--log-level", "warning"])  # fmt: skip
-    rows: list[tuple[str, str, float, float]] = []
+    floor_cmd = pinned(SERVICE_CPU, [sys.executable, "bench/floor.py", "--port", str(floor_port),
+                                     "--provider", mock_url + "/v1"])  # fmt: skip
+    rows: list[tuple[str, str, float, float, float | None]] = []
 
-    def row(name: str, metric: str, direct: float, service: float) -> None:
-        rows.append((name, metric, direct, service))
-        print(f"  {name:<4} {metric:<26} {direct:>10.2f} {service:>10.2f}", flush=True)
+    def row(
+        name: str, metric: str, direct: float, service: float, floor: float | None = None
+    ) -> None:
+        rows.append((name, metric, direct, service, floor))
+        shown = "" if floor is None else f" {floor:>10.2f}"
+        print(f"  {name:<4} {metric:<26} {direct:>10.2f} {service:>10.2f}{shown}", flush=True)
 
-    with (
-        process(mock_cmd, mock_url + "/_stats"),
-        process(service_cmd, service_url + "/health", env) as pid,
-    ):
+    with contextlib.ExitStack() as running:
+        running.enter_context(process(mock_cmd, mock_url + "/_stats"))
+        pid = running.enter_context(process(service_cmd, service_url + "/health", env))
         direct, service = Target("direct", mock_url, True), Target("text-tool", service_url, False)
         both = (direct, service)
+        columns: list[tuple[Target, int | None]] = [(direct, None), (service, pid)]
+        if args.floor:
+            floor_url = f"http://127.0.0.1:{floor_port}"
+            floor_pid = running.enter_context(process(floor_cmd, floor_url + "/health"))
+            columns.append((Target("floor", floor_url, False), floor_pid))
         httpx.post(service_url + "/complete", json={"prompt": "warm"}, headers={"X-API-Key": KEY})
         idle_mb = rss_mb(pid)
 
         # S1 and S2 run in rounds alternating between the columns, and each figure is
         # the median of its column's rounds: on a shared VM one round can land in a slow
         # spell of a few seconds.
-        s1: list[list[dict[str, float]]] = [[], []]
+        s1: list[list[dict[str, float]]] = [[] for _ in columns]
         for _ in range(ROUNDS):
-            for column, target in enumerate(both):
+            for column, (target, _pid) in enumerate(columns):
                 s1[column].append(wrk(target, 1, seconds))
         for pct in ("p50", "p99"):
-            row("S1", f"c=1 {pct} ms", *(median(s1[c], f"{pct}_ms") for c in (0, 1)))
+            row("S1", f"c=1 {pct} ms", *(median(s1[c], f"{pct}_ms") for c in range(len(columns))))
 
-        s2: list[list[dict[str, float]]] = [[], []]
+        s2: list[list[dict[str, float]]] = [[] for _ in columns]
         for _ in range(ROUNDS):
-            s2[0].append(wrk(direct, 64, seconds))
-            cpu_before = cpu_seconds(pid)
-            served = wrk(service, 64, seconds)
-            served["cpu_ms"] = 1000 * (cpu_seconds(pid) - cpu_before) / (served["rps"] * seconds)
-            s2[1].append(served)
-        row("S2", "c=64 req/s", median(s2[0], "rps"), median(s2[1], "rps"))
-        row("S2", "service CPU ms/request", 0.0, median(s2[1], "cpu_ms"))
-        row("S2", "failures", *(sum(f["failures"] for f in s2[c]) for c in (0, 1)))
+            for column, (target, served_by) in enumerate(columns):
+                cpu_before = cpu_seconds(served_by) if served_by else 0.0
+                figures = wrk(target, 64, seconds)
+                if served_by:
+                    cpu_s = cpu_seconds(served_by) - cpu_before
+                    figures["cpu_ms"] = 1000 * cpu_s / max(1.0, figures["rps"] * seconds)
+                s2[column].append(figures)
+        row("S2", "c=64 req/s", *(median(s2[c], "rps") for c in range(len(columns))))
+        cpu_ms = [median(s2[c], "cpu_ms") for c in range(1, len(columns))]
+        row("S2", "service CPU ms/request", 0.0, *cpu_ms)
+        row("S2", "failures", *(sum(f["failures"] for f in s2[c]) for c in range(len(columns))))
 
         slow = mock_prompt(ttft_ms=1000, tokens=20)
-        s3 = [scenario_load(t, slow, stream=False, concurrency=500, requests=500) for t in both]
-        row("S3", "500 x 1 s calls: wall s", s3[0]["wall_s"], s3[1]["wall_s"])  # type: ignore[arg-type]
-        row("S3", "failures", len(s3[0]["failures"]), len(s3[1]["failures"]))  # type: ignore[arg-type]
+        s3 = [
+            scenario_load(t, slow, stream=False, concurrency=500, requests=500) for t, _ in columns
+        ]
+        row("S3", "500 x 1 s calls: wall s", *(wall(r) for r in s3))
+        row("S3", "failures", *(failures(r) for r in s3))
 
         streams = mock_prompt(ttft_ms=100, tokens=50, token_delay_ms=20)
         s4 = [scenario_load(t, streams, stream=True, concurrency=200, requests=200) for t in both]
@@ -266,9 +297,11 @@ def main() -> None:
             left.append(stats(mock_url)["open"])
         row("S5", "upstream open 2 s after", left[0], left[1])
 
-        s6r = [scenario_load(t, slow, stream=False, concurrency=s6, requests=s6) for t in both]
-        row("S6", f"{s6} x 1 s calls: wall s", s6r[0]["wall_s"], s6r[1]["wall_s"])  # type: ignore[arg-type]
-        row("S6", "failures", sum(s6r[0]["failures"].values()), sum(s6r[1]["failures"].values()))  # type: ignore[attr-defined]
+        s6r = [
+            scenario_load(t, slow, stream=False, concurrency=s6, requests=s6) for t, _ in columns
+        ]
+        row("S6", f"{s6} x 1 s calls: wall s", *(wall(r) for r in s6r))
+        row("S6", "failures", *(failures(r) for r in s6r))
 
         many = mock_prompt(tokens=200, token_delay_ms=10)
         s7r = [scenario_load(t, many, stream=True, concurrency=s7, requests=s7) for t in both]
@@ -277,12 +310,21 @@ def main() -> None:
         row("S7", "failures", sum(s7r[0]["failures"].values()), sum(s7r[1]["failures"].values()))  # type: ignore[attr-defined]
         peak_mb = rss_mb(pid, "VmHWM")
 
+    def ratio(figure: float, direct: float) -> str:
+        return f"{figure / direct:.2f}x" if direct else "-"
+
     print()
-    print("| scenario | metric | mock direct | text-tool | ratio |")
-    print("|---|---|---|---|---|")
-    for name, metric, d, s in rows:
-        ratio = f"{s / d:.2f}x" if d else "-"
-        print(f"| {name} | {metric} | {d:,.2f} | {s:,.2f} | {ratio} |")
+    if args.floor:
+        print("| scenario | metric | mock direct | text-tool | ratio | floor | ratio |")
+        print("|---|---|---|---|---|---|---|")
+    else:
+        print("| scenario | metric | mock direct | text-tool | ratio |")
+        print("|---|---|---|---|---|")
+    for name, metric, d, s, f in rows:
+        line = f"| {name} | {metric} | {d:,.2f} | {s:,.2f} | {ratio(s, d)} |"
+        if args.floor:
+            line += " - | - |" if f is None else f" {f:,.2f} | {ratio(f, d)} |"
+        print(line)
     print(f"\nservice resident memory: idle {idle_mb:.0f} MB, peak {peak_mb:.0f} MB")
     if args.json:
         args.json.write_text(
