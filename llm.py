@@ -336,30 +336,34 @@ async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[str, s
     data: list[str] = []
     pending = b""
     async for chunk in chunks:
-        pending += chunk
+        if pending:
+            chunk = pending + chunk
         if b"\n" not in chunk:
+            pending = chunk
             continue
-        *lines, pending = pending.split(b"\n")
+        *lines, pending = chunk.split(b"\n")
         for raw in lines:
+            if raw.startswith(b"data:"):  # nearly every line: no decoding of the rest
+                value = raw[6:] if raw.startswith(b"data: ") else raw[5:]
+                data.append(value.rstrip(b"\r").decode("utf-8", "replace"))
+                continue
             line = raw.rstrip(b"\r").decode("utf-8", "replace")
             if not line:
                 if data:
-                    yield event or "message", "\n".join(data)
+                    yield event or "message", data[0] if len(data) == 1 else "\n".join(data)
                 event, data = "", []
                 continue
             if line.startswith(":"):
                 continue
-            name, _, value = line.partition(":")
-            if value.startswith(" "):
-                value = value[1:]
+            name, _, value_text = line.partition(":")
             if name == "event":
-                event = value
-            elif name == "data":
-                data.append(value)
+                event = value_text[1:] if value_text.startswith(" ") else value_text
+            elif name == "data":  # "data" alone: an empty line of data
+                data.append(value_text)
     if pending.strip():
-        name, _, value = pending.rstrip(b"\r").decode("utf-8", "replace").partition(":")
+        name, _, value_text = pending.rstrip(b"\r").decode("utf-8", "replace").partition(":")
         if name == "data":
-            data.append(value[1:] if value.startswith(" ") else value)
+            data.append(value_text[1:] if value_text.startswith(" ") else value_text)
     if data:
         yield event or "message", "\n".join(data)
 
@@ -591,7 +595,8 @@ class OpenAIProvider(HttpProvider):
                         yield text
                     if choice.get("finish_reason"):
                         finish = OPENAI_FINISH.get(str(choice["finish_reason"]), "stop")
-                usage = openai_usage(obj.get("usage")) or usage
+                if obj.get("usage"):  # the last chunk only, mostly
+                    usage = openai_usage(obj["usage"]) or usage
         if not done and finish is None:
             raise ProviderError("the provider's stream ended before the answer was complete")
         if usage is None:

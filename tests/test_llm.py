@@ -31,6 +31,28 @@ def sse(*frames: object, events: list[str] | None = None) -> bytes:
     return "".join(out).encode()
 
 
+SSE_CASES = (
+    b': a comment\r\nevent: usage\r\ndata: {"a": 1}\r\n\r\n'
+    b"data:x\ndata\ndata:  two\n\n"
+    b"event: ping\n\n"
+    b"data: \xc3\xa9t\xc3\xa9\n\ndata: [DONE]"
+)
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, len(SSE_CASES)])
+async def test_sse_events_follow_the_spec_however_the_bytes_are_split(size: int) -> None:
+    async def reads() -> AsyncIterator[bytes]:
+        for start in range(0, len(SSE_CASES), size):
+            yield SSE_CASES[start : start + size]
+
+    assert [e async for e in llm.sse_events(reads())] == [
+        ("usage", '{"a": 1}'),  # CRLF lines; the comment skipped
+        ("message", "x\n\n two"),  # no space after the colon; "data" alone; one space taken
+        ("message", "\u00e9t\u00e9"),  # an event with no data is no event; UTF-8 split across reads
+        ("message", "[DONE]"),  # the last event needs no blank line
+    ]
+
+
 def openai_chunk(content: str | None = None, finish: str | None = None) -> dict[str, object]:
     delta = {} if content is None else {"content": content}
     return {
