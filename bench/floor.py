@@ -1,10 +1,11 @@
 """The floor: what the service's stack costs with none of the service in it.
 
-A raw ASGI app on the same uvicorn (uvloop, httptools) that takes `POST /complete`,
-forwards the prompt to the provider through aiohttp as text-tool does, and answers
-with the text: no Starlette, no auth, no limits, no validation, no accounting, no
-log. bench/run.py --floor runs it as a third column, so a target that the floor
-itself misses on a machine shows as such, measured in the same run.
+A raw ASGI app on the same uvicorn (uvloop, httptools) that takes `POST /complete`
+and `POST /stream`, forwards the prompt to the provider through aiohttp as text-tool
+does, and answers with the text, or relays the provider's stream byte for byte: no
+Starlette, no auth, no limits, no validation, no parsing of the stream, no
+accounting, no log. bench/run.py --floor runs it as a third column, so a target that
+the floor itself misses on a machine shows as such, measured in the same run.
 
     python bench/floor.py --port 9200 --provider http://127.0.0.1:9100/v1
 """
@@ -37,28 +38,42 @@ class Forwarder:
                 await self.session.close()
             await send({"type": "lifespan.shutdown.complete"})
             return
-        if scope["path"] != "/complete":
+        if scope["path"] not in ("/complete", "/stream"):
             await answer(send, 200, b'{"status":"ok"}')
             return
+        streaming = scope["path"] == "/stream"
         body = b""
         while True:
             message = await receive()
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
-        upstream = {
+        upstream: dict[str, Any] = {
             "model": "gpt-4o-mini",
             "messages": [{"role": "user", "content": json.loads(body)["prompt"]}],
         }
+        if streaming:
+            upstream |= {"stream": True, "stream_options": {"include_usage": True}}
         if self.session is None:
             self.session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=4096), cookie_jar=aiohttp.DummyCookieJar()
             )
         headers = {"content-type": "application/json"}
         async with self.session.post(self.url, data=json.dumps(upstream), headers=headers) as r:
+            if streaming:
+                await relay(send, r)
+                return
             data = json.loads(await r.read())
         text = data["choices"][0]["message"]["content"]
         await answer(send, 200, json.dumps({"text": text}).encode())
+
+
+async def relay(send: Send, response: aiohttp.ClientResponse) -> None:
+    headers = [(b"content-type", b"text/event-stream")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    async for chunk in response.content.iter_any():
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
 
 
 async def answer(send: Send, status: int, body: bytes) -> None:

@@ -6,8 +6,8 @@ Starts the mock provider and the service (auth and rate limiting on, limits set
 high), pinned with taskset: the service on core 0, the mock and the load generator
 on core 1. Runs S1-S7 against the mock directly and through the service with the
 same load generator (wrk for S1 and S2, bench/load.py for the rest), and prints one
-table with both columns and their ratio, then the service's memory. With --floor, S1,
-S2, S3 and S6 also run through bench/floor.py (the same stack with none of the
+table with both columns and their ratio, then the service's memory. With --floor,
+S1-S4, S6 and S7 also run through bench/floor.py (the same stack with none of the
 service in it), in a third column.
 """
 
@@ -188,6 +188,12 @@ def wall(summary: dict[str, object]) -> float:
     return float(value)
 
 
+def ttft_p99(summary: dict[str, object]) -> float:
+    ttft = summary["ttft_ms"]
+    assert isinstance(ttft, dict)
+    return float(ttft["p99"])
+
+
 def failures(summary: dict[str, object]) -> float:
     """Failed calls, whatever their status."""
     by_status = summary["failures"]
@@ -284,9 +290,12 @@ def main() -> None:
         row("S3", "failures", *(failures(r) for r in s3))
 
         streams = mock_prompt(ttft_ms=100, tokens=50, token_delay_ms=20)
-        s4 = [scenario_load(t, streams, stream=True, concurrency=200, requests=200) for t in both]
-        row("S4", "200 streams: TTFT p99 ms", s4[0]["ttft_ms"]["p99"], s4[1]["ttft_ms"]["p99"])  # type: ignore[index]
-        row("S4", "200 streams: wall s", s4[0]["wall_s"], s4[1]["wall_s"])  # type: ignore[arg-type]
+        s4 = [
+            scenario_load(t, streams, stream=True, concurrency=200, requests=200)
+            for t, _ in columns
+        ]
+        row("S4", "200 streams: TTFT p99 ms", *(ttft_p99(r) for r in s4))
+        row("S4", "200 streams: wall s", *(wall(r) for r in s4))
 
         long = mock_prompt(tokens=100, token_delay_ms=100)
         left = []
@@ -304,10 +313,10 @@ def main() -> None:
         row("S6", "failures", *(failures(r) for r in s6r))
 
         many = mock_prompt(tokens=200, token_delay_ms=10)
-        s7r = [scenario_load(t, many, stream=True, concurrency=s7, requests=s7) for t in both]
-        row("S7", f"{s7} streams: TTFT p99 ms", s7r[0]["ttft_ms"]["p99"], s7r[1]["ttft_ms"]["p99"])  # type: ignore[index]
-        row("S7", f"{s7} streams: wall s", s7r[0]["wall_s"], s7r[1]["wall_s"])  # type: ignore[arg-type]
-        row("S7", "failures", sum(s7r[0]["failures"].values()), sum(s7r[1]["failures"].values()))  # type: ignore[attr-defined]
+        s7r = [scenario_load(t, many, stream=True, concurrency=s7, requests=s7) for t, _ in columns]
+        row("S7", f"{s7} streams: TTFT p99 ms", *(ttft_p99(r) for r in s7r))
+        row("S7", f"{s7} streams: wall s", *(wall(r) for r in s7r))
+        row("S7", "failures", *(failures(r) for r in s7r))
         peak_mb = rss_mb(pid, "VmHWM")
 
     def ratio(figure: float, direct: float) -> str:
