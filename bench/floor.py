@@ -83,22 +83,13 @@ async def answer(send: Send, status: int, body: bytes) -> None:
 
 
 def main() -> None:
-    import uvicorn
+    from mock_provider import serve  # bench/, beside this file: the same uvicorn settings
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=9200)
     parser.add_argument("--provider", default="http://127.0.0.1:9100/v1")
     args = parser.parse_args()
-    uvicorn.run(
-        Forwarder(args.provider),
-        host="127.0.0.1",
-        port=args.port,
-        loop="uvloop",
-        http="httptools",
-        log_level="warning",
-        access_log=False,
-        backlog=4096,
-    )
+    serve(Forwarder(args.provider), args.port)
 
 
 if __name__ == "__main__":

@@ -453,19 +453,26 @@ async def _raw(
 
 
 def main() -> None:
-    import uvicorn
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9100)
     parser.add_argument("--ttft-ms", type=float, default=0)
     parser.add_argument("--token-delay-ms", type=float, default=0)
     args = parser.parse_args()
-    app = MockProvider(ttft_ms=args.ttft_ms, token_delay_ms=args.token_delay_ms)
+    serve(
+        MockProvider(ttft_ms=args.ttft_ms, token_delay_ms=args.token_delay_ms), args.port, args.host
+    )
+
+
+def serve(app: Any, port: int, host: str = "127.0.0.1") -> None:
+    """uvicorn as fast as it goes (uvloop, httptools, no access log): how the mock and
+    bench/floor.py are served."""
+    import uvicorn
+
     uvicorn.run(
         app,
-        host=args.host,
-        port=args.port,
+        host=host,
+        port=port,
         loop="uvloop",
         http="httptools",
         log_level="warning",
