@@ -324,15 +324,15 @@ def main() -> None:
 
     print()
     if args.floor:
-        print("| scenario | metric | mock direct | text-tool | ratio | floor | ratio |")
-        print("|---|---|---|---|---|---|---|")
+        print("| scenario | metric | mock direct | text-tool | ratio | floor | ratio | vs floor |")
+        print("|---|---|---|---|---|---|---|---|")
     else:
         print("| scenario | metric | mock direct | text-tool | ratio |")
         print("|---|---|---|---|---|")
     for name, metric, d, s, f in rows:
         line = f"| {name} | {metric} | {d:,.2f} | {s:,.2f} | {ratio(s, d)} |"
         if args.floor:
-            line += " - | - |" if f is None else f" {f:,.2f} | {ratio(f, d)} |"
+            line += " - | - | - |" if f is None else f" {f:,.2f} | {ratio(f, d)} | {ratio(s, f)} |"
         print(line)
     print(f"\nservice resident memory: idle {idle_mb:.0f} MB, peak {peak_mb:.0f} MB")
     if args.json:
