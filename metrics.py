@@ -70,7 +70,7 @@ class Histogram:
         edges = [_go_float(b) for b in self.bounds] + ["+Inf"]
         for labels, counts in self.series.items():
             cumulative, buckets = 0.0, []
-            for edge, count in zip(edges, counts, strict=False):
+            for edge, count in zip(edges, counts[:-1], strict=True):
                 cumulative += count
                 buckets.append((edge, cumulative))
             family.add_metric(list(labels), buckets, counts[-1])
