@@ -144,12 +144,16 @@ def _key_from_entry(index: int, entry: Any) -> ApiKey:
 
 
 def presented_key(scope: Scope) -> str:
-    """The key from `X-API-Key`, else from `Authorization: Bearer`."""
+    """The key from `X-API-Key`, else from `Authorization: Bearer`. An empty header is
+    no header: a client library that always sends `X-API-Key` (empty when unset) must
+    not hide the bearer token beside it."""
     bearer = ""
     for name, value in scope["headers"]:
         if name == b"x-api-key":
-            return bytes(value).decode("latin-1").strip()
-        if name == b"authorization":
+            key = bytes(value).decode("latin-1").strip()
+            if key:
+                return key
+        elif name == b"authorization" and not bearer:
             scheme, _, token = bytes(value).decode("latin-1").partition(" ")
             if scheme.lower() == "bearer":
                 bearer = token.strip()
