@@ -87,6 +87,8 @@ class Settings:
     token_limit: Rate | None = None
     timeout_s: float = 60.0
     connect_timeout_s: float = 5.0
+    total_timeout_s: float = 600.0
+    max_response_bytes: int = 16 * 1024 * 1024
     max_body_bytes: int = 1024 * 1024
     body_timeout_s: float = 30.0
     max_inflight: int = 2048
@@ -139,6 +141,7 @@ class Settings:
         for name, value in (
             ("LLM_TIMEOUT_S", self.timeout_s),
             ("LLM_CONNECT_TIMEOUT_S", self.connect_timeout_s),
+            ("LLM_TOTAL_TIMEOUT_S", self.total_timeout_s),
             ("BODY_TIMEOUT_S", self.body_timeout_s),
             ("LLM_RETRY_DEADLINE_S", self.retry_deadline_s),
             ("SHUTDOWN_GRACE_S", self.shutdown_grace_s),
@@ -162,6 +165,10 @@ class Settings:
             raise SettingsError(f"LLM_TRANSPORT: {self.transport!r} is not aiohttp or httpx")
         if self.log_format not in ("json", "text"):
             raise SettingsError(f"LOG_FORMAT: {self.log_format!r} is not json or text")
+        if self.max_response_bytes < 1024:
+            raise SettingsError(
+                f"LLM_MAX_RESPONSE_BYTES: must be at least 1024, got {self.max_response_bytes}"
+            )
         if self.max_body_bytes < 1:
             raise SettingsError(f"MAX_BODY_BYTES: must be positive, got {self.max_body_bytes}")
         if not (self.ping_interval_s > 0 and math.isfinite(self.ping_interval_s)):
@@ -242,6 +249,8 @@ class Settings:
             token_limit=token_limit,
             timeout_s=number("LLM_TIMEOUT_S", "60", float),
             connect_timeout_s=number("LLM_CONNECT_TIMEOUT_S", "5", float),
+            total_timeout_s=number("LLM_TOTAL_TIMEOUT_S", "600", float),
+            max_response_bytes=int(number("LLM_MAX_RESPONSE_BYTES", str(16 * 1024 * 1024), int)),
             max_body_bytes=int(number("MAX_BODY_BYTES", str(1024 * 1024), int)),
             body_timeout_s=number("BODY_TIMEOUT_S", "30", float),
             max_inflight=int(number("MAX_INFLIGHT", "2048", int)),

@@ -26,16 +26,16 @@ import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import aiohttp
+import httpx
+from httpx_aiohttp import AiohttpTransport
 
 import jsonio
 from config import Settings
+from sse import StreamStalled, StreamTooLarge, sse_events
 from usage import Usage
-
-if TYPE_CHECKING:
-    import httpx
 
 logger = logging.getLogger("text_tool")
 T = TypeVar("T")
@@ -127,67 +127,136 @@ class Provider:
         raise NotImplementedError
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """A provider's whole answer to one POST."""
-
-    status: int
-    headers: Mapping[str, str]
-    body: bytes
-
-
-class Streamed(Protocol):
-    """A provider's answer to one POST, read as it comes; `close` it in every case."""
-
-    status: int
-    headers: Mapping[str, str]
-
-    def chunks(self) -> AsyncIterator[bytes]: ...
-
-    async def read(self) -> bytes: ...
-
-    async def close(self) -> None: ...
-
-
-class Upstream(Protocol):
-    """The HTTP exchange with a provider; failures are raised as `ProviderError`s."""
-
-    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> Answer: ...
-
-    async def open(self, url: str, body: bytes, headers: dict[str, str]) -> Streamed: ...
-
-    async def aclose(self) -> None: ...
-
-
 class SharedClient:
-    """The app's one connection pool to the provider, made on first use: a mounted
-    sub-app gets no lifespan from its parent, so nothing else would create it in time.
+    """The app's one `httpx.AsyncClient` (the card's shared client), made on first use:
+    a mounted sub-app gets no lifespan from its parent, so nothing else would create
+    it in time.
 
-    `LLM_TRANSPORT=aiohttp` (the default) calls aiohttp directly; `httpx` goes through
-    an httpx.AsyncClient, which is also what a `transport` passed in (tests) plugs into.
-    httpcore's pool polls every idle connection's socket on each request and httpx's
-    layer costs more CPU than the call itself: see bench/README.md for the figures."""
+    Under it, by default, httpx-aiohttp's `AiohttpTransport` over one tuned
+    `aiohttp.ClientSession`: httpx's own pool polls every idle connection on each
+    request and costs several times the CPU past a few dozen connections
+    (bench/README.md). `LLM_TRANSPORT=httpx` selects httpx's own transport, which
+    honours `HTTPS_PROXY`; a `transport` passed in (the tests') replaces both."""
 
     def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None):
         self._settings = settings
         self._transport = transport
-        self._upstream: Upstream | None = None
+        self._client: httpx.AsyncClient | None = None
 
-    def upstream(self) -> Upstream:
-        if self._upstream is None:
-            if self._transport is None and self._settings.transport == "aiohttp":
-                self._upstream = AiohttpUpstream(self._settings)
-            else:
-                # Imported here: httpx and its pool hold 6 MB the default path never uses.
-                from httpx_upstream import HttpxUpstream
-
-                self._upstream = HttpxUpstream(self._settings, self._transport)
-        return self._upstream
+    def get(self) -> httpx.AsyncClient:
+        if self._client is None or self._client.is_closed:
+            s = self._settings
+            transport = self._transport
+            if transport is None and s.transport == "aiohttp":
+                transport = AiohttpTransport(client=lambda: _aiohttp_session(s))
+            self._client = ProviderClient(
+                transport=transport,
+                # httpx's own pool (LLM_TRANSPORT=httpx): one connection per call in
+                # flight at most; MAX_INFLIGHT refuses the rest.
+                limits=httpx.Limits(
+                    max_connections=s.max_inflight,
+                    max_keepalive_connections=min(s.max_inflight, 256),
+                    keepalive_expiry=30.0,
+                ),
+                # Per read: a slow first token must not be cut at httpx's 5 s default.
+                timeout=httpx.Timeout(
+                    connect=s.connect_timeout_s,
+                    read=s.timeout_s,
+                    write=s.timeout_s,
+                    pool=s.connect_timeout_s,
+                ),
+                follow_redirects=False,  # a 3xx is an error, never a call to another host
+                trust_env=s.transport == "httpx",
+            )
+        return self._client
 
     async def aclose(self) -> None:
-        if self._upstream is not None:
-            await self._upstream.aclose()
-            self._upstream = None
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+
+USER_AGENT = "text-tool"
+
+
+class _NoCookies(httpx.Cookies):
+    def extract_cookies(self, response: httpx.Response) -> None:
+        pass  # none kept, so none to look for
+
+
+class ProviderClient(httpx.AsyncClient):
+    """httpx's client, keeping no cookies: a cookie a provider sets must not ride along
+    on other callers' calls. (A jar whose policy refuses every cookie still made
+    urllib's request objects to ask it: a third of httpx's CPU time a call.)"""
+
+    _none = _NoCookies()
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return self._none
+
+    @cookies.setter
+    def cookies(self, cookies: object) -> None:
+        pass
+
+
+def _aiohttp_session(s: Settings) -> aiohttp.ClientSession:
+    """Made by the transport on its first request, inside the running loop."""
+    return aiohttp.ClientSession(
+        # One connection per call in flight at most: MAX_INFLIGHT refuses the rest.
+        connector=aiohttp.TCPConnector(
+            limit=s.max_inflight, limit_per_host=0, keepalive_timeout=30
+        ),
+        # No HTTPS_PROXY or .netrc lookups: aiohttp repeats them on every request (in a
+        # thread). Behind a proxy, use LLM_TRANSPORT=httpx.
+        trust_env=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+
+
+# Transport exceptions as ours, the most specific match winning (as httpx's own map
+# from httpcore does). httpx-aiohttp raises httpx's classes from aiohttp's: its cause
+# is looked at first, as it tells a dropped connection from a connect timeout.
+TRANSPORT_ERRORS: dict[type[BaseException], tuple[type[ProviderError], str]] = {
+    httpx.TransportError: (ProviderUnavailable, "the connection to the provider failed"),
+    httpx.ConnectError: (ProviderUnavailable, "could not connect to the provider"),
+    httpx.TimeoutException: (ProviderTimeout, "the provider did not answer in time"),
+    httpx.ConnectTimeout: (
+        ProviderUnavailable, "could not connect to the provider (connect timeout)"
+    ),
+    httpx.PoolTimeout: (
+        ProviderUnavailable, "too many concurrent provider calls; no connection was free in time"
+    ),
+    aiohttp.ClientError: (ProviderUnavailable, "the connection to the provider failed"),
+    aiohttp.ClientConnectorError: (ProviderUnavailable, "could not connect to the provider"),
+    aiohttp.ServerTimeoutError: (ProviderTimeout, "the provider did not answer in time"),
+    # aiohttp's connect timeout covers the wait for a free connection from the pool too.
+    aiohttp.ConnectionTimeoutError: (
+        ProviderUnavailable, "could not connect to the provider (connect timeout)"
+    ),
+}  # fmt: skip
+
+
+def transport_error(exc: BaseException) -> ProviderError:
+    for candidate in (exc.__cause__, exc):
+        found: type[BaseException] | None = None
+        for cls in TRANSPORT_ERRORS:
+            if isinstance(candidate, cls) and (found is None or issubclass(cls, found)):
+                found = cls
+        if found is not None:
+            kind, message = TRANSPORT_ERRORS[found]
+            if message.endswith("failed"):
+                message += f" ({type(candidate).__name__})"
+            return kind(message)
+    return ProviderUnavailable(f"the connection to the provider failed ({type(exc).__name__})")
+
+
+@contextlib.contextmanager
+def provider_errors() -> Iterator[None]:
+    try:
+        yield
+    except (httpx.TransportError, aiohttp.ClientError) as exc:
+        raise transport_error(exc) from None
 
 
 # --- helpers shared by the HTTP providers -------------------------------------------
@@ -228,144 +297,27 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
     return None
 
 
-def status_error(answer: Answer, secrets: tuple[str, ...]) -> ProviderError:
+def status_error(
+    status: int, headers: Mapping[str, str], body: bytes, secrets: tuple[str, ...]
+) -> ProviderError:
     """The exception for a provider's non-2xx answer."""
-    status = answer.status
-    detail = _redact(_provider_message(answer.body), secrets)
+    detail = _redact(_provider_message(body), secrets)
     suffix = f": {detail}" if detail else ""
+    if 300 <= status < 400:
+        # Never followed: a redirect would send the prompt (and our key) to another host.
+        return ProviderError(f"the provider answered with a redirect (HTTP {status}), not followed")
     if status in (401, 403):
         return ProviderRejected(f"the provider refused our provider key (HTTP {status})")
     if status == 429:
         return ProviderRateLimited(
             f"the provider is rate limiting this service (HTTP 429){suffix}",
-            _retry_after(answer.headers),
+            _retry_after(headers),
         )
     if status == 408 or status >= 500:
         return ProviderUnavailable(f"the provider failed (HTTP {status}){suffix}")
     if 400 <= status < 500:
         return ProviderBadRequest(f"the provider rejected the request (HTTP {status}){suffix}")
     return ProviderError(f"unexpected provider answer (HTTP {status})")
-
-
-@contextlib.contextmanager
-def translate_aiohttp_errors() -> Iterator[None]:
-    """aiohttp's exceptions, as ours."""
-    try:
-        yield
-    except aiohttp.ConnectionTimeoutError:
-        # connect_timeout_s covers the wait for a free connection from the pool too
-        raise ProviderUnavailable("could not connect to the provider (connect timeout)") from None
-    except (aiohttp.ServerTimeoutError, TimeoutError):
-        raise ProviderTimeout("the provider did not answer in time") from None
-    except aiohttp.ClientConnectorError:
-        raise ProviderUnavailable("could not connect to the provider") from None
-    except aiohttp.ClientError as exc:
-        raise ProviderUnavailable(
-            f"the connection to the provider failed ({type(exc).__name__})"
-        ) from None
-
-
-class AiohttpUpstream:
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._session: aiohttp.ClientSession | None = None
-
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            s = self._settings
-            self._session = aiohttp.ClientSession(
-                # One connection per call in flight at most: MAX_INFLIGHT refuses the rest.
-                connector=aiohttp.TCPConnector(
-                    limit=s.max_inflight, limit_per_host=0, keepalive_timeout=30
-                ),
-                timeout=aiohttp.ClientTimeout(
-                    total=None,
-                    connect=s.connect_timeout_s,
-                    sock_connect=s.connect_timeout_s,
-                    sock_read=s.timeout_s,  # per read: a slow first token is not cut short
-                ),
-                # No HTTPS_PROXY or .netrc lookups: aiohttp repeats them on every request
-                # (in a thread). Behind a proxy, use LLM_TRANSPORT=httpx.
-                trust_env=False,
-                # A cookie a provider sets must not ride along on other callers' calls.
-                cookie_jar=aiohttp.DummyCookieJar(),
-            )
-        return self._session
-
-    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> Answer:
-        with translate_aiohttp_errors():
-            async with self.session().post(url, data=body, headers=headers) as response:
-                return Answer(response.status, response.headers, await response.read())
-
-    async def open(self, url: str, body: bytes, headers: dict[str, str]) -> Streamed:
-        with translate_aiohttp_errors():
-            return _AiohttpStreamed(await self.session().post(url, data=body, headers=headers))
-
-    async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-
-class _AiohttpStreamed:
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
-        self._response = response
-        self.status = response.status
-        self.headers: Mapping[str, str] = response.headers
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        with translate_aiohttp_errors():
-            async for chunk in self._response.content.iter_any():
-                yield chunk
-
-    async def read(self) -> bytes:
-        with translate_aiohttp_errors():
-            return await self._response.read()
-
-    async def close(self) -> None:
-        # A stream left unread cannot go back to the pool: close its connection.
-        if self._response.content.at_eof():
-            self._response.release()
-        else:
-            self._response.close()
-
-
-async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[str, str]]:
-    """(event, data) pairs of a text/event-stream; lines split across reads are joined."""
-    event = ""
-    data: list[str] = []
-    pending = b""
-    async for chunk in chunks:
-        if pending:
-            chunk = pending + chunk
-        if b"\n" not in chunk:
-            pending = chunk
-            continue
-        *lines, pending = chunk.split(b"\n")
-        for raw in lines:
-            if raw.startswith(b"data:"):  # nearly every line: no decoding of the rest
-                value = raw[6:] if raw.startswith(b"data: ") else raw[5:]
-                data.append(value.rstrip(b"\r").decode("utf-8", "replace"))
-                continue
-            line = raw.rstrip(b"\r").decode("utf-8", "replace")
-            if not line:
-                if data:
-                    yield event or "message", data[0] if len(data) == 1 else "\n".join(data)
-                event, data = "", []
-                continue
-            if line.startswith(":"):
-                continue
-            name, _, value_text = line.partition(":")
-            if name == "event":
-                event = value_text[1:] if value_text.startswith(" ") else value_text
-            elif name == "data":  # "data" alone: an empty line of data
-                data.append(value_text)
-    if pending.strip():
-        name, _, value_text = pending.rstrip(b"\r").decode("utf-8", "replace").partition(":")
-        if name == "data":
-            data.append(value_text[1:] if value_text.startswith(" ") else value_text)
-    if data:
-        yield event or "message", "\n".join(data)
 
 
 def _json_object(data: str | bytes) -> dict[str, Any]:
@@ -412,6 +364,50 @@ class RetryPolicy:
         return max(retry_after, backoff) if retry_after <= self.cap_s else None
 
 
+# What a request without max_tokens may get (OpenAI then means the model's maximum).
+UNSET_MAX_TOKENS = 131_072
+
+
+class OutputCap:
+    """A stream that runs on past its request's `max_tokens` is stopped here, not
+    relayed until the client leaves. Every delta a provider streams carries a token
+    or more, and hardly any token is over 32 characters, so an honest stream stays
+    under both counts; an endless one passes one of them and ends as `length`."""
+
+    __slots__ = ("chars", "deltas", "max_chars", "max_deltas")
+
+    def __init__(self, max_tokens: int | None, choices: int = 1) -> None:
+        tokens = (max_tokens or UNSET_MAX_TOKENS) * max(choices, 1)
+        self.max_deltas = 2 * tokens + 64
+        self.max_chars = 32 * tokens + 1024
+        self.deltas = 0
+        self.chars = 0
+
+    def over(self, text: str) -> bool:
+        """Count one delta of output; True once the stream is past its cap."""
+        self.deltas += 1
+        self.chars += len(text)
+        return self.deltas > self.max_deltas or self.chars > self.max_chars
+
+
+def _overran(model: str, cap: OutputCap) -> None:
+    logger.warning(
+        "the provider streamed past max_tokens; stream stopped",
+        extra={"event": "max_tokens_enforced", "model": model, "deltas": cap.deltas},
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Bounds:
+    """What one call may take of us, whatever the provider sends: `max_response_bytes`
+    of a whole answer or of one event of a stream; `total_s` for a whole answer; and
+    `idle_s` between two events of a stream, however the bytes trickle in."""
+
+    max_response_bytes: int = 16 * 1024 * 1024
+    total_s: float = 600.0
+    idle_s: float = 60.0
+
+
 class HttpProvider(Provider):
     """What the OpenAI and Anthropic providers share: the client, URL, headers, errors,
     and retries of what failed before the first byte of an answer."""
@@ -423,11 +419,15 @@ class HttpProvider(Provider):
         base_url: str,
         api_key: str,
         retry: RetryPolicy | None = None,
+        bounds: Bounds | None = None,
     ) -> None:
         self._client = client
         self._base_url = base_url.rstrip("/")
+        self._url = httpx.URL(self._base_url + self.path)  # parsed once, not per call
+        self._headers: httpx.Headers | None = None
         self._secrets = (api_key,) if api_key else ()
         self._retry_policy = retry or RetryPolicy()
+        self._bounds = bounds or Bounds()
 
     path: ClassVar[str]
 
@@ -450,51 +450,110 @@ class HttpProvider(Provider):
                 await asyncio.sleep(wait)
                 attempt += 1
 
-    def headers(self, request_id: str | None) -> dict[str, str]:
-        headers = {"content-type": "application/json", "accept": "application/json"}
+    def own_headers(self) -> dict[str, str]:
+        """The provider's own headers (its key, its version)."""
+        return {}
+
+    def headers(self, request_id: str | None, accept: str = "application/json") -> httpx.Headers:
+        if self._headers is None:
+            # Built once: httpx normalises every header it is given.
+            self._headers = httpx.Headers(
+                {"content-type": "application/json", "accept-encoding": "gzip, deflate",
+                 "user-agent": USER_AGENT, **self.own_headers()}
+            )  # fmt: skip
+        headers = self._headers.copy()
+        headers["accept"] = accept
         if request_id:
             headers["x-request-id"] = request_id
         return headers
 
+    async def _send(self, data: bytes, headers: httpx.Headers) -> httpx.Response:
+        """The provider's answer, its body still to be read (and closed). The request is
+        made here rather than by `build_request`, which merges the client's defaults
+        into it anew on every call."""
+        request = httpx.Request("POST", self._url, headers=headers, content=data)
+        with provider_errors():
+            return await self._client.get().send(request, stream=True)
+
+    async def _read(self, response: httpx.Response, deadline: float) -> bytes:
+        """A whole answer, bounded: at most `max_response_bytes` once decompressed (so a
+        gzip bomb is cut as it expands), and done by `deadline`, which a trickle of bytes,
+        each within the per-read timeout, would otherwise never reach."""
+        limit = self._bounds.max_response_bytes
+        chunks: list[bytes] = []
+        size = 0
+        with provider_errors():
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > limit:
+                    raise ProviderError(f"the provider's answer is over {limit} bytes")
+                if time.monotonic() > deadline:
+                    raise ProviderTimeout(
+                        f"the provider did not finish its answer within {self._bounds.total_s:g} s"
+                    )
+                chunks.append(chunk)
+        return b"".join(chunks)
+
     async def post(self, body: dict[str, Any], request_id: str | None) -> dict[str, Any]:
-        upstream, data = self._client.upstream(), jsonio.dumps(body)
+        data, headers = jsonio.dumps(body), self.headers(request_id)
+        deadline = time.monotonic() + self._bounds.total_s
 
-        async def once() -> Answer:
-            answer = await upstream.post(self._base_url + self.path, data, self.headers(request_id))
-            if answer.status != 200:
-                raise status_error(answer, self._secrets)
-            return answer
+        async def once() -> bytes:
+            response = await self._send(data, headers)
+            try:
+                raw = await self._read(response, deadline)
+            finally:
+                await _close(response)
+            if response.status_code != 200:
+                raise status_error(response.status_code, response.headers, raw, self._secrets)
+            return raw
 
-        return _json_object((await self._retrying(once)).body)
+        return _json_object(await self._retrying(once))
 
     @contextlib.asynccontextmanager
     async def open_stream(
         self, body: dict[str, Any], request_id: str | None
     ) -> AsyncIterator[AsyncIterator[tuple[str, str]]]:
-        """The provider's SSE events; the response is closed however the caller leaves."""
-        upstream, data = self._client.upstream(), jsonio.dumps(body)
-        headers = self.headers(request_id) | {"accept": "text/event-stream"}
+        """The provider's SSE events; the response is closed however the caller leaves.
+        Errors of the stream, raised inside the caller's loop, come out as ours."""
+        data, headers = jsonio.dumps(body), self.headers(request_id, "text/event-stream")
+        deadline = time.monotonic() + self._bounds.total_s
 
-        async def once() -> Streamed:
-            streamed = await upstream.open(self._base_url + self.path, data, headers)
-            kind = streamed.headers.get("content-type", "")
-            if streamed.status == 200 and (not kind or "event-stream" in kind):
-                return streamed
+        async def once() -> httpx.Response:
+            response = await self._send(data, headers)
+            kind = response.headers.get("content-type", "")
+            if response.status_code == 200 and (not kind or "event-stream" in kind):
+                return response
             try:
-                answer = Answer(streamed.status, streamed.headers, await streamed.read())
+                raw = await self._read(response, deadline)
             finally:
-                await streamed.close()
-            if answer.status == 200:
+                await _close(response)
+            if response.status_code == 200:
                 raise ProviderError(
                     f"the provider sent an answer that is not an event stream ({kind or 'no type'})"
                 )
-            raise status_error(answer, self._secrets)
+            raise status_error(response.status_code, response.headers, raw, self._secrets)
 
-        streamed = await self._retrying(once)
+        response = await self._retrying(once)
+        bounds = self._bounds
         try:
-            yield sse_events(streamed.chunks())
+            yield sse_events(response.aiter_bytes(), max_bytes=bounds.max_response_bytes,
+                             idle_s=bounds.idle_s)  # fmt: skip
+        except (httpx.TransportError, aiohttp.ClientError) as exc:
+            raise transport_error(exc) from None
+        except StreamTooLarge as exc:
+            raise ProviderError(f"the provider's stream broke a bound: {exc}") from None
+        except StreamStalled as exc:
+            raise ProviderTimeout(f"the provider did not answer in time: {exc}") from None
         finally:
-            await streamed.close()
+            await _close(response)
+
+
+async def _close(response: httpx.Response) -> None:
+    """Close an answer (an unfinished one's connection is dropped, not pooled); a
+    failure to close is no news to anyone."""
+    with contextlib.suppress(httpx.TransportError, aiohttp.ClientError, OSError):
+        await response.aclose()
 
 
 # --- OpenAI and every OpenAI-compatible server ---------------------------------------
@@ -525,11 +584,8 @@ class OpenAIProvider(HttpProvider):
     path = "/chat/completions"
     passes_through = True
 
-    def headers(self, request_id: str | None) -> dict[str, str]:
-        headers = super().headers(request_id)
-        if self._secrets:
-            headers["authorization"] = f"Bearer {self._secrets[0]}"
-        return headers
+    def own_headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self._secrets[0]}"} if self._secrets else {}
 
     @staticmethod
     def body(request: ChatRequest, *, stream: bool) -> dict[str, Any]:
@@ -572,7 +628,7 @@ class OpenAIProvider(HttpProvider):
     async def stream(self, request: ChatRequest) -> AsyncGenerator[str | StreamEnd, None]:
         id_, model, finish = "", "", None
         usage: Usage | None = None
-        chunks: list[int] = []  # lengths only: the text itself is not kept
+        cap = OutputCap(request.max_tokens)
         done = False
         async with self.open_stream(self.body(request, stream=True), request.request_id) as events:
             async for _, data in events:
@@ -585,22 +641,29 @@ class OpenAIProvider(HttpProvider):
                     raise ProviderError(f"the provider failed mid-stream: {message}")
                 id_ = id_ or str(obj.get("id") or "")
                 model = model or str(obj.get("model") or "")
+                over = False
                 for choice in obj.get("choices") or ():
                     if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                         continue
                     delta = choice.get("delta") or {}
                     text = delta.get("content") if isinstance(delta, dict) else None
                     if isinstance(text, str) and text:
-                        chunks.append(len(text))
+                        over = cap.over(text)
+                        if over:
+                            break
                         yield text
                     if choice.get("finish_reason"):
                         finish = OPENAI_FINISH.get(str(choice["finish_reason"]), "stop")
+                if over:
+                    _overran(request.model, cap)
+                    finish, usage = "length", None
+                    break
                 if obj.get("usage"):  # the last chunk only, mostly
                     usage = openai_usage(obj["usage"]) or usage
         if not done and finish is None:
             raise ProviderError("the provider's stream ended before the answer was complete")
         if usage is None:
-            usage = _estimated_usage(request, None, chunks=len(chunks))
+            usage = _estimated_usage(request, None, chunks=cap.deltas)
         yield StreamEnd(
             id=id_ or _new_id(),
             model=model or request.model,
@@ -615,8 +678,14 @@ class OpenAIProvider(HttpProvider):
     async def passthrough_stream(
         self, body: dict[str, Any], request_id: str | None
     ) -> AsyncGenerator[tuple[str, dict[str, Any]], None]:
-        """The provider's chunks, as (raw data, parsed), up to and without [DONE]."""
+        """The provider's chunks, as (data, parsed), up to and without [DONE]; a stream
+        that runs past the body's max tokens is cut with a `length` chunk of ours."""
         finished = False
+        most = body.get("max_completion_tokens") or body.get("max_tokens")
+        choices = body.get("n")
+        cap = OutputCap(
+            most if isinstance(most, int) else None, choices if isinstance(choices, int) else 1
+        )
         async with self.open_stream(body, request_id) as events:
             async for _, data in events:
                 if data == "[DONE]":
@@ -625,12 +694,42 @@ class OpenAIProvider(HttpProvider):
                 if "error" in obj:
                     message = _redact(_provider_message(data.encode()), self._secrets)
                     raise ProviderError(f"the provider failed mid-stream: {message}")
-                finished = finished or any(
-                    isinstance(c, dict) and c.get("finish_reason") for c in obj.get("choices") or ()
-                )
+                for choice in obj.get("choices") or ():
+                    if not isinstance(choice, dict):
+                        continue
+                    finished = finished or bool(choice.get("finish_reason"))
+                    text = _delta_text(choice.get("delta"))
+                    if text is not None and cap.over(text):
+                        _overran(str(body.get("model")), cap)
+                        cut = {
+                            "id": obj.get("id"), "object": "chat.completion.chunk",
+                            "created": obj.get("created"), "model": obj.get("model"),
+                            "choices": [{"index": choice.get("index", 0), "delta": {},
+                                         "logprobs": None, "finish_reason": "length"}],
+                        }  # fmt: skip
+                        yield "", cut
+                        return
                 yield data, obj
         if not finished:
             raise ProviderError("the provider's stream ended before the answer was complete")
+
+
+def _delta_text(delta: Any) -> str | None:
+    """The output a Chat Completions delta carries (text, reasoning, refusal, tool
+    arguments), for `OutputCap`; None for a delta with none (the role chunk)."""
+    if not isinstance(delta, dict):
+        return None
+    parts = [
+        value
+        for name in ("content", "reasoning_content", "reasoning", "refusal")
+        if isinstance(value := delta.get(name), str) and value
+    ]
+    for call in delta.get("tool_calls") or ():
+        function = call.get("function") if isinstance(call, dict) else None
+        arguments = function.get("arguments") if isinstance(function, dict) else None
+        if isinstance(arguments, str) and arguments:
+            parts.append(arguments)
+    return "".join(parts) if parts else None
 
 
 def _set_sampling(body: dict[str, Any], request: ChatRequest) -> None:
@@ -703,9 +802,8 @@ class AnthropicProvider(HttpProvider):
     name = "anthropic"
     path = "/v1/messages"
 
-    def headers(self, request_id: str | None) -> dict[str, str]:
-        headers = super().headers(request_id)
-        headers["anthropic-version"] = ANTHROPIC_VERSION
+    def own_headers(self) -> dict[str, str]:
+        headers = {"anthropic-version": ANTHROPIC_VERSION}
         if self._secrets:
             headers["x-api-key"] = self._secrets[0]
         return headers
@@ -750,6 +848,7 @@ class AnthropicProvider(HttpProvider):
         id_, model, finish = "", "", None
         usage = Usage()
         stopped = False
+        cap = OutputCap(request.max_tokens)
         async with self.open_stream(self.body(request, stream=True), request.request_id) as events:
             async for event, data in events:
                 obj = _json_object(data)
@@ -758,6 +857,13 @@ class AnthropicProvider(HttpProvider):
                     delta = obj.get("delta") or {}
                     text = delta.get("text") if isinstance(delta, dict) else None
                     if isinstance(text, str) and text:
+                        if cap.over(text):
+                            _overran(request.model, cap)
+                            finish = "length"
+                            usage = dataclasses.replace(
+                                usage, output_tokens=cap.deltas, estimated=True
+                            )
+                            break
                         yield text
                 elif kind == "message_start":
                     message = obj.get("message") or {}
@@ -923,4 +1029,9 @@ def _make(kind: str, settings: Settings, client: SharedClient) -> Provider:
         else (AnthropicProvider, settings.anthropic_base_url, settings.anthropic_api_key)
     )
     retry = RetryPolicy(retries=settings.max_retries, deadline_s=settings.retry_deadline_s)
-    return cls(client, base_url=base_url, api_key=api_key, retry=retry)
+    bounds = Bounds(
+        max_response_bytes=settings.max_response_bytes,
+        total_s=settings.total_timeout_s,
+        idle_s=settings.timeout_s,
+    )
+    return cls(client, base_url=base_url, api_key=api_key, retry=retry, bounds=bounds)

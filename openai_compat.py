@@ -230,7 +230,12 @@ async def _passthrough_frames(
                 if not include_usage and not obj.get("choices"):
                     continue  # the usage chunk this client did not ask for
             meter.sent += 1
-            yield b"data: " + data.encode() + b"\n\n"
+            if not data or "\n" in data or "\r" in data:
+                # Re-framed as one data: line: a multi-line event or a bare CR would
+                # reach the client's parser as broken JSON.
+                yield sse_frame(obj)
+            else:
+                yield b"data: " + data.encode() + b"\n\n"
         meter.settle(model, usage or _estimate(body, meter.sent), finish)
         yield DONE
     finally:

@@ -1,12 +1,12 @@
-"""The app's own cost, with no network: `server.app` called in process.
+"""The app's own cost, with no network: the app called in process.
 
     uv run python bench/inprocess.py [--stream] [-n 5000] [--rounds 5]
 
-The OpenAI provider answers from a fake upstream (a canned answer, or a stream of
-`--tokens` events, one a read as over a socket), so what is measured is the service's
-own code with Starlette and pydantic: auth, limits, validation, the provider call's
-bodies, accounting, metrics and the access line (written to /dev/null). It prints
-the best round's CPU time a request.
+The OpenAI provider answers from a fake transport under the shared httpx client (a
+canned answer, or a stream of `--tokens` events, one a read as over a socket), so what
+is measured is the service's own code with Starlette, pydantic and httpx's client:
+auth, limits, validation, the provider call's bodies, accounting, metrics and the
+access line (written to /dev/null). It prints the best round's CPU time a request.
 
 The VM this project is measured on can change speed by 2x from one hour to the
 next, which hides a change of a few percent. Instruction counts do not move with
@@ -26,7 +26,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping, MutableMapping
+from collections.abc import AsyncIterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ os.environ.update(
     }
 )
 
-import llm  # noqa: E402
+import httpx  # noqa: E402
 
 Message = MutableMapping[str, Any]
 
@@ -65,27 +65,18 @@ def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> byt
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
-class FakeStreamed:
-    status = 200
-    headers: Mapping[str, str] = {"content-type": "text/event-stream"}
-
+class FakeEvents(httpx.AsyncByteStream):
     def __init__(self, events: list[bytes]) -> None:
         self.events = events
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def __aiter__(self) -> AsyncIterator[bytes]:
         for event in self.events:
             await asyncio.sleep(0)  # one event a read, as from a socket
             yield event
 
-    async def read(self) -> bytes:
-        return b""
 
-    async def close(self) -> None:
-        pass
-
-
-class FakeUpstream:
-    """llm.Upstream without a network: the same answer to every call."""
+class FakeProvider(httpx.AsyncBaseTransport):
+    """The shared client's transport without a network: the same answer to every call."""
 
     def __init__(self, tokens: int) -> None:
         text = " ".join(f"tok{i}" for i in range(tokens))
@@ -117,14 +108,14 @@ class FakeUpstream:
             b"data: [DONE]\n\n",
         ]
 
-    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> llm.Answer:
-        return llm.Answer(200, {"content-type": "application/json"}, self.answer)
-
-    async def open(self, url: str, body: bytes, headers: dict[str, str]) -> FakeStreamed:
-        return FakeStreamed(self.events)
-
-    async def aclose(self) -> None:
-        pass
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if b'"stream":true' in request.content:
+            return httpx.Response(
+                200, headers={"content-type": "text/event-stream"}, stream=FakeEvents(self.events)
+            )
+        return httpx.Response(
+            200, headers={"content-type": "application/json"}, content=self.answer
+        )
 
 
 async def call(app: Any, path: str, body: bytes) -> list[Message]:
@@ -185,14 +176,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     path = "/stream" if args.stream else "/complete"
-    fake = FakeUpstream(args.tokens)
-    llm.SharedClient.upstream = lambda self: fake  # type: ignore[method-assign]
     import server
+
+    app = server.create_app(transport=FakeProvider(args.tokens))
 
     for handler in logging.getLogger("text_tool").handlers:
         if isinstance(handler, logging.StreamHandler):
             handler.setStream(open(os.devnull, "w"))  # noqa: SIM115 - for the life of the process
-    us = uvloop.run(measure(server.app, path, args.requests, args.rounds))
+    us = uvloop.run(measure(app, path, args.requests, args.rounds))
     print(f"{path}: {us:.1f} us of CPU a request (best of {args.rounds} rounds of {args.requests})")
 
 

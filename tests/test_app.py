@@ -383,6 +383,30 @@ async def test_v1_stream_with_null_stream_options_relays_the_chunks() -> None:
     assert parse_sse(r.text)[-1] == ("message", "[DONE]")
 
 
+async def test_v1_passthrough_reframes_multiline_and_bare_cr_events_as_one_data_line() -> None:
+    def odd_framing(request: httpx.Request) -> httpx.Response:
+        raw = (
+            'data: {"id": "c1", "model": "m",\ndata: "choices": [{"index": 0,\r'
+            '"delta": {"content": "Hi"}}]}\n\n'
+            'data: {"id": "c1", "model": "m", "choices": [{"index": 0, "delta": {},\r'
+            '"finish_reason": "stop"}]}\n\n'
+            "data: [DONE]\n\n"
+        )
+        return httpx.Response(
+            200, content=raw.encode(), headers={"content-type": "text/event-stream"}
+        )
+
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+    async with client(openai_app(odd_framing)) as c:
+        r = await c.post("/v1/chat/completions", json=body)
+    events = parse_sse(r.text)
+    assert "\r" not in r.text
+    chunks = [json.loads(data) for _, data in events[:-1]]  # each one line of valid JSON
+    assert chunks[0]["choices"][0]["delta"] == {"content": "Hi"}
+    assert chunks[1]["choices"][0]["finish_reason"] == "stop"
+    assert events[-1] == ("message", "[DONE]")
+
+
 async def test_ready_turns_503_while_the_server_drains() -> None:
     from sse_starlette.sse import AppStatus
 

@@ -191,15 +191,14 @@ async def test_a_cookie_the_provider_sets_is_not_sent_on_later_calls(
 ) -> None:
     # By host name: aiohttp's cookie jar ignores cookies from bare IP addresses anyway.
     url = f"http://localhost:{mock_provider.port}/v1/chat/completions"
-    upstream = llm.AiohttpUpstream(Settings())
-    headers = {"content-type": "application/json"}
+    shared = llm.SharedClient(Settings())  # the default transport, aiohttp's pool
     try:
         for prompt in (directive(set_cookie="session=caller-one; Path=/"), "hi"):
-            body = json.dumps({"model": "m", "messages": [{"role": "user", "content": prompt}]})
-            answer = await upstream.post(url, body.encode(), headers)
-            assert answer.status == 200
+            body = {"model": "m", "messages": [{"role": "user", "content": prompt}]}
+            answer = await shared.get().post(url, json=body)
+            assert answer.status_code == 200
     finally:
-        await upstream.aclose()
+        await shared.aclose()
     async with httpx.AsyncClient(timeout=10) as c:
         last = (await c.get(mock_provider.url + "/_last")).json()
     assert "hi" in json.dumps(last["body"])

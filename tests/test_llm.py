@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
+import tracemalloc
+import zlib
 from collections.abc import AsyncIterator
 
+import aiohttp
 import httpx
 import pytest
 import respx
+from httpx_aiohttp import AiohttpTransport
 
 import llm
 from config import Settings, SettingsError
-from httpx_upstream import HttpxUpstream
 from tests.conftest import PROVIDER_KEY
 from usage import Usage
 
@@ -29,28 +34,6 @@ def sse(*frames: object, events: list[str] | None = None) -> bytes:
         data = frame if isinstance(frame, str) else json.dumps(frame)
         out.append(f"{head}data: {data}\n\n")
     return "".join(out).encode()
-
-
-SSE_CASES = (
-    b': a comment\r\nevent: usage\r\ndata: {"a": 1}\r\n\r\n'
-    b"data:x\ndata\ndata:  two\n\n"
-    b"event: ping\n\n"
-    b"data: \xc3\xa9t\xc3\xa9\n\ndata: [DONE]"
-)
-
-
-@pytest.mark.parametrize("size", [1, 2, 7, len(SSE_CASES)])
-async def test_sse_events_follow_the_spec_however_the_bytes_are_split(size: int) -> None:
-    async def reads() -> AsyncIterator[bytes]:
-        for start in range(0, len(SSE_CASES), size):
-            yield SSE_CASES[start : start + size]
-
-    assert [e async for e in llm.sse_events(reads())] == [
-        ("usage", '{"a": 1}'),  # CRLF lines; the comment skipped
-        ("message", "x\n\n two"),  # no space after the colon; "data" alone; one space taken
-        ("message", "\u00e9t\u00e9"),  # an event with no data is no event; UTF-8 split across reads
-        ("message", "[DONE]"),  # the last event needs no blank line
-    ]
 
 
 def openai_chunk(content: str | None = None, finish: str | None = None) -> dict[str, object]:
@@ -77,21 +60,26 @@ USAGE_CHUNK = {
 }
 
 
-def provider(kind: str, retries: int = 0) -> llm.Provider:
+def mocked(settings: Settings) -> llm.SharedClient:
+    """The production client, its network replaced by respx's routes (no patching)."""
+    return llm.SharedClient(settings, httpx.MockTransport(respx.mock.async_handler))
+
+
+def provider(kind: str, retries: int = 0, **changes: object) -> llm.Provider:
     settings = (
         Settings(provider="openai", openai_api_key=PROVIDER_KEY, max_retries=retries)
         if kind == "openai"
         else Settings(provider="anthropic", anthropic_api_key=PROVIDER_KEY, max_retries=retries)
-    ).replace(transport="httpx")  # respx mocks httpx's own transport
-    return llm.make_provider(settings, llm.SharedClient(settings))
+    ).replace(**changes)
+    return llm.make_provider(settings, mocked(settings))
 
 
 def quick_retries(kind: str = "openai", **policy: float) -> llm.HttpProvider:
-    settings = Settings(provider="openai", openai_api_key=PROVIDER_KEY, transport="httpx")
+    settings = Settings(provider="openai", openai_api_key=PROVIDER_KEY)
     retry = llm.RetryPolicy(**{"retries": 2, "base_s": 0.001, **policy})  # type: ignore[arg-type]
     cls = llm.OpenAIProvider if kind == "openai" else llm.AnthropicProvider
     base = "https://api.openai.com/v1" if kind == "openai" else "https://api.anthropic.com"
-    return cls(llm.SharedClient(settings), base_url=base, api_key=PROVIDER_KEY, retry=retry)
+    return cls(mocked(settings), base_url=base, api_key=PROVIDER_KEY, retry=retry)
 
 
 def request(**changes: object) -> llm.ChatRequest:
@@ -224,7 +212,7 @@ async def test_sse_lines_split_across_reads_are_joined() -> None:
         for i in range(0, len(raw), 7):
             yield raw[i : i + 7]
 
-    respx.post(OPENAI).respond(200, stream=dribble())  # type: ignore[arg-type]
+    respx.post(OPENAI).respond(200, content=dribble())
     texts, end = await collect(provider("openai").stream(request()))
     assert texts == ["one", "two"] and end.usage.input_tokens == 12
 
@@ -435,11 +423,10 @@ async def test_echo_answers_with_the_prompts_words_and_exact_counts() -> None:
 
 async def test_shared_client_is_made_once_and_sized_on_purpose() -> None:
     shared = llm.SharedClient(Settings(max_inflight=700, timeout_s=42, transport="httpx"))
-    upstream = shared.upstream()
-    assert isinstance(upstream, HttpxUpstream) and shared.upstream() is upstream
-    client = upstream.client()
-    assert upstream.client() is client
+    client = shared.get()
+    assert shared.get() is client
     assert client.timeout.read == 42 and client.timeout.connect == 5
+    assert not client.follow_redirects
     pool = client._transport._pool  # type: ignore[attr-defined]
     assert pool._max_connections == 700
     await shared.aclose()
@@ -548,9 +535,8 @@ def fallback_to_anthropic() -> llm.Provider:
         anthropic_api_key=PROVIDER_KEY,
         fallback_provider="anthropic",
         max_retries=0,
-        transport="httpx",
     )
-    return llm.make_provider(settings, llm.SharedClient(settings))
+    return llm.make_provider(settings, mocked(settings))
 
 
 ANTHROPIC_OK = {
@@ -604,19 +590,22 @@ def test_the_fallback_model_defaults_to_its_providers_default() -> None:
 
 async def test_the_default_transport_is_aiohttp_with_the_same_pool_size() -> None:
     shared = llm.SharedClient(Settings(max_inflight=700, timeout_s=42))
-    upstream = shared.upstream()
-    assert isinstance(upstream, llm.AiohttpUpstream)
-    session = upstream.session()
+    client = shared.get()
+    transport = client._transport
+    assert isinstance(transport, AiohttpTransport)
+    assert client.timeout.read == 42 and not client.trust_env
+    session = transport.get_client()  # what the transport makes on its first request
     assert session.connector is not None and session.connector.limit == 700
-    assert session.timeout.sock_read == 42 and session.timeout.total is None
+    assert not session.trust_env and isinstance(session.cookie_jar, aiohttp.DummyCookieJar)
+    await session.close()
     await shared.aclose()
-    assert session.closed
+    assert client.is_closed
 
 
-async def test_a_transport_passed_in_goes_through_httpx() -> None:
+async def test_a_transport_passed_in_is_the_one_the_shared_client_uses() -> None:
     transport = httpx.MockTransport(lambda request: httpx.Response(200))
     shared = llm.SharedClient(Settings(), transport)
-    assert isinstance(shared.upstream(), HttpxUpstream)
+    assert shared.get()._transport is transport
     await shared.aclose()
 
 
@@ -635,3 +624,112 @@ async def test_the_httpx_client_keeps_no_cookie_a_provider_sets() -> None:
     await p.complete(request())
     assert route.call_count == 2
     assert "cookie" not in route.calls[1].request.headers
+
+
+# --- what a hostile provider cannot do ------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+@respx.mock
+async def test_a_redirect_is_an_error_that_names_it_and_is_never_followed(status: int) -> None:
+    elsewhere = respx.post("https://elsewhere.test/steal").respond(200, json=OK_ANSWER)
+    respx.post(OPENAI).respond(status, headers={"location": "https://elsewhere.test/steal"})
+    with pytest.raises(llm.ProviderError, match=f"redirect \\(HTTP {status}\\)"):
+        await provider("openai").complete(request())
+    with pytest.raises(llm.ProviderError, match=f"redirect \\(HTTP {status}\\)"):
+        await collect(provider("openai").stream(request()))
+    assert elsewhere.call_count == 0
+
+
+@respx.mock
+async def test_an_answer_over_the_byte_bound_is_cut_as_it_arrives() -> None:
+    sent = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal sent
+        yield b'{"id": "x", "choices": [{"message": {"content": "'
+        while sent < 64 << 20:  # the test's own bound: 64 MB at most
+            sent += 64 << 10
+            yield b"a" * (64 << 10)
+
+    respx.post(OPENAI).respond(200, content=endless())
+    with pytest.raises(llm.ProviderError, match="over 1048576 bytes"):
+        await provider("openai", max_response_bytes=1 << 20).complete(request())
+    assert sent <= 2 << 20  # read no further than the bound
+
+
+@respx.mock
+async def test_a_gzip_bomb_is_cut_on_its_decompressed_size() -> None:
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip
+    bomb = packer.compress(b"0" * (200 << 20)) + packer.flush()  # 200 MB in about 200 KB
+
+    async def reads() -> AsyncIterator[bytes]:  # as aiohttp's transport reads: 16 KB at most
+        for at in range(0, len(bomb), 16 << 10):
+            yield bomb[at : at + (16 << 10)]
+
+    respx.post(OPENAI).respond(
+        200,
+        content=reads(),
+        headers={"content-encoding": "gzip", "content-type": "application/json"},
+    )
+    tracemalloc.start()
+    try:
+        with pytest.raises(llm.ProviderError, match="over 1048576 bytes"):
+            await provider("openai", max_response_bytes=1 << 20).complete(request())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20
+
+
+@respx.mock
+async def test_an_answer_that_trickles_in_meets_the_total_deadline() -> None:
+    async def trickle() -> AsyncIterator[bytes]:
+        for _ in range(200):  # 20 s in all, each read well within the read timeout
+            await asyncio.sleep(0.1)
+            yield b" "
+
+    respx.post(OPENAI).respond(200, content=trickle())
+    started = time.monotonic()
+    with pytest.raises(llm.ProviderTimeout, match="within 0.5 s"):
+        await provider("openai", total_timeout_s=0.5).complete(request())
+    assert time.monotonic() - started < 5
+
+
+def endless_openai_stream(count: int) -> bytes:
+    return sse(openai_chunk(""), *(openai_chunk(f"t{i} ") for i in range(count)))
+
+
+@respx.mock
+async def test_a_stream_past_its_max_tokens_is_stopped_as_length() -> None:
+    respx.post(OPENAI).respond(200, content=endless_openai_stream(5000))  # and no end
+    texts, end = await collect(provider("openai").stream(request(max_tokens=10)))
+    assert 10 <= len(texts) <= 2 * 10 + 64
+    assert end.finish_reason == "length" and end.usage.estimated
+    assert end.usage.output_tokens == len(texts) + 1
+
+
+@respx.mock
+async def test_an_anthropic_stream_past_its_max_tokens_is_stopped_as_length() -> None:
+    start = ANTHROPIC_STREAM[:2]
+    delta = {
+        "type": "content_block_delta",
+        "index": 0,
+        "delta": {"type": "text_delta", "text": "x"},
+    }
+    frames = [f for _, f in start] + [delta] * 5000
+    names = [e for e, _ in start] + ["content_block_delta"] * 5000
+    respx.post(ANTHROPIC).respond(200, content=sse(*frames, events=names))
+    texts, end = await collect(provider("anthropic").stream(request(max_tokens=10)))
+    assert 10 <= len(texts) <= 2 * 10 + 64
+    assert end.finish_reason == "length" and end.usage.input_tokens == 12
+
+
+@respx.mock
+async def test_a_passed_through_stream_past_its_max_tokens_ends_with_a_length_chunk() -> None:
+    respx.post(OPENAI).respond(200, content=endless_openai_stream(5000))
+    body = {"model": "gpt-4o-mini", "messages": [], "max_tokens": 10, "stream": True}
+    p = provider("openai")
+    chunks = [obj async for _, obj in p.passthrough_stream(body, None)]
+    assert len(chunks) <= 1 + (2 * 10 + 64) + 1  # the role chunk, the cap, ours
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
