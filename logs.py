@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sys
 import time
 from contextvars import ContextVar
@@ -14,6 +15,15 @@ import jsonio
 
 LOGGER_NAME = "text_tool"
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+def cut(text: str, limit: int = 256) -> str:
+    """A field a client chose (a path, a user agent), at most `limit` characters in a log
+    line: anyone without a key could otherwise write 65 KB a line, thousands a second."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...[{len(text) - limit} more]"
+
 
 current_request_id: ContextVar[str | None] = ContextVar("text_tool_request_id", default=None)
 
@@ -52,13 +62,33 @@ class JsonFormatter(logging.Formatter):
         return jsonio.dumps(line, fallback=str).decode()
 
 
+# Control characters (C0, DEL, C1) as escapes: a newline in a URL must not start a
+# forged line, and an ESC must not reach the terminal that shows the log.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+_CONTROLS.update({0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"})
+_QUOTED = re.compile(r'[\s"=\\\x00-\x1f\x7f-\x9f]')
+
+
+def _logfmt(value: object) -> str:
+    """A value as logfmt writes it: bare when it can be, else quoted and escaped."""
+    text = value if isinstance(value, str) else jsonio.dumps(value, fallback=str).decode()
+    if not text or _QUOTED.search(text):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').translate(_CONTROLS) + '"'
+    return text
+
+
 class TextFormatter(logging.Formatter):
+    """`key=value` lines for a human at a terminal, one line a record whatever the
+    values hold; a traceback follows on lines of its own, indented."""
+
     def format(self, record: logging.LogRecord) -> str:
         line = _fields(record)
-        head = f"{line.pop('time')} {line.pop('level'):<7} {line.pop('msg')}"
-        text = " ".join([head, *(f"{k}={v}" for k, v in line.items() if v is not None)])
+        msg = str(line.pop("msg")).translate(_CONTROLS)
+        head = f"{line.pop('time')} {line.pop('level'):<7} {msg}"
+        text = " ".join([head, *(f"{k}={_logfmt(v)}" for k, v in line.items() if v is not None)])
         if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
+            trace = self.formatException(record.exc_info)
+            text += "".join("\n    " + part.translate(_CONTROLS) for part in trace.splitlines())
         return text
 
 

@@ -12,6 +12,8 @@ import logging
 import os
 import re
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import ClientDisconnect
@@ -20,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auth import AUTH
 from errors import REQUEST_ID, RESPONSE_HEADERS, error_response, relative_path
-from logs import current_request_id, info_fields
+from logs import current_request_id, cut, info_fields
 from metrics import OTHER, Metrics
 from quotas import RESERVATION
 
@@ -57,6 +59,43 @@ def route_label(scope: Scope, known_paths: frozenset[str]) -> str:
     return path if path in known_paths else OTHER
 
 
+class Sampler:
+    """At most `burst` log lines an address in any `window_s`: a flood of 401s from one
+    address (anyone can send them, thousands a second) must not fill the disk. The
+    first line an address gets after a quiet window says how many were not written;
+    the metrics count every one. At most `max_addresses` are remembered."""
+
+    def __init__(
+        self,
+        *,
+        burst: int = 10,
+        window_s: float = 60.0,
+        max_addresses: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.burst, self.window_s, self.max_addresses, self._clock = (
+            burst, window_s, max_addresses, clock
+        )  # fmt: skip
+        self._seen: OrderedDict[str, list[float]] = OrderedDict()  # [since, lines, skipped]
+
+    def admit(self, address: str) -> int | None:
+        """None: do not log this one; else how many went unlogged before it."""
+        now = self._clock()
+        entry = self._seen.get(address)
+        if entry is None or now - entry[0] >= self.window_s:
+            skipped = int(entry[2]) if entry is not None else 0
+            self._seen[address] = [now, 1, 0]
+            self._seen.move_to_end(address)
+            if len(self._seen) > self.max_addresses:
+                self._seen.popitem(last=False)
+            return skipped
+        if entry[1] < self.burst:
+            entry[1] += 1
+            return 0
+        entry[2] += 1
+        return None
+
+
 class RequestContextMiddleware:
     def __init__(
         self,
@@ -70,6 +109,7 @@ class RequestContextMiddleware:
         self.logger = logger
         self.metrics = metrics
         self.known_paths = known_paths
+        self.refusals = Sampler()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -112,12 +152,13 @@ class RequestContextMiddleware:
                 reservation.release()  # a no-op once the call was accounted
             seconds = time.perf_counter() - started
             key = getattr(scope.get(AUTH), "name", None)
+            client = (scope.get("client") or ("", 0))[0]
             fields: dict[str, Any] = {
                 "event": "access",
                 "key": key,
-                "client": (scope.get("client") or ("", 0))[0],
+                "client": cut(client, 64),
                 "method": scope["method"],
-                "path": scope["path"],
+                "path": cut(scope["path"]),
                 "route": route_label(scope, self.known_paths),
                 "status": status or 499,
                 "duration_ms": round(seconds * 1000, 2),
@@ -125,7 +166,11 @@ class RequestContextMiddleware:
             for name in _LOGGED_FIELDS:
                 if name in call:
                     fields[name] = call[name]
-            info_fields(self.logger, "request", fields)
+            skipped = 0 if status != 401 else self.refusals.admit(client)
+            if skipped is not None:
+                if skipped:
+                    fields["unlogged_401s"] = skipped
+                info_fields(self.logger, "request", fields)
             if self.metrics is not None:
                 self.metrics.in_flight.dec()
                 self.metrics.observe(fields["route"], fields["status"], key, seconds, call)

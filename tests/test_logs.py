@@ -12,7 +12,15 @@ from typing import Any
 
 import pytest
 
-from logs import JsonFormatter, TurnBatchingHandler, current_request_id, info_fields
+from logs import (
+    JsonFormatter,
+    TextFormatter,
+    TurnBatchingHandler,
+    current_request_id,
+    cut,
+    info_fields,
+)
+from requestlog import Sampler
 
 
 class CountingStream(io.StringIO):
@@ -116,3 +124,41 @@ def test_info_fields_respects_the_level() -> None:
     logger.setLevel(logging.WARNING)
     info_fields(logger, "request", {"event": "access"})
     assert stream.getvalue() == ""
+
+
+def test_a_text_line_stays_one_line_whatever_its_fields_hold() -> None:
+    stream = CountingStream()
+    handler = TurnBatchingHandler(stream)
+    handler.setFormatter(TextFormatter())
+    logger = logging.Logger("text_tool.text")
+    logger.addHandler(handler)
+    forged = "/x\n2026-12-01T00:00:00.000Z info    request status=200\r\x1b[2J\x9b"
+    logger.warning("request", extra={"path": forged, "client": "a b", "n": {"k": "v"}})
+    try:
+        raise ValueError("boom\nfake line")
+    except ValueError:
+        logger.exception("failed")
+    lines = stream.getvalue().splitlines()
+    assert lines[0].endswith(
+        r'path="/x\n2026-12-01T00:00:00.000Z info    request status=200\r\x1b[2J\x9b"'
+        r' client="a b" n="{\"k\":\"v\"}"'
+    )
+    assert not any(c in stream.getvalue() for c in "\r\x1b\x9b")
+    assert lines[1].split()[2] == "failed"
+    assert all(line.startswith("    ") for line in lines[2:])  # the traceback, indented
+
+
+def test_cut_marks_what_it_cut() -> None:
+    assert cut("/short") == "/short"
+    assert cut("/" + "a" * 999, 10) == "/aaaaaaaaa...[990 more]"
+
+
+def test_the_sampler_logs_a_burst_per_address_then_says_how_many_it_skipped() -> None:
+    now = [0.0]
+    sampler = Sampler(burst=3, window_s=60, max_addresses=2, clock=lambda: now[0])
+    assert [sampler.admit("a") for _ in range(5)] == [0, 0, 0, None, None]
+    assert sampler.admit("b") == 0
+    now[0] = 61
+    assert sampler.admit("a") == 2  # the two it did not log
+    sampler.admit("c")  # a third address: the least recent one ("b") is forgotten
+    assert len(sampler._seen) == 2 and "b" not in sampler._seen
