@@ -5,9 +5,11 @@ Run it with `uvicorn server:app`; embed it with `Mount("/llm", app=create_app())
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
+import signal
 import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -31,7 +33,14 @@ from jsonio import JSONResponse
 from logs import get_logger
 from metrics import Metrics, metrics_route
 from quotas import Quotas
-from ratelimit import Limiter, MemoryLimiter, RateLimitMiddleware, StoreUnavailable
+from ratelimit import (
+    Limiter,
+    MemoryLimiter,
+    RateLimitMiddleware,
+    StoreBusy,
+    StoreUnavailable,
+    store_error_response,
+)
 from redis_store import RedisLimiter, RedisQuotas, RedisUsage, SharedStore
 from requestlog import CALL, RequestContextMiddleware
 from service import (
@@ -206,10 +215,9 @@ async def on_provider_error(request: Request, exc: Exception) -> Response:
     return api_error_response(request.scope, error)
 
 
-async def on_store_unavailable(request: Request, exc: Exception) -> Response:
-    return error_response(
-        request.scope, 503, "store_unavailable", str(exc), headers={"Retry-After": "1"}
-    )
+async def on_store_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StoreUnavailable | StoreBusy)
+    return store_error_response(request.scope, exc)
 
 
 _HTTP_TYPES = {404: "not_found", 405: "method_not_allowed"}
@@ -257,13 +265,18 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        if getattr(app.state, "owns_process", False):
+        owns_process = getattr(app.state, "owns_process", False)
+        if owns_process:
             tune_gc()
             tune_logging()
+            survive_sighup(logger)
         svc.ready = True
         try:
             yield
         finally:
+            if owns_process:
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             svc.ready = False
             await client.aclose()
             if store is not None:
@@ -306,7 +319,8 @@ def create_app(
             ApiError: on_api_error,
             llm.ProviderError: on_provider_error,
             HTTPException: on_http_exception,
-            StoreUnavailable: on_store_unavailable,
+            StoreUnavailable: on_store_error,
+            StoreBusy: on_store_error,
         },
         lifespan=lifespan,
     )
@@ -383,6 +397,19 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 50, 50)
+
+
+def survive_sighup(logger: logging.Logger) -> None:
+    """SIGHUP's default is to end the process at once, streams cut with no final event
+    and no usage totals written; a closed terminal or a careless `kill -HUP` sends it.
+    Here it is logged, and the service goes on."""
+
+    def hangup() -> None:
+        logger.warning("SIGHUP received; the service goes on", extra={"event": "sighup"})
+
+    # Not where signals cannot be handled (another thread's loop, or Windows).
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hangup)
 
 
 def tune_logging() -> None:
