@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auth import AUTH, ApiKey
@@ -39,6 +40,17 @@ class Limiter(Protocol):
 
 class StoreUnavailable(Exception):
     """A shared store cannot be reached and RATE_LIMIT_STORE_FAIL is closed."""
+
+
+class StoreBusy(Exception):
+    """Every connection to the shared store is in use, and none came free in time:
+    back-pressure (503 overloaded), not an outage."""
+
+
+def store_error_response(scope: Scope, exc: StoreUnavailable | StoreBusy) -> Response:
+    """The 503 for a shared store that is down (fail closed) or busy."""
+    type_ = "overloaded" if isinstance(exc, StoreBusy) else "store_unavailable"
+    return error_response(scope, 503, type_, str(exc), headers={"Retry-After": "1"})
 
 
 class MemoryLimiter:
@@ -133,11 +145,8 @@ class RateLimitMiddleware:
         rate = key.rate_limit or self.default_rate
         try:
             decision = await self.limiter.hit(key.name, rate)
-        except StoreUnavailable as exc:
-            response = error_response(
-                scope, 503, "store_unavailable", str(exc), headers={"Retry-After": "1"}
-            )
-            await response(scope, receive, send)
+        except (StoreUnavailable, StoreBusy) as exc:
+            await store_error_response(scope, exc)(scope, receive, send)
             return
         headers = limit_headers(decision)
         if not decision.allowed:

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from auth import ApiKey
 from config import Rate
 from quotas import Hold, Quotas, period_bucket
-from ratelimit import Decision, MemoryLimiter, StoreUnavailable
+from ratelimit import Decision, MemoryLimiter, StoreBusy, StoreUnavailable
 from usage import Usage, UsageBook
 
 T = TypeVar("T")
@@ -57,19 +57,49 @@ return {allowed, remaining, tonumber(oldest[2]) + window - now}
 """
 
 
+# Connections to Redis a replica keeps. Redis runs one script at a time, each a few
+# tens of microseconds, so more connections add no throughput; a request that finds
+# them all in use waits for one (POOL_WAIT_S at most) instead of opening another.
+POOL_SIZE = 64
+POOL_WAIT_S = 2.0
+
+
 class SharedStore:
     """One Redis for every replica, and what this replica does while it is unreachable:
-    its own memory (fail open) or `StoreUnavailable` (fail closed)."""
+    its own memory (fail open) or `StoreUnavailable` (fail closed).
+
+    Only a failure to reach Redis counts as Redis being down. A full pool is
+    back-pressure: the call waits for a connection, and past POOL_WAIT_S it is refused
+    with `StoreBusy` (503 overloaded); it never falls back to this replica's memory,
+    where every replica would admit the whole limit again."""
 
     def __init__(
-        self, url: str, *, fail_open: bool, logger: logging.Logger, retry_s: float = 2.0
+        self,
+        url: str,
+        *,
+        fail_open: bool,
+        logger: logging.Logger,
+        retry_s: float = 2.0,
+        pool_size: int = POOL_SIZE,
+        wait_s: float = POOL_WAIT_S,
     ) -> None:
         import redis.asyncio as redis
+        from redis.exceptions import MaxConnectionsError
 
         # Fail fast: a call waits half a second at most before the fallback decides.
         self.redis = redis.Redis.from_url(
-            url, socket_connect_timeout=0.5, socket_timeout=0.5, retry_on_timeout=False
+            url,
+            socket_connect_timeout=0.5,
+            socket_timeout=0.5,
+            retry_on_timeout=False,
+            max_connections=pool_size,
         )
+        self._down_errors: tuple[type[BaseException], ...] = (
+            redis.RedisError, OSError, asyncio.TimeoutError
+        )  # fmt: skip
+        self._full_pool = MaxConnectionsError  # cannot happen past `_slots`; if it did
+        self._slots = asyncio.Semaphore(pool_size)
+        self.wait_s = wait_s
         self.fail_open = fail_open
         self.logger = logger
         self.retry_s = retry_s
@@ -81,22 +111,43 @@ class SharedStore:
     def healthy(self) -> bool:
         return self.down_since is None
 
-    async def call(self, shared: Callable[[], Awaitable[T]], local: Callable[[], T]) -> T:
+    async def call(
+        self, shared: Callable[[], Awaitable[T]], local: Callable[[], T], *, wait: bool = False
+    ) -> T:
+        """`shared()` on a connection of the pool; `local()` (fail open) or
+        `StoreUnavailable` (fail closed) while Redis cannot be reached. `wait`: take as
+        long as a connection takes to come free (writes nobody waits for)."""
         now = time.monotonic()
         if self.down_since is None or now >= self._next_try:
+            await self._take_slot(wait)
             try:
                 result = await shared()
-            except Exception as exc:  # redis' ConnectionError, TimeoutError, OSError...
+            except self._down_errors as exc:
+                if isinstance(exc, self._full_pool):
+                    raise StoreBusy("every connection to the shared store is in use") from None
                 self._went_down(now, exc)
                 # Connections opened before the failure are dead: do not reuse them.
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(*self._down_errors):
                     await self.redis.connection_pool.disconnect()
             else:
                 self._came_back(now)
                 return result
+            finally:
+                self._slots.release()
         if not self.fail_open:
             raise StoreUnavailable("the shared rate-limit store is unreachable")
         return local()
+
+    async def _take_slot(self, wait: bool) -> None:
+        if not self._slots.locked() or wait:
+            await self._slots.acquire()  # at once, while a connection is free
+            return
+        try:
+            await asyncio.wait_for(self._slots.acquire(), self.wait_s)
+        except TimeoutError:
+            raise StoreBusy(
+                f"every connection to the shared store stayed in use for {self.wait_s:g} s"
+            ) from None
 
     def later(self, shared: Callable[[], Awaitable[object]]) -> None:
         """Run a write that nobody waits for (a settlement, a usage count)."""
@@ -104,14 +155,14 @@ class SharedStore:
             return
 
         async def run() -> None:
-            with contextlib.suppress(Exception):
-                await self.call(shared, lambda: None)
+            with contextlib.suppress(StoreUnavailable, *self._down_errors):
+                await self.call(shared, lambda: None, wait=True)
 
         task = asyncio.ensure_future(run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _went_down(self, now: float, exc: Exception) -> None:
+    def _went_down(self, now: float, exc: BaseException) -> None:
         self._next_try = now + self.retry_s
         if self.down_since is None:
             self.down_since = now

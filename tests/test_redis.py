@@ -99,6 +99,31 @@ async def test_two_replicas_sharing_redis_admit_exactly_n_of_3n(
     assert {r.headers["ratelimit-limit"] for r in responses} == {"30"}
 
 
+@pytest.mark.parametrize("fail", ["open", "closed"])
+async def test_500_concurrent_on_two_replicas_admit_exactly_the_shared_limit(
+    tmp_path: Path, redis: Redis, fail: str
+) -> None:
+    # 250 checks in flight on each replica: past its pool, a check waits for a
+    # connection; it must neither fall back to the replica's memory nor answer 503.
+    env = {"RATE_LIMIT": "50/minute", "RATE_LIMIT_STORE_FAIL": fail}
+    one, two = service(tmp_path, redis, **env), service(tmp_path, redis, **env)
+    try:
+        async with httpx.AsyncClient(
+            timeout=60, headers=AUTH_HEADERS, limits=httpx.Limits(max_connections=500)
+        ) as c:
+            responses = await asyncio.gather(
+                *(
+                    c.post((one if i % 2 else two).url + "/complete", json={"prompt": "hi"})
+                    for i in range(500)
+                )
+            )
+    finally:
+        one.stop()
+        two.stop()
+    assert Counter(r.status_code for r in responses) == {200: 50, 429: 450}
+    assert "store_down" not in one.output() + two.output()
+
+
 async def test_redis_killed_and_restarted_mid_run_keeps_requests_succeeding(
     tmp_path: Path, redis: Redis
 ) -> None:
