@@ -38,5 +38,6 @@ EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=5s --retries=3 \
     CMD ["python", "-c", "import urllib.request, sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2).status != 200)"]
 # Proxy headers are trusted only from FORWARDED_ALLOW_IPS (uvicorn reads it from the
-# environment); open streams get 20 s to finish on SIGTERM.
-CMD ["uvicorn", "server:app", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers", "--no-access-log", "--timeout-graceful-shutdown", "20"]
+# environment); request heads are bounded (protocol.py); open streams get 20 s to
+# finish on SIGTERM.
+CMD ["uvicorn", "server:app", "--host", "0.0.0.0", "--port", "8000", "--http", "protocol:BoundedHttpTools", "--proxy-headers", "--no-access-log", "--timeout-graceful-shutdown", "20"]

@@ -91,6 +91,8 @@ class Settings:
     max_response_bytes: int = 16 * 1024 * 1024
     max_body_bytes: int = 1024 * 1024
     body_timeout_s: float = 30.0
+    max_header_bytes: int = 64 * 1024
+    header_timeout_s: float = 10.0
     max_inflight: int = 2048
     max_retries: int = 2
     retry_deadline_s: float = 30.0
@@ -143,6 +145,7 @@ class Settings:
             ("LLM_CONNECT_TIMEOUT_S", self.connect_timeout_s),
             ("LLM_TOTAL_TIMEOUT_S", self.total_timeout_s),
             ("BODY_TIMEOUT_S", self.body_timeout_s),
+            ("HEADER_TIMEOUT_S", self.header_timeout_s),
             ("LLM_RETRY_DEADLINE_S", self.retry_deadline_s),
             ("SHUTDOWN_GRACE_S", self.shutdown_grace_s),
         ):
@@ -168,6 +171,10 @@ class Settings:
         if self.max_response_bytes < 1024:
             raise SettingsError(
                 f"LLM_MAX_RESPONSE_BYTES: must be at least 1024, got {self.max_response_bytes}"
+            )
+        if self.max_header_bytes < 1024:
+            raise SettingsError(
+                f"MAX_HEADER_BYTES: must be at least 1024, got {self.max_header_bytes}"
             )
         if self.max_body_bytes < 1:
             raise SettingsError(f"MAX_BODY_BYTES: must be positive, got {self.max_body_bytes}")
@@ -253,6 +260,8 @@ class Settings:
             max_response_bytes=int(number("LLM_MAX_RESPONSE_BYTES", str(16 * 1024 * 1024), int)),
             max_body_bytes=int(number("MAX_BODY_BYTES", str(1024 * 1024), int)),
             body_timeout_s=number("BODY_TIMEOUT_S", "30", float),
+            max_header_bytes=int(number("MAX_HEADER_BYTES", str(64 * 1024), int)),
+            header_timeout_s=number("HEADER_TIMEOUT_S", "10", float),
             max_inflight=int(number("MAX_INFLIGHT", "2048", int)),
             max_retries=int(number("LLM_MAX_RETRIES", "2", int)),
             retry_deadline_s=number("LLM_RETRY_DEADLINE_S", "30", float),

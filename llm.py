@@ -384,10 +384,13 @@ class OutputCap:
         self.chars = 0
 
     def over(self, text: str) -> bool:
-        """Count one delta of output; True once the stream is past its cap."""
+        """True if this delta of output would take the stream past its cap; else it
+        is counted (so `deltas` is what was let through)."""
+        if self.deltas >= self.max_deltas or self.chars + len(text) > self.max_chars:
+            return True
         self.deltas += 1
         self.chars += len(text)
-        return self.deltas > self.max_deltas or self.chars > self.max_chars
+        return False
 
 
 def _overran(model: str, cap: OutputCap) -> None:

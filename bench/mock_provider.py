@@ -26,6 +26,16 @@ line `mock:{...json...}` in the last message (for calls through text-tool):
   malformed_after           stream this many tokens, then a data line that is not JSON
   split                     stream every frame in pieces of this many bytes
   set_cookie                non-streaming: answer with this Set-Cookie header
+  location                  with a 3xx status: the Location header
+Hostile ones (tests of the service's bounds; each stops by itself within 60 s):
+  endless_body              non-streaming: 200 JSON that never ends (stops after this many MB)
+  gzip_bomb                 non-streaming: this many MB of zeros, gzipped (about 1 KB a MB)
+  trickle_body_ms           non-streaming: one byte of the answer every this many ms
+  no_newline                stream: 200, then this many MB with no newline
+  trickle_ms                stream: a token, then a byte of an endless line every this many ms
+  endless_tokens            stream: tokens until the client leaves, whatever max_tokens says
+  odd_framing               stream: each event's JSON over two data: lines, with a bare CR in it
+  big_chunk                 stream: the whole answer in one write
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ import json
 import re
 import time
 import uuid
+import zlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -161,10 +172,15 @@ class MockProvider:
             headers = {}
             if "retry_after" in options:
                 headers["retry-after"] = str(options["retry_after"])
+            if "location" in options:
+                headers["location"] = str(options["location"])
             await _json(send, status, _error_body(protocol, status), headers)
             return
         if options.get("garbage"):
             await _raw(send, 200, b"<html>not json", "text/html")
+            return
+        if await _hostile(send, options, gone, bool(body.get("stream"))):
+            self.stats.aborted += gone.is_set()
             return
 
         if "text" in options:
@@ -213,12 +229,19 @@ class MockProvider:
             frames = (_openai_frames if protocol == "openai" else _anthropic_frames)(
                 model, chunks, finish, usage, options
             )
+            if options.get("big_chunk"):
+                whole = b"".join(frame for _, frame in frames)
+                await send({"type": "http.response.body", "body": whole, "more_body": False})
+                self.stats.finished += 1
+                return
             for i, frame in enumerate(frames):
                 if i and frame[0] == "token" and await _sleep(options["token_delay_ms"], gone):
                     self.stats.aborted += 1
                     return
                 if frame[0] == "drop":
                     raise ConnectionAbortedError("mock drops the connection")
+                if options.get("odd_framing") and frame[1].startswith(b"data: {"):
+                    frame = (frame[0], _odd(frame[1]))
                 piece = int(options.get("split", 0)) or len(frame[1])
                 for at in range(0, len(frame[1]), piece):
                     part = frame[1][at : at + piece]
@@ -232,6 +255,81 @@ class MockProvider:
             self.stats.finished += 1
         finally:
             self.stats.open -= 1
+
+
+HOSTILE_FOR_S = 60  # no hostile answer goes on longer, even if nobody hangs up
+
+
+async def _hostile(send: Send, options: dict[str, Any], gone: asyncio.Event, stream: bool) -> bool:
+    """The hostile answers (see the module's docstring); False when none was asked for."""
+    stop = time.monotonic() + HOSTILE_FOR_S
+
+    async def start(kind: bytes, *headers: tuple[bytes, bytes]) -> None:
+        head = [(b"content-type", kind), *headers]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+
+    async def body(piece: bytes) -> bool:
+        """Send a piece; False once the client has gone or time is up."""
+        if gone.is_set() or time.monotonic() > stop:
+            return False
+        await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await asyncio.sleep(0)
+        return True
+
+    async def pieces(first: bytes, piece: bytes, megabytes: float) -> None:
+        sent = 0
+        ok = await body(first)
+        while ok and sent < megabytes * (1 << 20):
+            sent += len(piece)
+            ok = await body(piece)
+
+    async def trickle(first: bytes, every_ms: float) -> None:
+        ok = await body(first)
+        while ok and not await _sleep(every_ms, gone):
+            ok = await body(b"x")
+
+    chunk = b"a" * (64 << 10)
+    if not stream and "endless_body" in options:
+        await start(b"application/json")
+        await pieces(
+            b'{"id": "x", "choices": [{"message": {"content": "', chunk, options["endless_body"]
+        )
+    elif not stream and "gzip_bomb" in options:
+        await start(b"application/json", (b"content-encoding", b"gzip"))
+        packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+        zeros, ok, left = b"0" * (1 << 20), True, int(options["gzip_bomb"])
+        while ok and left > 0:
+            left -= 1
+            ok = await body(packer.compress(zeros) + (packer.flush() if left == 0 else b""))
+    elif not stream and "trickle_body_ms" in options:
+        await start(b"application/json")
+        await trickle(b'{"id": "x", "choices": [', options["trickle_body_ms"])
+    elif stream and "no_newline" in options:
+        await start(b"text/event-stream")
+        await pieces(b"data: ", chunk, options["no_newline"])
+    elif stream and "trickle_ms" in options:
+        await start(b"text/event-stream")
+        role = _sse(
+            {"id": "t", "model": "m", "choices": [{"index": 0, "delta": {"content": "tok"}}]}
+        )
+        await trickle(role + b"data: ", options["trickle_ms"])
+    elif stream and options.get("endless_tokens"):
+        await start(b"text/event-stream")
+        token = {"id": "e", "model": "m", "choices": [{"index": 0, "delta": {"content": "more "}}]}
+        ok, count = True, 0
+        while ok and count < 1_000_000:
+            count += 1
+            ok = await body(_sse(token))
+    else:
+        return False
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    return True
+
+
+def _odd(frame: bytes) -> bytes:
+    r"""`data: {"a": 1, "b": 2}` as `data: {"a": 1,\ndata: \r"b": 2}`: valid JSON once joined."""
+    head, comma, rest = frame.partition(b", ")
+    return head + comma.rstrip() + b"\ndata: \r" + rest if comma else frame
 
 
 async def _sleep(ms: float, gone: asyncio.Event) -> bool:

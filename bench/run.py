@@ -232,7 +232,7 @@ def main() -> None:
     )
     service_cmd = pinned(SERVICE_CPU, [sys.executable, "-m", "uvicorn", "server:app",
                                        "--port", str(service_port), "--no-access-log",
-                                       "--loop", "uvloop", "--http", "httptools",
+                                       "--loop", "uvloop", "--http", "protocol:BoundedHttpTools",
                                        "--backlog", "4096", "--log-level", "warning"])  # fmt: skip
     floor_cmd = pinned(SERVICE_CPU, [sys.executable, "bench/floor.py", "--port", str(floor_port),
                                      "--provider", mock_url + "/v1"])  # fmt: skip

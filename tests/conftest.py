@@ -131,6 +131,8 @@ def start_service(tmp_path: Path, env: dict[str, str]) -> Process:
             "-m",
             "uvicorn",
             "server:app",
+            "--http",
+            "protocol:BoundedHttpTools",
             "--host",
             "127.0.0.1",
             "--port",
