@@ -254,6 +254,23 @@ async def test_schema_violations_are_422_with_the_field(
     assert error["errors"][0]["message"]
 
 
+async def test_json_that_no_parser_takes_is_a_400_that_says_what_is_wrong() -> None:
+    body = b'{"prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}"
+    async with client(openai_app(openai_answer)) as c:
+        r = await c.post("/complete", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_json"
+    assert "number out of range at line 1 column" in r.json()["error"]["message"]
+
+
+async def test_a_422_for_thousands_of_bad_items_stays_small() -> None:
+    body = {"messages": [{"role": "nobody", "content": 1}] * 20_000}
+    async with client(openai_app(openai_answer)) as c:
+        r = await c.post("/v1/chat/completions", json=body)
+    error = r.json()["error"]
+    assert r.status_code == 422 and len(r.content) < 10_000  # was 4 MB
+    assert len(error["errors"]) == 20 and error["message"].endswith("; and 59995 more")
+
+
 async def test_edge_inputs_pass_through_intact() -> None:
     seen: list[dict[str, object]] = []
 
