@@ -33,6 +33,7 @@ RUN useradd --system --uid 10001 --no-create-home --home-dir /nonexistent text-t
 WORKDIR /app
 COPY --from=build /app/.venv /app/.venv
 COPY *.py ./
+COPY dialects/ ./dialects/
 USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=5s --retries=3 \

@@ -1,10 +1,24 @@
-"""The one error shape every route and middleware answers with.
+"""The one error shape every route and middleware answers with, and the errors a
+provider call raises.
 
     {"error": {"type": "...", "message": "...", "request_id": "..."}}
 
 OpenAI's SDKs read `error.message`, `error.type` and `error.code`, so the /v1
 routes can answer in this same shape (with `code` added) and the SDKs still raise
 the right exception class.
+
+A provider call fails with one of these; `provider_api_error` is the one place where
+they become HTTP answers:
+
+    ProviderError               502 upstream_error: an answer we cannot use
+     ├── ProviderTimeout        504 upstream_timeout: no answer within the read timeout
+     ├── ProviderUnavailable    502 upstream_error: no connection, or the provider's 5xx
+     ├── ProviderRateLimited    429 rate_limit_exceeded: the provider is limiting us
+     ├── ProviderRejected       502 upstream_error: the provider refused our credentials
+     └── ProviderBadRequest     400 invalid_request: the provider refused this request
+
+No message carries our provider key: provider messages are redacted, and credential
+failures never quote the provider.
 """
 
 from __future__ import annotations
@@ -15,13 +29,40 @@ from typing import Any
 
 from starlette.types import Scope
 
-import llm
 from jsonio import JSONResponse
 
 REQUEST_ID = "text_tool.request_id"
 # Headers for the response, whatever answers: a list the outermost middleware puts in
 # the scope and adds to the response start, so inner ones need no send wrapper of their own.
 RESPONSE_HEADERS = "text_tool.response_headers"
+
+
+class ProviderError(Exception):
+    """The provider's answer could not be used."""
+
+
+class ProviderTimeout(ProviderError):
+    """The provider did not answer within the read timeout."""
+
+
+class ProviderUnavailable(ProviderError):
+    """No connection to the provider, or it failed on its side (5xx)."""
+
+
+class ProviderRateLimited(ProviderError):
+    """The provider rate-limited us (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ProviderRejected(ProviderError):
+    """The provider refused our credentials (HTTP 401/403)."""
+
+
+class ProviderBadRequest(ProviderError):
+    """The provider refused this request as invalid (HTTP 400, 404, 413, 422...)."""
 
 
 class ApiError(Exception):
@@ -97,13 +138,13 @@ def api_error_response(scope: Scope, exc: ApiError) -> JSONResponse:
     )
 
 
-def provider_api_error(exc: llm.ProviderError) -> ApiError:
+def provider_api_error(exc: ProviderError) -> ApiError:
     """The one place where provider failures become HTTP answers."""
-    if isinstance(exc, llm.ProviderTimeout):
+    if isinstance(exc, ProviderTimeout):
         return ApiError(504, "upstream_timeout", str(exc))
-    if isinstance(exc, llm.ProviderRateLimited):
+    if isinstance(exc, ProviderRateLimited):
         retry = whole_seconds(exc.retry_after_s or 1)
         return ApiError(429, "rate_limit_exceeded", str(exc), headers={"Retry-After": str(retry)})
-    if isinstance(exc, llm.ProviderBadRequest):
+    if isinstance(exc, ProviderBadRequest):
         return ApiError(400, "invalid_request", str(exc))
     return ApiError(502, "upstream_error", str(exc))

@@ -26,7 +26,6 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.utils import floatToGoString
-from starlette.requests import Request
 from starlette.responses import Response
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -166,8 +165,3 @@ class Metrics:
 
     def response(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
-
-
-async def metrics_route(request: Request) -> Response:
-    metrics: Metrics = request.app.state.service.metrics
-    return metrics.response()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,9 @@ from pydantic import BaseModel, Field
 from pydantic.json_schema import models_json_schema
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, Response
-from starlette.routing import Route
 
 from errors import ApiError
 from jsonio import JSONResponse
-from service import route
 
 
 class ErrorDetail(BaseModel):
@@ -339,7 +338,11 @@ async def docs_asset(request: Request) -> Response:
     return FileResponse(static / name, media_type=_ASSETS[name])
 
 
-def routes(body_models: list[type[BaseModel]]) -> list[Route]:
+RouteFunction = Callable[[Request], Awaitable[Response]]
+
+
+def routes(body_models: list[type[BaseModel]]) -> list[tuple[str, RouteFunction, str]]:
+    """(path, function, method) of each route here, for the route table."""
     documents: dict[str, dict[str, Any]] = {}
 
     async def openapi(request: Request) -> Response:
@@ -349,7 +352,7 @@ def routes(body_models: list[type[BaseModel]]) -> list[Route]:
         return JSONResponse(documents[root])
 
     return [
-        route("/openapi.json", openapi, "GET"),
-        route("/docs", docs, "GET"),
-        route("/docs/{name}", docs_asset, "GET"),
+        ("/openapi.json", openapi, "GET"),
+        ("/docs", docs, "GET"),
+        ("/docs/{name}", docs_asset, "GET"),
     ]

@@ -1,6 +1,15 @@
-"""The HTTP service: `create_app()`, the core routes and the error handlers.
+"""The HTTP service: `create_app()` puts the stages together (middleware order, route
+table, error handlers, lifespan); the routes of each wire format are in dialects/.
 
-Run it with `uvicorn server:app`; embed it with `Mount("/llm", app=create_app())`.
+Run it with `uvicorn server:app --http protocol:BoundedHttpTools`; embed it with
+`Mount("/llm", app=create_app())`. `server:app` is made from the environment when
+first asked for, so importing this module for `create_app` changes nothing in the
+host's process.
+
+A request meets, in this order: protocol.py (the connection), requestlog.py, auth.py,
+ratelimit.py, the router, then its route: a dialect decodes the body, admission.py
+admits it, llm.py calls the provider, the dialect encodes the answer (sse.py streams
+it), and the ticket of admission.py accounts for it on the way back.
 """
 
 from __future__ import annotations
@@ -11,27 +20,29 @@ import gc
 import logging
 import signal
 import sys
-import time
-from collections.abc import AsyncGenerator, AsyncIterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
+import admission
 import llm
-import openai_compat
 import openapi
+import sse
+from admission import Admission, Inflight, QuotaStore, UsageStore, caller
 from auth import AuthMiddleware, KeyRing
 from config import Settings, SettingsError
-from errors import ApiError, api_error_response, error_response, provider_api_error, request_id
+from dialects import anthropic_messages, openai_chat, ours
+from errors import ApiError, ProviderError, api_error_response, error_response, provider_api_error
 from jsonio import JSONResponse
 from logs import get_logger
-from metrics import Metrics, metrics_route
+from metrics import Metrics
 from quotas import Quotas
 from ratelimit import (
     Limiter,
@@ -43,85 +54,33 @@ from ratelimit import (
 )
 from redis_store import RedisLimiter, RedisQuotas, RedisUsage, SharedStore
 from requestlog import CALL, RequestContextMiddleware
-from service import (
-    Inflight,
-    JsonInt,
-    QuotaStore,
-    Service,
-    StreamMeter,
-    UsageStore,
-    account,
-    caller,
-    choose_model,
-    note,
-    parse_body,
-    prompt_estimate,
-    provider_call,
-    reserve,
-    route,
-    service,
-    since_ms,
-)
-from streaming import DONE, open_sse, sse_frame
+from timers import CoarseTimers
 from usage import PriceTable, UsageBook
 
 if TYPE_CHECKING:
     import httpx
 
-
-class CompleteBody(BaseModel):
-    """The body of POST /complete and POST /stream."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    prompt: str = Field(min_length=1, max_length=20000)
-    max_tokens: JsonInt = Field(512, ge=1, le=4096)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    model: str | None = Field(None, min_length=1, max_length=200)
-    system: str | None = Field(None, max_length=20000)
+RouteFunction = Callable[[Request], Awaitable[Response]]
 
 
-class StreamText(BaseModel):
-    """One `data:` event of POST /stream."""
+class Endpoint:
+    """A route function as a plain ASGI app. Starlette's adapter for functions wraps
+    every call in one more exception-handling layer (a closure and a `send` wrapper a
+    request), which the app's own ExceptionMiddleware already is."""
 
-    text: str
+    def __init__(self, func: RouteFunction) -> None:
+        self.func = func
 
-
-class StreamUsage(BaseModel):
-    """The `event: usage` of POST /stream."""
-
-    id: str
-    model: str
-    finish_reason: str
-    input_tokens: int
-    output_tokens: int
-    cost_usd: float | None
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = await self.func(Request(scope, receive, send))
+        await response(scope, receive, send)
 
 
-class CompleteResponse(BaseModel):
-    id: str
-    text: str
-    model: str
-    finish_reason: str
-    input_tokens: int
-    output_tokens: int
-    cost_usd: float | None
+def route(path: str, func: RouteFunction, method: str) -> Route:
+    return Route(path, Endpoint(func), methods=[method], name=func.__name__)
 
 
-async def chat_request(request: Request, body: CompleteBody) -> llm.ChatRequest:
-    chat = llm.ChatRequest(
-        model=choose_model(request, body.model),
-        messages=(llm.Message("user", body.prompt),),
-        system=body.system,
-        max_tokens=body.max_tokens,
-        temperature=body.temperature,
-        request_id=request_id(request.scope),
-    )
-    await reserve(request, chat.model, prompt_estimate(chat), chat.max_tokens)
-    return chat
-
-
-# --- routes ---------------------------------------------------------------------------------
+# --- the routes of the service itself -----------------------------------------------
 
 
 async def health(request: Request) -> Response:
@@ -129,75 +88,28 @@ async def health(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
-    svc = service(request)
-    if not svc.ready or svc.draining.shutting_down():
+    state = request.app.state
+    if not state.ready or sse.of(request).draining.shutting_down():
         return error_response(request.scope, 503, "not_ready", "the service is shutting down")
-    store = "memory"
-    if svc.store is not None:
-        store = "redis" if svc.store.healthy else "redis unreachable"
-        if not svc.store.healthy and not svc.store.fail_open:
+    store: SharedStore | None = state.store
+    shown = "memory"
+    if store is not None:
+        shown = "redis" if store.healthy else "redis unreachable"
+        if not store.healthy and not store.fail_open:
             return error_response(
                 request.scope, 503, "store_unavailable", "the rate-limit store is unreachable"
             )
-    return JSONResponse({"status": "ready", "rate_limit_store": store})
+    return JSONResponse({"status": "ready", "rate_limit_store": shown})
 
 
 async def usage(request: Request) -> Response:
     key = caller(request)
-    return JSONResponse(await service(request).usage.report(key.name if key else "anonymous"))
+    return JSONResponse(await admission.of(request).usage.report(key.name if key else "anonymous"))
 
 
-async def complete(request: Request) -> Response:
-    chat = await chat_request(request, await parse_body(request, CompleteBody))
-    started = time.perf_counter()
-    stayed, result = await provider_call(request, lambda: service(request).provider.complete(chat))
-    if not stayed or result is None:
-        return Response(status_code=499)
-    note(request, provider_ms=since_ms(started))
-    cost = account(request, result.model, result.usage, result.finish_reason)
-    return JSONResponse(
-        {
-            "id": result.id,
-            "text": result.text,
-            "model": result.model,
-            "finish_reason": result.finish_reason,
-            "input_tokens": result.usage.input_tokens,
-            "output_tokens": result.usage.output_tokens,
-            "cost_usd": cost,
-        }
-    )
-
-
-async def stream(request: Request) -> Response:
-    chat = await chat_request(request, await parse_body(request, CompleteBody))
-    return await open_sse(request, _frames(request, chat))
-
-
-async def _frames(request: Request, chat: llm.ChatRequest) -> AsyncGenerator[bytes, None]:
-    events = service(request).provider.stream(chat)
-    meter = StreamMeter(request, chat.model, lambda: prompt_estimate(chat))
-    try:
-        async for item in events:
-            if isinstance(item, llm.StreamEnd):
-                cost = meter.settle(item.model, item.usage, item.finish_reason)
-                yield sse_frame(
-                    {
-                        "id": item.id,
-                        "model": item.model,
-                        "finish_reason": item.finish_reason,
-                        "input_tokens": item.usage.input_tokens,
-                        "output_tokens": item.usage.output_tokens,
-                        "cost_usd": cost,
-                    },
-                    event="usage",
-                )
-                yield DONE
-                return
-            yield sse_frame({"text": item})
-            meter.sent += 1
-    finally:
-        await events.aclose()
-        meter.close()
+async def metrics(request: Request) -> Response:
+    collected: Metrics = request.app.state.metrics
+    return collected.response()
 
 
 # --- errors ---------------------------------------------------------------------------------
@@ -209,7 +121,7 @@ async def on_api_error(request: Request, exc: Exception) -> Response:
 
 
 async def on_provider_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, llm.ProviderError)
+    assert isinstance(exc, ProviderError)
     error = provider_api_error(exc)
     request.scope[CALL]["error"] = error.type
     return api_error_response(request.scope, error)
@@ -245,23 +157,13 @@ def create_app(
     client = llm.SharedClient(settings, transport)
     keys = KeyRing.from_settings(settings)
     limiter, quotas, usage_store, store = _stores(settings, logger)
-    svc = Service(
-        settings=settings,
-        provider=llm.make_provider(settings, client),
-        client=client,
-        prices=_prices(settings),
-        keys=keys,
-        limiter=limiter,
-        store=store,
-        usage=usage_store,
-        metrics=Metrics(models=settings.models, keys=keys.names()),
-        inflight=Inflight(settings.max_inflight),
-        quotas=quotas,
-        logger=logger,
-    )
+    metrics_ = Metrics(models=settings.models, keys=keys.names())
     if store is not None:
-        svc.metrics.store_up.set_function(lambda: 1.0 if store.healthy else 0.0)
-    _announce(svc)
+        metrics_.store_up.set_function(lambda: 1.0 if store.healthy else 0.0)
+    chain = llm.make_chain(
+        settings, client, {"openai": openai_chat, "anthropic": anthropic_messages}
+    )
+    _announce(settings, keys, logger)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -270,61 +172,81 @@ def create_app(
             tune_gc()
             tune_logging()
             survive_sighup(logger)
-        svc.ready = True
+        app.state.ready = True
         try:
             yield
         finally:
             if owns_process:
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
-            svc.ready = False
+            app.state.ready = False
             await client.aclose()
             if store is not None:
                 await store.aclose()
-            logger.info("usage totals", extra={"event": "usage_totals", "keys": svc.usage.all()})
+            logger.info("usage totals", extra={"event": "usage_totals", "keys": usage_store.all()})
 
     # The router tries routes in order: the provider calls come first.
-    routes = [
-        route("/complete", complete, "POST"),
-        route("/stream", stream, "POST"),
-        *openai_compat.routes,
-        route("/health", health, "GET"),
-        route("/ready", ready, "GET"),
-        route("/usage", usage, "GET"),
-        route("/metrics", metrics_route, "GET"),
+    table: list[tuple[str, RouteFunction, str]] = [
+        ("/complete", ours.complete, "POST"),
+        ("/stream", ours.stream, "POST"),
+        ("/v1/chat/completions", openai_chat.chat_completions, "POST"),
+        ("/v1/models", openai_chat.list_models, "GET"),
+        ("/health", health, "GET"),
+        ("/ready", ready, "GET"),
+        ("/usage", usage, "GET"),
+        ("/metrics", metrics, "GET"),
         *openapi.routes(
             [
-                CompleteBody,
-                CompleteResponse,
-                StreamText,
-                StreamUsage,
-                openai_compat.ChatCompletionBody,
+                ours.CompleteBody,
+                ours.CompleteResponse,
+                ours.StreamText,
+                ours.StreamUsage,
+                openai_chat.ChatCompletionBody,
             ]
         ),
     ]
-    known_paths = frozenset(r.path for r in routes if isinstance(r, Route))
+    routes = [route(path, func, method) for path, func, method in table]
     app = Starlette(
         routes=routes,
         middleware=[
             Middleware(
                 RequestContextMiddleware,
                 logger=logger,
-                metrics=svc.metrics,
-                known_paths=known_paths,
+                metrics=metrics_,
+                known_paths=frozenset(path for path, _, _ in table),
             ),
-            Middleware(AuthMiddleware, keys=svc.keys),
-            Middleware(RateLimitMiddleware, limiter=svc.limiter, default_rate=settings.rate_limit),
+            Middleware(AuthMiddleware, keys=keys),
+            Middleware(RateLimitMiddleware, limiter=limiter, default_rate=settings.rate_limit),
         ],
         exception_handlers={
             ApiError: on_api_error,
-            llm.ProviderError: on_provider_error,
+            ProviderError: on_provider_error,
             HTTPException: on_http_exception,
             StoreUnavailable: on_store_error,
             StoreBusy: on_store_error,
         },
         lifespan=lifespan,
     )
-    app.state.service = svc
+    # What each stage reads of the app, by its own accessor (admission.of, llm.of, sse.of).
+    app.state.settings = settings
+    app.state.admission = Admission(
+        settings=settings,
+        prices=_prices(settings),
+        quotas=quotas,
+        usage=usage_store,
+        inflight=Inflight(settings.max_inflight),
+        timers=CoarseTimers(),
+    )
+    app.state.chain = chain
+    app.state.streams = sse.Streams(
+        ping_s=settings.ping_interval_s,
+        grace_s=settings.shutdown_grace_s,
+        open_streams=metrics_.open_streams,
+    )
+    app.state.metrics = metrics_
+    app.state.keys = keys
+    app.state.store = store
+    app.state.ready = True  # a mounted app gets no lifespan: it is ready when made
     return app
 
 
@@ -356,16 +278,15 @@ def _prices(settings: Settings) -> PriceTable:
         raise SettingsError(f"PRICES_FILE: cannot use {settings.prices_file}: {exc}") from None
 
 
-def _announce(svc: Service) -> None:
-    settings, logger = svc.settings, svc.logger
+def _announce(settings: Settings, keys: KeyRing, logger: logging.Logger) -> None:
     fields = {
         "event": "start",
         "provider": settings.provider,
         "models": list(settings.models),
-        "keys": len(svc.keys),
+        "keys": len(keys),
         "rate_limit": str(settings.rate_limit),
     }
-    if not len(svc.keys):
+    if not len(keys):
         logger.warning(
             "no API keys configured (API_KEYS, API_KEYS_FILE): every protected route answers 401",
             extra={"event": "no_keys"},
@@ -379,6 +300,9 @@ def _announce(svc: Service) -> None:
         )
     else:
         logger.info("text-tool ready", extra=fields)
+
+
+# --- the process, when it is ours ---------------------------------------------------------
 
 
 def tune_gc() -> None:
@@ -434,4 +358,15 @@ def _app_from_environment() -> Starlette:
     return app
 
 
-app = _app_from_environment()
+_served: Starlette | None = None
+
+
+def __getattr__(name: str) -> Any:
+    """`server.app`, made from the environment on first use (PEP 562): what
+    `uvicorn server:app` asks for."""
+    global _served
+    if name != "app":
+        raise AttributeError(f"module 'server' has no attribute {name!r}")
+    if _served is None:
+        _served = _app_from_environment()
+    return _served

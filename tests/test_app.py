@@ -6,6 +6,8 @@ The provider's network is replaced with an httpx.MockTransport passed to create_
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 
 import httpx
@@ -13,10 +15,11 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
+import chat
 import llm
 from config import Settings
 from server import create_app
-from tests.conftest import AUTH_HEADERS, CLIENT_KEY, PROVIDER_KEY
+from tests.conftest import AUTH_HEADERS, CLIENT_KEY, PROVIDER_KEY, ROOT
 
 pytestmark = pytest.mark.anyio
 
@@ -328,11 +331,11 @@ async def test_an_unexpected_exception_is_a_500_in_the_error_shape() -> None:
     class Broken(llm.Provider):
         name = "broken"
 
-        async def complete(self, request: llm.ChatRequest) -> llm.Completion:
+        async def complete(self, request: chat.Request) -> chat.Completion:
             raise RuntimeError("a bug, with a secret " + PROVIDER_KEY)
 
     app = openai_app(openai_answer)
-    app.state.service.provider = Broken()
+    app.state.chain = llm.Chain(Broken())
     async with client(app) as c:
         r = await c.post("/complete", json={"prompt": "hi"})
     assert r.status_code == 500
@@ -466,3 +469,69 @@ async def test_only_the_app_served_as_server_app_tunes_the_process() -> None:
         gc.unfreeze()
         gc.set_threshold(*before)
         logging.logThreads = logging.logProcesses = logging.logMultiprocessing = True
+
+
+def test_importing_server_for_create_app_changes_nothing_in_the_host() -> None:
+    code = (
+        "import logging, server\n"
+        "assert server._served is None\n"
+        "assert not logging.getLogger('uvicorn.access').disabled\n"
+        "assert not logging.getLogger('text_tool').handlers\n"
+        "server.create_app\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""  # no start line: no app was made
+
+
+def endless_openai(request: httpx.Request) -> httpx.Response:
+    """A provider that streams on whatever max_tokens says (5,000 chunks, no end)."""
+    chunk = {"id": "c", "model": "m", "choices": [{"index": 0, "delta": {"content": "x"}}]}
+    raw = "".join(f"data: {json.dumps(chunk)}\n\n" for _ in range(5000))
+    return httpx.Response(200, content=raw.encode(), headers={"content-type": "text/event-stream"})
+
+
+def endless_anthropic(request: httpx.Request) -> httpx.Response:
+    start = {"type": "message_start", "message": {"id": "msg_1", "model": "m", "usage": {}}}
+    delta = {
+        "type": "content_block_delta",
+        "index": 0,
+        "delta": {"type": "text_delta", "text": "y"},
+    }
+    raw = f"event: message_start\ndata: {json.dumps(start)}\n\n" + "".join(
+        f"event: content_block_delta\ndata: {json.dumps(delta)}\n\n" for _ in range(5000)
+    )
+    return httpx.Response(200, content=raw.encode(), headers={"content-type": "text/event-stream"})
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+async def test_a_stream_past_its_max_tokens_ends_as_length(kind: str) -> None:
+    if kind == "openai":
+        app = openai_app(endless_openai)
+    else:
+        app = create_app(
+            Settings(provider="anthropic", anthropic_api_key=PROVIDER_KEY, api_keys=(CLIENT_KEY,)),
+            transport=httpx.MockTransport(endless_anthropic),
+        )
+    async with client(app) as c:
+        r = await c.post("/stream", json={"prompt": "go on", "max_tokens": 10})
+        report = (await c.get("/usage")).json()
+    events = parse_sse(r.text)
+    texts = [json.loads(d)["text"] for e, d in events if e == "message" and d != "[DONE]"]
+    usage = json.loads(next(d for e, d in events if e == "usage"))
+    assert len(texts) == 2 * 10 + 64  # the cap, not the 5,000 sent
+    assert usage["finish_reason"] == "length" and usage["output_tokens"] == len(texts)
+    assert report["output_tokens"] == len(texts)
+
+
+async def test_a_passed_through_stream_past_its_max_tokens_ends_with_a_length_chunk() -> None:
+    body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 10, "stream": True}
+    async with client(openai_app(endless_openai)) as c:
+        r = await c.post("/v1/chat/completions", json=body)
+    events = parse_sse(r.text)
+    chunks = [json.loads(d) for _, d in events[:-1]]
+    assert events[-1] == ("message", "[DONE]")
+    assert len(chunks) == 2 * 10 + 64 + 1
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"

@@ -2,8 +2,8 @@
 
 The call runs in the request's own task and a watcher, started WATCH_AFTER_S into
 the call, cancels it, so these pin down the cancellation bookkeeping: the
-client leaving is (False, None), anyone else's cancel still propagates, and no cancel
-request is left behind on the task.
+client leaving is ClientDisconnect, anyone else's cancel still propagates, and no
+cancel request is left behind on the task.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import Message
 
-from service import WATCH_AFTER_S, unless_disconnected
+from admission import WATCH_AFTER_S, unless_disconnected
 from timers import CoarseTimers
 
 pytestmark = pytest.mark.anyio
@@ -60,7 +60,7 @@ async def test_a_call_whose_client_stays_returns_its_result() -> None:
         await asyncio.sleep(0.01)
         return "answer"
 
-    assert await unless_disconnected(request, call(), CoarseTimers()) == (True, "answer")
+    assert await unless_disconnected(request.receive, call(), CoarseTimers()) == "answer"
     task = asyncio.current_task()
     assert task is not None and task.cancelling() == 0
 
@@ -81,13 +81,14 @@ async def test_a_client_that_leaves_has_the_call_cancelled() -> None:
 
     asyncio.get_running_loop().call_later(0.05, client.leave)
     async with asyncio.timeout(5):
-        assert await unless_disconnected(request, call(), CoarseTimers()) == (False, None)
+        with pytest.raises(ClientDisconnect):
+            await unless_disconnected(request.receive, call(), CoarseTimers())
     assert cancelled.is_set()
     task = asyncio.current_task()
     assert task is not None and task.cancelling() == 0  # our cancel was taken back
 
 
-async def _serving_a_call_that_hangs(client: Client) -> asyncio.Task[tuple[bool, str | None]]:
+async def _serving_a_call_that_hangs(client: Client) -> asyncio.Task[str]:
     """A request task inside `unless_disconnected`, its provider call under way."""
     request = client.request()
     await _drain_body(request)
@@ -98,8 +99,8 @@ async def _serving_a_call_that_hangs(client: Client) -> asyncio.Task[tuple[bool,
         await asyncio.sleep(30)
         return "never"
 
-    async def serve() -> tuple[bool, str | None]:
-        return await unless_disconnected(request, call(), CoarseTimers())
+    async def serve() -> str:
+        return await unless_disconnected(request.receive, call(), CoarseTimers())
 
     task = asyncio.ensure_future(serve())
     await asyncio.wait_for(started.wait(), 5)
@@ -133,9 +134,9 @@ async def test_the_watcher_does_not_outlive_the_call() -> None:
         await asyncio.sleep(WATCH_AFTER_S + 2 * CoarseTimers().resolution_s)
         return "answer", len(asyncio.all_tasks())
 
-    assert await unless_disconnected(request, call(), CoarseTimers()) == (
-        True,
-        ("answer", len(before) + 1),  # the watcher was running
+    assert await unless_disconnected(request.receive, call(), CoarseTimers()) == (
+        "answer",
+        len(before) + 1,  # the watcher was running
     )
     await asyncio.sleep(0)  # let the cancelled watcher finish
     assert asyncio.all_tasks() == before
@@ -151,5 +152,5 @@ async def test_a_call_answered_quickly_makes_no_watcher_task() -> None:
         await asyncio.sleep(0.01)
         return asyncio.all_tasks()
 
-    stayed, during = await unless_disconnected(request, call(), CoarseTimers())
-    assert stayed and during == before
+    during = await unless_disconnected(request.receive, call(), CoarseTimers())
+    assert during == before

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
 import tracemalloc
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
 
 import aiohttp
 import httpx
@@ -16,8 +18,10 @@ import pytest
 import respx
 from httpx_aiohttp import AiohttpTransport
 
+import chat
 import llm
 from config import Settings, SettingsError
+from dialects import anthropic_messages, openai_chat
 from tests.conftest import PROVIDER_KEY
 from usage import Usage
 
@@ -65,43 +69,64 @@ def mocked(settings: Settings) -> llm.SharedClient:
     return llm.SharedClient(settings, httpx.MockTransport(respx.mock.async_handler))
 
 
+CODECS: dict[str, llm.Codec] = {"openai": openai_chat, "anthropic": anthropic_messages}
+
+
+def chain(settings: Settings) -> llm.Chain:
+    return llm.make_chain(settings, mocked(settings), CODECS)
+
+
 def provider(kind: str, retries: int = 0, **changes: object) -> llm.Provider:
     settings = (
         Settings(provider="openai", openai_api_key=PROVIDER_KEY, max_retries=retries)
         if kind == "openai"
         else Settings(provider="anthropic", anthropic_api_key=PROVIDER_KEY, max_retries=retries)
     ).replace(**changes)
-    return llm.make_provider(settings, mocked(settings))
+    return chain(settings).first
 
 
 def quick_retries(kind: str = "openai", **policy: float) -> llm.HttpProvider:
     settings = Settings(provider="openai", openai_api_key=PROVIDER_KEY)
     retry = llm.RetryPolicy(**{"retries": 2, "base_s": 0.001, **policy})  # type: ignore[arg-type]
-    cls = llm.OpenAIProvider if kind == "openai" else llm.AnthropicProvider
+    codec = CODECS[kind]
     base = "https://api.openai.com/v1" if kind == "openai" else "https://api.anthropic.com"
-    return cls(mocked(settings), base_url=base, api_key=PROVIDER_KEY, retry=retry)
+    return llm.HttpProvider(
+        mocked(settings), name=kind, codec=codec, url=base + codec.PATH,
+        headers=codec.auth_headers(PROVIDER_KEY), secret=PROVIDER_KEY, retry=retry,
+    )  # fmt: skip
 
 
-def request(**changes: object) -> llm.ChatRequest:
-    base: dict[str, object] = {
-        "model": "gpt-4o-mini",
-        "messages": (llm.Message("user", "Say hi"),),
-        "system": "Be brief.",
-        "max_tokens": 20,
-        "temperature": 0.5,
-        "request_id": "req-1",
-    }
-    base.update(changes)
-    return llm.ChatRequest(**base)  # type: ignore[arg-type]
+def request(
+    text: str = "Say hi", system: str | None = "Be brief.", **changes: object
+) -> chat.Request:
+    settings: dict[str, object] = {
+        "model": "gpt-4o-mini", "max_tokens": 20, "temperature": 0.5, "request_id": "req-1",
+        **changes,
+    }  # fmt: skip
+    return chat.user_text(text, system=system, **settings)  # type: ignore[arg-type]
 
 
-async def collect(items: AsyncIterator[str | llm.StreamEnd]) -> tuple[list[str], llm.StreamEnd]:
+@dataclass
+class Ended:
+    """What a stream said of itself: its start's id and model, and its end."""
+
+    id: str
+    model: str
+    finish_reason: str
+    usage: Usage
+
+
+async def collect(events: AsyncIterator[chat.Event]) -> tuple[list[str], Ended]:
     texts: list[str] = []
-    async for item in items:
-        if isinstance(item, llm.StreamEnd):
-            return texts, item
-        texts.append(item)
-    raise AssertionError("stream ended without StreamEnd")
+    start = chat.Start("", "")
+    async for event in events:
+        if isinstance(event, chat.Start):
+            start = event
+        elif isinstance(event, chat.TextDelta):
+            texts.append(event.text)
+        elif isinstance(event, chat.End):
+            return texts, Ended(start.id, start.model, event.finish_reason, event.usage)
+    raise AssertionError("the stream ended without its End")
 
 
 @respx.mock
@@ -140,12 +165,13 @@ async def test_openai_complete_sends_the_chat_body_and_reads_usage() -> None:
     }
     assert sent.headers["authorization"] == f"Bearer {PROVIDER_KEY}"
     assert sent.headers["x-request-id"] == "req-1"
-    assert result == llm.Completion(
+    assert result == chat.Completion(
         id="chatcmpl-9",
         model="gpt-4o-mini-2024-07-18",
-        text="Hi!",
+        parts=(chat.Text("Hi!"),),
         finish_reason="length",
         usage=Usage(input_tokens=10, output_tokens=3, cached_input_tokens=8),
+        native="length",
     )
 
 
@@ -380,7 +406,7 @@ async def test_anthropic_stream_reads_the_event_sequence() -> None:
     texts, end = await collect(provider("anthropic").stream(request(model="claude-haiku-4-5")))
     assert json.loads(route.calls.last.request.content)["stream"] is True
     assert texts == ["Hi", "!\n"]
-    assert end == llm.StreamEnd(
+    assert end == Ended(
         id="msg_2",
         model="claude-haiku-4-5-20251001",
         finish_reason="stop",
@@ -411,7 +437,7 @@ async def test_anthropic_529_overloaded_is_unavailable() -> None:
 
 async def test_echo_answers_with_the_prompts_words_and_exact_counts() -> None:
     echo = llm.EchoProvider()
-    req = request(messages=(llm.Message("user", "one two  three\nfour"),), max_tokens=3)
+    req = request("one two  three\nfour", max_tokens=3)
     result = await echo.complete(req)
     assert result.text == "one two three"
     assert result.finish_reason == "length"
@@ -528,7 +554,7 @@ def test_backoff_is_jittered_exponential_and_honours_retry_after() -> None:
     assert policy.delay(0, llm.ProviderTimeout("x")) is None
 
 
-def fallback_to_anthropic() -> llm.Provider:
+def fallback_to_anthropic() -> llm.Chain:
     settings = Settings(
         provider="openai",
         openai_api_key=PROVIDER_KEY,
@@ -536,7 +562,7 @@ def fallback_to_anthropic() -> llm.Provider:
         fallback_provider="anthropic",
         max_retries=0,
     )
-    return llm.make_provider(settings, mocked(settings))
+    return chain(settings)
 
 
 ANTHROPIC_OK = {
@@ -564,7 +590,12 @@ async def test_a_stream_falls_back_before_its_first_token_only() -> None:
     respx.post(ANTHROPIC).respond(
         200, content=sse(*[f for _, f in ANTHROPIC_STREAM], events=[e for e, _ in ANTHROPIC_STREAM])
     )
-    texts, end = await collect(fallback_to_anthropic().stream(request()))
+    call = request()
+
+    def attempt(p: llm.Provider, model: str) -> Awaitable[tuple[list[str], Ended]]:
+        return collect(p.stream(dataclasses.replace(call, model=model)))
+
+    texts, end = await fallback_to_anthropic().run(call.model, attempt)
     assert texts == ["Hi", "!\n"] and end.model == "claude-haiku-4-5-20251001"
 
 
@@ -694,42 +725,3 @@ async def test_an_answer_that_trickles_in_meets_the_total_deadline() -> None:
     with pytest.raises(llm.ProviderTimeout, match="within 0.5 s"):
         await provider("openai", total_timeout_s=0.5).complete(request())
     assert time.monotonic() - started < 5
-
-
-def endless_openai_stream(count: int) -> bytes:
-    return sse(openai_chunk(""), *(openai_chunk(f"t{i} ") for i in range(count)))
-
-
-@respx.mock
-async def test_a_stream_past_its_max_tokens_is_stopped_as_length() -> None:
-    respx.post(OPENAI).respond(200, content=endless_openai_stream(5000))  # and no end
-    texts, end = await collect(provider("openai").stream(request(max_tokens=10)))
-    assert 10 <= len(texts) <= 2 * 10 + 64
-    assert end.finish_reason == "length" and end.usage.estimated
-    assert end.usage.output_tokens == len(texts)
-
-
-@respx.mock
-async def test_an_anthropic_stream_past_its_max_tokens_is_stopped_as_length() -> None:
-    start = ANTHROPIC_STREAM[:2]
-    delta = {
-        "type": "content_block_delta",
-        "index": 0,
-        "delta": {"type": "text_delta", "text": "x"},
-    }
-    frames = [f for _, f in start] + [delta] * 5000
-    names = [e for e, _ in start] + ["content_block_delta"] * 5000
-    respx.post(ANTHROPIC).respond(200, content=sse(*frames, events=names))
-    texts, end = await collect(provider("anthropic").stream(request(max_tokens=10)))
-    assert 10 <= len(texts) <= 2 * 10 + 64
-    assert end.finish_reason == "length" and end.usage.input_tokens == 12
-
-
-@respx.mock
-async def test_a_passed_through_stream_past_its_max_tokens_ends_with_a_length_chunk() -> None:
-    respx.post(OPENAI).respond(200, content=endless_openai_stream(5000))
-    body = {"model": "gpt-4o-mini", "messages": [], "max_tokens": 10, "stream": True}
-    p = provider("openai")
-    chunks = [obj async for _, obj in p.passthrough_stream(body, None)]
-    assert len(chunks) <= 1 + (2 * 10 + 64) + 1  # the role chunk, the cap, ours
-    assert chunks[-1]["choices"][0]["finish_reason"] == "length"

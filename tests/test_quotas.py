@@ -65,7 +65,7 @@ def client(asgi: Starlette, key: str) -> httpx.AsyncClient:
 
 
 def tokens_in_window(asgi: Starlette) -> float:
-    quotas: Quotas = asgi.state.service.quotas
+    quotas: Quotas = asgi.state.admission.quotas
     return sum(entry[1] for entry in quotas.windows.get("tokens", ()))
 
 

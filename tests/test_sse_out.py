@@ -11,10 +11,11 @@ import pytest
 from starlette.requests import Request
 from starlette.types import Message
 
+import sse
 from config import Settings
+from dialects.ours import StreamEncoder
 from server import create_app
-from service import Service
-from streaming import PING, EventStream
+from sse import PING, EventStream
 
 pytestmark = pytest.mark.anyio
 
@@ -46,12 +47,8 @@ def stream_for(frames: AsyncGenerator[bytes, None], **settings: float) -> EventS
     app = create_app(Settings(**settings))  # type: ignore[arg-type]
     scope = {"type": "http", "app": app, "method": "POST", "path": "/stream", "headers": []}
     scope["text_tool.call"] = {}
-    return EventStream(Request(scope), b"data: first\n\n", frames)
-
-
-def service_of(stream: EventStream) -> Service:
-    svc: Service = stream.request.app.state.service
-    return svc
+    request = Request(scope)
+    return EventStream(sse.of(request), request, b"data: first\n\n", frames, StreamEncoder())
 
 
 async def test_idle_streams_get_pings_and_none_follows_the_end() -> None:
@@ -67,7 +64,7 @@ async def test_idle_streams_get_pings_and_none_follows_the_end() -> None:
     assert bodies[0] == b"data: first\n\n"
     assert PING in bodies[1:-2] and bodies[-2:] == [b"data: second\n\n", b""]
     assert channel.sent[-1]["more_body"] is False
-    assert service_of(stream).metrics.open_streams.value == 0
+    assert sse.of(stream.request).open_streams.value == 0
 
 
 async def hanging(closed: asyncio.Event) -> AsyncGenerator[bytes, None]:
