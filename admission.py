@@ -29,7 +29,6 @@ from config import Settings
 from errors import ApiError
 from quotas import RESERVATION, Hold
 from requestlog import CALL
-from timers import CoarseTimers
 from usage import PriceTable, Usage
 
 T = TypeVar("T")
@@ -144,7 +143,6 @@ class Admission:
     quotas: QuotaStore
     usage: UsageStore
     inflight: Inflight
-    timers: CoarseTimers
 
     # --- the body -------------------------------------------------------------------
 
@@ -169,7 +167,7 @@ class Admission:
         chunks: list[bytes] = []
         size = 0
         try:
-            with self.timers.timeout(timeout_s):
+            async with asyncio.timeout(timeout_s):
                 while True:
                     message = await receive()
                     if message["type"] != "http.request":
@@ -237,7 +235,7 @@ class Admission:
         """A provider call, holding a slot of MAX_INFLIGHT while it runs (503 when none is
         free), and dropped if the client leaves (`ClientDisconnect`)."""
         with self.inflight.slot():
-            return await unless_disconnected(request.receive, awaitable, self.timers)
+            return await unless_disconnected(request.receive, awaitable)
 
 
 def of(request: Request) -> Admission:
@@ -350,14 +348,14 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
-async def unless_disconnected(receive: Receive, awaitable: Awaitable[T], timers: CoarseTimers) -> T:
+async def unless_disconnected(receive: Receive, awaitable: Awaitable[T]) -> T:
     """Await a provider call, but drop it the moment the client goes away (raising
     `ClientDisconnect`): nobody pays for tokens nobody reads.
 
-    The call runs in the request's own task; from WATCH_AFTER_S on (at the resolution
-    of `timers`), one small task waits for the disconnect and cancels it. A call
-    answered sooner never needs that task, and making it was a few percent of a fast
-    request's CPU time in the benchmark's profile."""
+    The call runs in the request's own task; from WATCH_AFTER_S on, one small task
+    waits for the disconnect and cancels it. A call answered sooner never needs that
+    task, and making it was a few percent of a fast request's CPU time in the
+    benchmark's profile."""
     task = asyncio.current_task()
     assert task is not None
     cancelling = task.cancelling()
@@ -374,7 +372,7 @@ async def unless_disconnected(receive: Receive, awaitable: Awaitable[T], timers:
         nonlocal watcher
         watcher = asyncio.get_running_loop().create_task(watch())
 
-    timer = timers.call_later(WATCH_AFTER_S, start_watching)
+    timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, start_watching)
     try:
         result = await awaitable
     except asyncio.CancelledError:

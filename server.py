@@ -54,7 +54,6 @@ from ratelimit import (
 )
 from redis_store import RedisLimiter, RedisQuotas, RedisUsage, SharedStore
 from requestlog import CALL, RequestContextMiddleware
-from timers import CoarseTimers
 from usage import PriceTable, UsageBook
 
 if TYPE_CHECKING:
@@ -235,7 +234,6 @@ def create_app(
         quotas=quotas,
         usage=usage_store,
         inflight=Inflight(settings.max_inflight),
-        timers=CoarseTimers(),
     )
     app.state.chain = chain
     app.state.streams = sse.Streams(

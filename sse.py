@@ -208,7 +208,7 @@ async def respond(
     held = _held(gate.inflight, frames)
     started = time.perf_counter()
     try:
-        first = await admission.unless_disconnected(request.receive, anext(held), gate.timers)
+        first = await admission.unless_disconnected(request.receive, anext(held))
     except BaseException:
         await held.aclose()
         raise

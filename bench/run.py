@@ -8,7 +8,9 @@ on core 1. Runs S1-S7 against the mock directly and through the service with the
 same load generator (wrk for S1 and S2, bench/load.py for the rest), and prints one
 table with both columns and their ratio, then the service's memory. With --floor,
 S1-S4, S6 and S7 also run through bench/floor.py (the same stack with none of the
-service in it), in a third column.
+service in it): the floor on the card's stack (one httpx.AsyncClient over
+AiohttpTransport), with text-tool's ratio to it, and aiohttp called directly beside
+it for reference.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -86,6 +89,25 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+@contextmanager
+def rss_sampled(pid: int, every_s: float = 0.05) -> Iterator[list[float]]:
+    """The process's resident memory, read every `every_s` while the block runs."""
+    samples: list[float] = [rss_mb(pid)]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(every_s):
+            samples.append(rss_mb(pid))
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield samples
+    finally:
+        done.set()
+        thread.join(timeout=5)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -234,16 +256,19 @@ def main() -> None:
                                        "--port", str(service_port), "--no-access-log",
                                        "--loop", "uvloop", "--http", "protocol:BoundedHttpTools",
                                        "--backlog", "4096", "--log-level", "warning"])  # fmt: skip
-    floor_cmd = pinned(SERVICE_CPU, [sys.executable, "bench/floor.py", "--port", str(floor_port),
-                                     "--provider", mock_url + "/v1"])  # fmt: skip
-    rows: list[tuple[str, str, float, float, float | None]] = []
+    aiohttp_port = free_port()
 
-    def row(
-        name: str, metric: str, direct: float, service: float, floor: float | None = None
-    ) -> None:
-        rows.append((name, metric, direct, service, floor))
-        shown = "" if floor is None else f" {floor:>10.2f}"
-        print(f"  {name:<4} {metric:<26} {direct:>10.2f} {service:>10.2f}{shown}", flush=True)
+    def floor_cmd(port: int, client: str) -> list[str]:
+        command = [sys.executable, "bench/floor.py", "--port", str(port),
+                   "--provider", mock_url + "/v1", "--client", client]  # fmt: skip
+        return pinned(SERVICE_CPU, command)
+
+    rows: list[tuple[str, str, list[float]]] = []
+
+    def row(name: str, metric: str, *figures: float) -> None:
+        rows.append((name, metric, list(figures)))
+        shown = " ".join(f"{f:>10.2f}" for f in figures)
+        print(f"  {name:<4} {metric:<26} {shown}", flush=True)
 
     with contextlib.ExitStack() as running:
         running.enter_context(process(mock_cmd, mock_url + "/_stats"))
@@ -252,9 +277,10 @@ def main() -> None:
         both = (direct, service)
         columns: list[tuple[Target, int | None]] = [(direct, None), (service, pid)]
         if args.floor:
-            floor_url = f"http://127.0.0.1:{floor_port}"
-            floor_pid = running.enter_context(process(floor_cmd, floor_url + "/health"))
-            columns.append((Target("floor", floor_url, False), floor_pid))
+            for port, client in ((floor_port, "httpx"), (aiohttp_port, "aiohttp")):
+                url = f"http://127.0.0.1:{port}"
+                floor_pid = running.enter_context(process(floor_cmd(port, client), url + "/health"))
+                columns.append((Target(f"floor-{client}", url, False), floor_pid))
         httpx.post(service_url + "/complete", json={"prompt": "warm"}, headers={"X-API-Key": KEY})
         idle_mb = rss_mb(pid)
 
@@ -313,7 +339,13 @@ def main() -> None:
         row("S6", "failures", *(failures(r) for r in s6r))
 
         many = mock_prompt(tokens=200, token_delay_ms=10)
-        s7r = [scenario_load(t, many, stream=True, concurrency=s7, requests=s7) for t, _ in columns]
+        s7r = []
+        for t, _ in columns:
+            with rss_sampled(pid) if t is service else contextlib.nullcontext([0.0]) as sampled:
+                before_s7 = rss_mb(pid)
+                s7r.append(scenario_load(t, many, stream=True, concurrency=s7, requests=s7))
+            if t is service:
+                per_stream_kb = (max(sampled) - before_s7) * 1024 / s7
         row("S7", f"{s7} streams: TTFT p99 ms", *(ttft_p99(r) for r in s7r))
         row("S7", f"{s7} streams: wall s", *(wall(r) for r in s7r))
         row("S7", "failures", *(failures(r) for r in s7r))
@@ -324,20 +356,35 @@ def main() -> None:
 
     print()
     if args.floor:
-        print("| scenario | metric | mock direct | text-tool | ratio | floor | ratio | vs floor |")
+        print("| scenario | metric | mock direct | text-tool | vs direct | floor (httpx) "
+              "| text-tool vs floor | aiohttp floor |")  # fmt: skip
         print("|---|---|---|---|---|---|---|---|")
     else:
         print("| scenario | metric | mock direct | text-tool | ratio |")
         print("|---|---|---|---|---|")
-    for name, metric, d, s, f in rows:
+    for name, metric, values in rows:
+        d, s = values[0], values[1]
         line = f"| {name} | {metric} | {d:,.2f} | {s:,.2f} | {ratio(s, d)} |"
         if args.floor:
-            line += " - | - | - |" if f is None else f" {f:,.2f} | {ratio(f, d)} | {ratio(s, f)} |"
+            if len(values) > 2:
+                f, a = values[2], values[3]
+                line += f" {f:,.2f} | {ratio(s, f)} | {a:,.2f} |"
+            else:
+                line += " - | - | - |"
         print(line)
-    print(f"\nservice resident memory: idle {idle_mb:.0f} MB, peak {peak_mb:.0f} MB")
+    print(f"\nservice resident memory: idle {idle_mb:.0f} MB, peak {peak_mb:.0f} MB, "
+          f"{per_stream_kb:.0f} KB per open stream during S7")  # fmt: skip
     if args.json:
         args.json.write_text(
-            json.dumps({"rows": rows, "idle_mb": idle_mb, "peak_mb": peak_mb}, indent=2)
+            json.dumps(
+                {
+                    "rows": rows,
+                    "idle_mb": idle_mb,
+                    "peak_mb": peak_mb,
+                    "per_stream_kb": per_stream_kb,
+                },
+                indent=2,
+            )  # fmt: skip
         )
 
 

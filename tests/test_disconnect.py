@@ -15,7 +15,6 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.types import Message
 
 from admission import WATCH_AFTER_S, unless_disconnected
-from timers import CoarseTimers
 
 pytestmark = pytest.mark.anyio
 
@@ -60,7 +59,7 @@ async def test_a_call_whose_client_stays_returns_its_result() -> None:
         await asyncio.sleep(0.01)
         return "answer"
 
-    assert await unless_disconnected(request.receive, call(), CoarseTimers()) == "answer"
+    assert await unless_disconnected(request.receive, call()) == "answer"
     task = asyncio.current_task()
     assert task is not None and task.cancelling() == 0
 
@@ -82,7 +81,7 @@ async def test_a_client_that_leaves_has_the_call_cancelled() -> None:
     asyncio.get_running_loop().call_later(0.05, client.leave)
     async with asyncio.timeout(5):
         with pytest.raises(ClientDisconnect):
-            await unless_disconnected(request.receive, call(), CoarseTimers())
+            await unless_disconnected(request.receive, call())
     assert cancelled.is_set()
     task = asyncio.current_task()
     assert task is not None and task.cancelling() == 0  # our cancel was taken back
@@ -100,11 +99,11 @@ async def _serving_a_call_that_hangs(client: Client) -> asyncio.Task[str]:
         return "never"
 
     async def serve() -> str:
-        return await unless_disconnected(request.receive, call(), CoarseTimers())
+        return await unless_disconnected(request.receive, call())
 
     task = asyncio.ensure_future(serve())
     await asyncio.wait_for(started.wait(), 5)
-    await asyncio.sleep(WATCH_AFTER_S + 2 * CoarseTimers().resolution_s)  # the watcher is on
+    await asyncio.sleep(2 * WATCH_AFTER_S)  # the watcher is on
     return task
 
 
@@ -131,10 +130,10 @@ async def test_the_watcher_does_not_outlive_the_call() -> None:
     before = asyncio.all_tasks()
 
     async def call() -> tuple[str, int]:
-        await asyncio.sleep(WATCH_AFTER_S + 2 * CoarseTimers().resolution_s)
+        await asyncio.sleep(2 * WATCH_AFTER_S)
         return "answer", len(asyncio.all_tasks())
 
-    assert await unless_disconnected(request.receive, call(), CoarseTimers()) == (
+    assert await unless_disconnected(request.receive, call()) == (
         "answer",
         len(before) + 1,  # the watcher was running
     )
@@ -152,5 +151,5 @@ async def test_a_call_answered_quickly_makes_no_watcher_task() -> None:
         await asyncio.sleep(0.01)
         return asyncio.all_tasks()
 
-    during = await unless_disconnected(request.receive, call(), CoarseTimers())
+    during = await unless_disconnected(request.receive, call())
     assert during == before
