@@ -70,8 +70,8 @@ class Inflight:
         self.limit = limit
         self.count = 0
 
-    @contextlib.contextmanager
-    def slot(self) -> Iterator[None]:
+    def take(self) -> None:
+        """A slot, or 503 at once; `give` it back when the call ends."""
         if self.count >= self.limit:
             raise ApiError(
                 503,
@@ -80,10 +80,17 @@ class Inflight:
                 headers={"Retry-After": "1"},
             )
         self.count += 1
+
+    def give(self) -> None:
+        self.count -= 1
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        self.take()
         try:
             yield
         finally:
-            self.count -= 1
+            self.give()
 
 
 def caller(request: Request) -> ApiKey | None:

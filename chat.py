@@ -12,6 +12,7 @@ them elsewhere (Anthropic's top-level `system`) moves them when it encodes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -140,6 +141,11 @@ def user_text(text: str, *, model: str, system: str | None = None, **settings: A
 
 def new_id(prefix: str = "cmpl-") -> str:
     return prefix + os.urandom(16).hex()  # as random as uuid4().hex, at a fifth of the cost
+
+
+def with_model(request: Request, model: str) -> Request:
+    """The request for another model (a fallback's)."""
+    return request if request.model == model else dataclasses.replace(request, model=model)
 
 
 def estimate_tokens(text: str) -> int:

@@ -204,28 +204,17 @@ async def respond(
     it propagate as exceptions, for the HTTP error handlers (or the fallback). It holds
     a slot of MAX_INFLIGHT from its first frame to its last, and is dropped if the
     client leaves meanwhile (`ClientDisconnect`)."""
-    gate = admission.of(request)
-    held = _held(gate.inflight, frames)
+    inflight = admission.of(request).inflight
+    inflight.take()
     started = time.perf_counter()
     try:
-        first = await admission.unless_disconnected(request.receive, anext(held))
+        first = await admission.unless_disconnected(request.receive, anext(frames))
     except BaseException:
-        await held.aclose()
+        inflight.give()
+        await frames.aclose()
         raise
     admission.note(request, ttft_ms=admission.since_ms(started))
-    return EventStream(of(request), request, first, held, encoder)
-
-
-async def _held(
-    inflight: admission.Inflight, frames: AsyncGenerator[bytes, None]
-) -> AsyncGenerator[bytes, None]:
-    """`frames`, holding a provider-call slot from the first frame to the last."""
-    with inflight.slot():
-        try:
-            async for piece in frames:
-                yield piece
-        finally:
-            await frames.aclose()
+    return EventStream(of(request), request, first, frames, encoder, inflight.give)
 
 
 class Draining:
@@ -284,8 +273,10 @@ class EventStream(Response):
         first: bytes,
         frames: AsyncGenerator[bytes, None],
         encoder: Encoder,
+        done: Callable[[], None] = lambda: None,
     ) -> None:
         self.request = request
+        self.done = done  # gives back the provider-call slot
         self.first = first
         self.frames = frames
         self.encoder = encoder
@@ -308,12 +299,19 @@ class EventStream(Response):
         cancelling = task.cancelling()
         loop = asyncio.get_running_loop()
         companion: asyncio.Task[None] | None = None
+
+        def start_companion() -> None:
+            nonlocal companion
+            companion = loop.create_task(self._companion(receive, send))
+
+        # The companion starts a moment into the stream: a short one never needs it,
+        # and one that starts with many others does not make it in the same turn.
+        timer = loop.call_later(admission.WATCH_AFTER_S, start_companion)
         self.draining.add(self)
         self.open_streams.inc()
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             self._last_sent = loop.time()
-            companion = loop.create_task(self._companion(receive, send))
             piece: bytes | None = self.first
             try:
                 while piece is not None:
@@ -330,11 +328,15 @@ class EventStream(Response):
                 await self._send_error(
                     send, ApiError(503, "not_ready", "the service is shutting down; stream cut")
                 )
-            companion.cancel()  # before the last message: no ping may follow it
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
+            timer.cancel()  # before the last message: no ping may follow it
             if companion is not None:
                 companion.cancel()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            timer.cancel()
+            if companion is not None:
+                companion.cancel()
+            self.done()
             if self._deadline is not None:
                 self._deadline.cancel()
             self.draining.discard(self)

@@ -3,7 +3,7 @@
 A raw asyncio HTTP/1.1 client (no framework, one connection per in-flight request)
 so that one core can drive thousands of calls and streams: fixed concurrency, a
 bounded number of requests and a time limit, SSE-aware (time to first token is the
-arrival of the first `data:` line). Prints p50/p90/p99, throughput and failures by
+arrival of the first `data:` line with text in it). Prints p50/p90/p99, throughput and failures by
 status.
 
     python bench/load.py URL --path /complete --body '{"prompt": "hi"}' -c 64 -n 5000
@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 @dataclass
 class Result:
     latencies: list[float] = field(default_factory=list)  # seconds to the last byte
-    ttfts: list[float] = field(default_factory=list)  # seconds to the first data: line
+    ttfts: list[float] = field(default_factory=list)  # seconds to the first token
     statuses: Counter[int | str] = field(default_factory=Counter)
     wall: float = 0.0
 
@@ -68,6 +68,21 @@ async def _read_headers(reader: asyncio.StreamReader) -> tuple[int, dict[str, st
     return status, headers
 
 
+def carries_text(chunk: bytes) -> bool:
+    """Whether a piece of an event stream has a first token in it: the text of our
+    own /stream, or a Chat Completions delta with content (not the role chunk that
+    comes first, with an empty one)."""
+    for line in chunk.split(b"\n"):
+        if not line.startswith(b"data: {"):
+            continue
+        data = json.loads(line[6:])
+        if data.get("text"):
+            return True
+        if any((c.get("delta") or {}).get("content") for c in data.get("choices") or ()):
+            return True
+    return False
+
+
 async def one_request(
     host: str, port: int, request: bytes, stream: bool, result: Result, leave_after: int
 ) -> None:
@@ -85,7 +100,7 @@ async def one_request(
                     break
                 chunk = await reader.readexactly(size + 2)
                 if stream and b"data:" in chunk:
-                    if first is None:
+                    if first is None and carries_text(chunk):
                         first = time.perf_counter()
                     seen += chunk.count(b"data:")
                     if leave_after and seen >= leave_after:

@@ -231,8 +231,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs, smaller S6/S7")
     parser.add_argument("--json", type=Path, help="also write the figures here")
-    parser.add_argument("--floor", action="store_true", help="a third column: bench/floor.py")
+    parser.add_argument("--floor", action="store_true", help="columns for bench/floor.py")
+    parser.add_argument(
+        "--service-python",
+        default=sys.executable,
+        help="the Python of the service and floors: a production environment's "
+        "(uv sync --no-dev) shows the memory a deployment has",
+    )
     args = parser.parse_args()
+    python = args.service_python
     seconds = 3 if args.quick else 6
     s6, s7 = (500, 300) if args.quick else (2000, 1000)
 
@@ -252,14 +259,14 @@ def main() -> None:
     mock_cmd = pinned(
         LOAD_CPU, [sys.executable, "bench/mock_provider.py", "--port", str(mock_port)]
     )
-    service_cmd = pinned(SERVICE_CPU, [sys.executable, "-m", "uvicorn", "server:app",
+    service_cmd = pinned(SERVICE_CPU, [python, "-m", "uvicorn", "server:app",
                                        "--port", str(service_port), "--no-access-log",
                                        "--loop", "uvloop", "--http", "protocol:BoundedHttpTools",
                                        "--backlog", "4096", "--log-level", "warning"])  # fmt: skip
     aiohttp_port = free_port()
 
     def floor_cmd(port: int, client: str) -> list[str]:
-        command = [sys.executable, "bench/floor.py", "--port", str(port),
+        command = [python, "bench/floor.py", "--port", str(port),
                    "--provider", mock_url + "/v1", "--client", client]  # fmt: skip
         return pinned(SERVICE_CPU, command)
 
@@ -342,10 +349,11 @@ def main() -> None:
         s7r = []
         for t, _ in columns:
             with rss_sampled(pid) if t is service else contextlib.nullcontext([0.0]) as sampled:
-                before_s7 = rss_mb(pid)
                 s7r.append(scenario_load(t, many, stream=True, concurrency=s7, requests=s7))
             if t is service:
-                per_stream_kb = (max(sampled) - before_s7) * 1024 / s7
+                # An upper bound: what S7 took above the idle process, whatever an
+                # earlier scenario left allocated.
+                per_stream_kb = (max(sampled) - idle_mb) * 1024 / s7
         row("S7", f"{s7} streams: TTFT p99 ms", *(ttft_p99(r) for r in s7r))
         row("S7", f"{s7} streams: wall s", *(wall(r) for r in s7r))
         row("S7", "failures", *(failures(r) for r in s7r))

@@ -11,7 +11,6 @@ it, never silently dropped.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import AsyncGenerator, Iterable
 from typing import Annotated, Any, Literal
@@ -321,7 +320,7 @@ async def chat_completions(request: Request) -> Response:
                 "invalid_request",
                 f"{', '.join(lost)} cannot be translated for the {provider.name} provider",
             )
-        translated = dataclasses.replace(call, model=model)
+        translated = chat.with_model(call, model)
         if body.stream:
             encoder = StreamEncoder(model, include_usage)
             frames = sse.relay(ticket, provider.stream(translated), encoder)

@@ -11,7 +11,6 @@ Server-Sent Events), as the contract in DESIGN.md fixes them.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -139,7 +138,7 @@ async def stream(request: Request) -> Response:
 
     async def attempt(provider: llm.Provider, model: str) -> Response:
         encoder = StreamEncoder()
-        events = provider.stream(dataclasses.replace(call, model=model))
+        events = provider.stream(chat.with_model(call, model))
         return await sse.respond(request, sse.relay(ticket, events, encoder), encoder)
 
     return await llm.of(request).run(call.model, attempt)
