@@ -524,11 +524,22 @@ class HttpProvider(Provider):
             await _close(response)
 
 
+_CLOSED = httpx.ByteStream(b"")
+
+
 async def _close(response: httpx.Response) -> None:
     """Close an answer (an unfinished one's connection is dropped, not pooled); a
-    failure to close is no news to anyone."""
+    failure to close is no news to anyone.
+
+    httpx's client wraps each answer's stream in one that points back at the answer,
+    for its `elapsed`: a reference cycle of 18 objects a call (the request and its
+    body among them), which only the cyclic collector frees. With thousands of calls
+    a second the young generation filled with them, and each of its collections held
+    the event loop for 4 ms (a p99 of 3 ms at one request at a time). The closed
+    answer's stream is dropped, so reference counting frees the call at once."""
     with contextlib.suppress(httpx.TransportError, aiohttp.ClientError, OSError):
         await response.aclose()
+    response.stream = _CLOSED
 
 
 def estimated_usage(request: chat.Request, output_tokens: int) -> Usage:
