@@ -291,7 +291,7 @@ class Ticket:
         self.settled = False
         self.started = time.perf_counter()
 
-    def counts(self, delta: chat.TextDelta | chat.ToolCallDelta | chat.ReasoningDelta) -> bool:
+    def counts(self, delta: chat.Delta) -> bool:
         """Count a delta about to be relayed; False once the stream is past its cap,
         which is logged."""
         size = len(delta.arguments) if isinstance(delta, chat.ToolCallDelta) else len(delta.text)

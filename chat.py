@@ -13,6 +13,7 @@ them elsewhere (Anthropic's top-level `system`) moves them when it encodes.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -36,6 +37,14 @@ class Image:
 
     url: str
     detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """A document (a PDF) by URL: https, or a `data:` URL carrying it as base64."""
+
+    url: str
+    name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +80,7 @@ class Refusal:
     text: str
 
 
-Part = Text | Image | ToolCall | ToolResult | Reasoning | Refusal
+Part = Text | Image | Document | ToolCall | ToolResult | Reasoning | Refusal
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 
@@ -111,7 +120,10 @@ class ResponseFormat:
 
 @dataclass(frozen=True, slots=True)
 class ReasoningConfig:
-    effort: str | None = None  # "low", "medium", "high"...
+    """Reasoning asked for: by effort ("minimal", "low", "medium", "high"...) or by a
+    budget of tokens; `enabled` False turns it off."""
+
+    effort: str | None = None
     budget_tokens: int | None = None
     enabled: bool = True
 
@@ -131,6 +143,7 @@ class Request:
     reasoning: ReasoningConfig | None = None
     user: str | None = None
     request_id: str | None = None
+    dropped: tuple[str, ...] = ()  # advisory fields of the client's body, not carried
 
 
 def user_text(text: str, *, model: str, system: str | None = None, **settings: Any) -> Request:
@@ -141,6 +154,13 @@ def user_text(text: str, *, model: str, system: str | None = None, **settings: A
 
 def new_id(prefix: str = "cmpl-") -> str:
     return prefix + os.urandom(16).hex()  # as random as uuid4().hex, at a fifth of the cost
+
+
+def shortened(legal: str, original: str, most: int) -> str:
+    """`legal` cut to at most `most` characters with a suffix made from `original`:
+    the same original always gives the same name, so a translation needs no state."""
+    suffix = "_" + hashlib.sha256(original.encode()).hexdigest()[:8]
+    return legal[: most - len(suffix)] + suffix
 
 
 def with_model(request: Request, model: str) -> Request:
@@ -206,8 +226,18 @@ class ToolCallDelta:
 
 @dataclass(frozen=True, slots=True)
 class ReasoningDelta:
+    """Reasoning text, or (once the block is done) its signature, or a block whose
+    content only its origin can read (`opaque`), tagged with that origin."""
+
     text: str = ""
     signature: str | None = None
+    opaque: str | None = None
+    origin: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RefusalDelta:
+    text: str
 
 
 FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter")
@@ -224,7 +254,8 @@ class End:
     stop_sequence: str | None = None
 
 
-Event = Start | TextDelta | ToolCallStart | ToolCallDelta | ReasoningDelta | End
+Event = Start | TextDelta | ToolCallStart | ToolCallDelta | ReasoningDelta | RefusalDelta | End
+Delta = TextDelta | ToolCallDelta | ReasoningDelta | RefusalDelta  # what a stream is made of
 
 
 # --- a whole answer ------------------------------------------------------------------
@@ -245,7 +276,8 @@ class Completion:
 
 
 class Gatherer:
-    """Events into the completion they add up to."""
+    """Events into the completion they add up to: runs of text, reasoning blocks (a
+    signature or opaque content closes one), refusals, then the tool calls in order."""
 
     def __init__(self) -> None:
         self.id = ""
@@ -253,44 +285,57 @@ class Gatherer:
         self.parts: list[Part] = []
         self._text: list[str] = []
         self._reasoning: list[str] = []
-        self._signature: str | None = None
+        self._origin: str | None = None
+        self._refusal: list[str] = []
         self._calls: dict[int, list[str]] = {}  # index -> [id, name, arguments...]
         self.end: End | None = None
 
     def add(self, event: Event) -> None:
         if isinstance(event, TextDelta):
-            self._flush_reasoning()
+            self._flush(text=False)
             self._text.append(event.text)
-        elif isinstance(event, Start):
-            self.id, self.model = event.id, event.model
         elif isinstance(event, ReasoningDelta):
-            self._flush_text()
+            self._flush(reasoning=False)
             self._reasoning.append(event.text)
-            self._signature = event.signature or self._signature
+            self._origin = event.origin or self._origin
+            if event.signature is not None or event.opaque is not None:
+                self.parts.append(
+                    Reasoning(
+                        "".join(self._reasoning),
+                        signature=event.signature,
+                        opaque=event.opaque,
+                        origin=self._origin,
+                    )
+                )
+                self._reasoning, self._origin = [], None
+        elif isinstance(event, RefusalDelta):
+            self._flush(refusal=False)
+            self._refusal.append(event.text)
         elif isinstance(event, ToolCallStart):
-            self._flush_text()
-            self._flush_reasoning()
+            self._flush()
             self._calls[event.index] = [event.id, event.name]
         elif isinstance(event, ToolCallDelta):
             self._calls.setdefault(event.index, ["", ""]).append(event.arguments)
+        elif isinstance(event, Start):
+            self.id, self.model = event.id, event.model
         elif isinstance(event, End):
             self.end = event
 
-    def _flush_text(self) -> None:
-        if self._text:
+    def _flush(self, *, text: bool = True, reasoning: bool = True, refusal: bool = True) -> None:
+        if reasoning and (self._reasoning or self._origin):
+            self.parts.append(Reasoning("".join(self._reasoning), origin=self._origin))
+            self._reasoning, self._origin = [], None
+        if text and self._text:
             self.parts.append(Text("".join(self._text)))
             self._text = []
-
-    def _flush_reasoning(self) -> None:
-        if self._reasoning or self._signature:
-            self.parts.append(Reasoning("".join(self._reasoning), signature=self._signature))
-            self._reasoning, self._signature = [], None
+        if refusal and self._refusal:
+            self.parts.append(Refusal("".join(self._refusal)))
+            self._refusal = []
 
     def completion(self) -> Completion:
         if self.end is None:
             raise ValueError("the events ended before the answer did")
-        self._flush_reasoning()
-        self._flush_text()
+        self._flush()
         for _, (call_id, name, *arguments) in sorted(self._calls.items()):
             self.parts.append(ToolCall(call_id, name, "".join(arguments) or "{}"))
         return Completion(
@@ -318,7 +363,14 @@ def events_of(completion: Completion) -> Iterable[Event]:
         if isinstance(part, Text):
             yield TextDelta(part.text)
         elif isinstance(part, Reasoning):
-            yield ReasoningDelta(part.text, part.signature)
+            if part.text:
+                yield ReasoningDelta(part.text, origin=part.origin)
+            if part.signature is not None or part.opaque is not None:
+                yield ReasoningDelta(
+                    signature=part.signature, opaque=part.opaque, origin=part.origin
+                )
+        elif isinstance(part, Refusal):
+            yield RefusalDelta(part.text)
         elif isinstance(part, ToolCall):
             yield ToolCallStart(calls, part.id, part.name)
             yield ToolCallDelta(calls, part.arguments)

@@ -76,6 +76,7 @@ class ApiError(Exception):
         *,
         headers: Mapping[str, str] | None = None,
         errors: Sequence[Mapping[str, str]] | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -83,6 +84,9 @@ class ApiError(Exception):
         self.message = message
         self.headers = dict(headers or {})
         self.errors = list(errors) if errors is not None else None
+        self.param = (
+            param if param is not None else (self.errors[0]["field"] if self.errors else None)
+        )
 
 
 def whole_seconds(seconds: float) -> int:
@@ -106,13 +110,14 @@ def error_body(
     type_: str,
     message: str,
     errors: Sequence[Mapping[str, str]] | None = None,
+    param: str | None = None,
 ) -> dict[str, Any]:
     error: dict[str, Any] = {"type": type_, "message": message, "request_id": request_id(scope)}
     if errors is not None:
         error["errors"] = list(errors)
     if relative_path(scope).startswith("/v1/"):
         error["code"] = type_
-        error["param"] = errors[0]["field"] if errors else None
+        error["param"] = param if param is not None else (errors[0]["field"] if errors else None)
     return {"error": error}
 
 
@@ -124,9 +129,10 @@ def error_response(
     *,
     headers: Mapping[str, str] | None = None,
     errors: Sequence[Mapping[str, str]] | None = None,
+    param: str | None = None,
 ) -> JSONResponse:
     return JSONResponse(
-        error_body(scope, type_, message, errors),
+        error_body(scope, type_, message, errors, param),
         status_code=status,
         headers=dict(headers or {}),
     )
@@ -134,7 +140,13 @@ def error_response(
 
 def api_error_response(scope: Scope, exc: ApiError) -> JSONResponse:
     return error_response(
-        scope, exc.status, exc.type, exc.message, headers=exc.headers, errors=exc.errors
+        scope,
+        exc.status,
+        exc.type,
+        exc.message,
+        headers=exc.headers,
+        errors=exc.errors,
+        param=exc.param,
     )
 
 

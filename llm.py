@@ -39,9 +39,11 @@ from httpx_aiohttp import AiohttpTransport
 
 import chat
 import jsonio
+import schemas
 from config import Settings
 from dialects import error_message, json_object
 from errors import (
+    ApiError,
     ProviderBadRequest,
     ProviderError,
     ProviderRateLimited,
@@ -304,11 +306,15 @@ class Codec(Protocol):
 
     def auth_headers(self, key: str) -> dict[str, str]: ...
 
-    def encode_request(self, request: chat.Request, *, stream: bool) -> dict[str, Any]: ...
+    def encode_request(
+        self, request: chat.Request, *, stream: bool, origin: str = ""
+    ) -> dict[str, Any]: ...
 
-    def decode_response(self, data: dict[str, Any], request: chat.Request) -> chat.Completion: ...
+    def decode_response(
+        self, data: dict[str, Any], request: chat.Request, origin: str = ""
+    ) -> chat.Completion: ...
 
-    def stream_decoder(self, request: chat.Request) -> StreamDecoder: ...
+    def stream_decoder(self, request: chat.Request, origin: str = "") -> StreamDecoder: ...
 
 
 class Provider:
@@ -345,6 +351,8 @@ class HttpProvider(Provider):
         self.name = name
         self.codec = codec
         self.wire = codec.WIRE
+        # What reasoning only this provider can read back (signed, encrypted) is tagged with.
+        self.origin = f"{name}:{url.removesuffix(codec.PATH)}"
         self._client = client
         self._url = httpx.URL(url)  # parsed once, not per call
         # Built once: httpx normalises every header it is given.
@@ -362,9 +370,10 @@ class HttpProvider(Provider):
     # --- translated through the hub ---------------------------------------------------
 
     async def complete(self, request: chat.Request) -> chat.Completion:
-        data = await self.post(self.codec.encode_request(request, stream=False), request.request_id)
+        body = self.codec.encode_request(request, stream=False, origin=self.origin)
+        data = await self.post(body, request.request_id)
         try:
-            completion = self.codec.decode_response(data, request)
+            completion = self.codec.decode_response(data, request, self.origin)
         except ProviderError as exc:
             raise self.redacted(exc) from None
         if completion.usage.estimated:  # the provider reported none
@@ -373,8 +382,8 @@ class HttpProvider(Provider):
         return completion
 
     async def stream(self, request: chat.Request) -> AsyncGenerator[chat.Event, None]:
-        body = self.codec.encode_request(request, stream=True)
-        decoder = self.codec.stream_decoder(request)
+        body = self.codec.encode_request(request, stream=True, origin=self.origin)
+        decoder = self.codec.stream_decoder(request, self.origin)
         deltas = 0
         try:
             async with self.open_stream(body, request.request_id) as events:
@@ -558,22 +567,75 @@ def estimated_usage(request: chat.Request, output_tokens: int) -> Usage:
 
 
 class EchoProvider(Provider):
-    """Answers with the last message's words, one word a token, so counts are exact."""
+    """No network, honest counts: it answers with the last message's words, one word a
+    token. Asked for a tool (offered tools and a user's turn, or forced to one), it
+    calls it with arguments made from the tool's JSON Schema; after a tool's result,
+    it answers with the result's words; asked for a JSON schema, its text is a JSON
+    document valid against it. So every client library can be tried offline."""
 
     name = "echo"
 
     async def stream(self, request: chat.Request) -> AsyncGenerator[chat.Event, None]:
-        prompt = request.messages[-1].text() if request.messages else ""
+        last = request.messages[-1] if request.messages else chat.Message("user", ())
+        prompt = last.text() or " ".join(
+            p.text for r in last.parts if isinstance(r, chat.ToolResult) for p in r.content
+            if isinstance(p, chat.Text)
+        )  # fmt: skip
+        input_words = sum(len(m.text().split()) for m in request.messages)
+        yield chat.Start(chat.new_id(), request.model)
+        tool = _tool_to_call(request, last)
+        if tool is not None:
+            arguments = jsonio.dumps(_example(tool, prompt)).decode()
+            pieces = [arguments[i : i + 16] for i in range(0, len(arguments), 16)]
+            yield chat.ToolCallStart(0, chat.new_id("call_"), tool.name)
+            for piece in pieces:
+                yield chat.ToolCallDelta(0, piece)
+            yield chat.End("tool_calls", Usage(input_tokens=input_words, output_tokens=len(pieces)))
+            return
+        form = request.response_format
+        if form is not None:
+            schema = form.schema if form.kind == "json_schema" else None
+            text = jsonio.dumps(
+                _example_of(schema, prompt) if schema is not None else {"echo": prompt}
+            ).decode()
+            words = [text[i : i + 16] for i in range(0, len(text), 16)]
+            for word in words:
+                yield chat.TextDelta(word)
+            yield chat.End("stop", Usage(input_tokens=input_words, output_tokens=len(words)))
+            return
         words = prompt.split()
         most = request.max_tokens if request.max_tokens is not None else len(words)
         out = words[:most]
-        input_words = sum(len(m.text().split()) for m in request.messages)
-        finish = "length" if len(words) > most else "stop"
-        yield chat.Start(chat.new_id(), request.model)
         for i, word in enumerate(out):
             yield chat.TextDelta(word if i == 0 else " " + word)
-        usage = Usage(input_tokens=input_words, output_tokens=len(out))
-        yield chat.End(finish, usage)
+        finish = "length" if len(words) > most else "stop"
+        yield chat.End(finish, Usage(input_tokens=input_words, output_tokens=len(out)))
+
+
+def _tool_to_call(request: chat.Request, last: chat.Message) -> chat.Tool | None:
+    choice = request.tool_choice
+    if not request.tools or (choice is not None and choice.mode == "none"):
+        return None
+    forced = choice is not None and choice.mode in ("required", "tool")
+    after_result = any(isinstance(p, chat.ToolResult) for p in last.parts)
+    if after_result and not forced:
+        return None  # the tool has answered: say so, and end the loop
+    if choice is not None and choice.mode == "tool":
+        return next((t for t in request.tools if t.name == choice.name), request.tools[0])
+    return request.tools[0]
+
+
+def _example(tool: chat.Tool, prompt: str) -> Any:
+    if tool.kind == "custom":
+        return {"input": prompt or "echo"}
+    return _example_of(tool.parameters or {"type": "object"}, prompt)
+
+
+def _example_of(schema: Any, prompt: str) -> Any:
+    try:
+        return schemas.example(schema, (prompt.split() or ["echo"])[0])
+    except schemas.SchemaError as exc:
+        raise ApiError(400, "invalid_request", f"the schema cannot be used: {exc}") from None
 
 
 # --- the providers of an app ---------------------------------------------------------

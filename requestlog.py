@@ -37,6 +37,7 @@ _LOGGED_FIELDS = (
     "error",
     "ttft_ms",
     "provider_ms",
+    "dropped",
 )
 
 

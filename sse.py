@@ -161,7 +161,7 @@ async def relay(
     model = ticket.model
     try:
         async for event in events:
-            if isinstance(event, chat.TextDelta | chat.ToolCallDelta | chat.ReasoningDelta):
+            if isinstance(event, chat.Delta):
                 if not ticket.counts(event):
                     end = chat.End("length", ticket.estimate(ticket.sent))
                     cost = ticket.settle(model, end.usage, end.finish_reason)

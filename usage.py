@@ -29,6 +29,8 @@ class Usage:
     output_tokens: int = 0
     cached_input_tokens: int = 0
     cache_write_tokens: int = 0
+    cache_write_1h_tokens: int = 0  # within cache_write_tokens: written for an hour
+    reasoning_tokens: int = 0  # within output_tokens
     estimated: bool = False
 
 
@@ -38,11 +40,16 @@ class Price:
     output: float
     cached_input: float | None = None
     cache_write: float | None = None
+    cache_write_1h: float | None = None  # an hour's cache write, where it costs more
 
 
 def _anthropic(input_: float, output: float) -> Price:
-    # Anthropic bills 5-minute cache writes at 1.25x and cache reads at 0.1x input.
-    return Price(input_, output, cached_input=input_ * 0.1, cache_write=input_ * 1.25)
+    # Anthropic bills cache writes at 1.25x input for 5 minutes, 2x for an hour, and
+    # cache reads at 0.1x.
+    return Price(
+        input_, output, cached_input=input_ * 0.1, cache_write=input_ * 1.25,
+        cache_write_1h=input_ * 2,
+    )  # fmt: skip
 
 
 DEFAULT_PRICES: dict[str, Price] = {
@@ -99,6 +106,7 @@ class PriceTable:
                 output=float(entry["output"]),
                 cached_input=_opt_float(entry.get("cached_input")),
                 cache_write=_opt_float(entry.get("cache_write")),
+                cache_write_1h=_opt_float(entry.get("cache_write_1h")),
             )
         return table
 
@@ -114,11 +122,14 @@ class PriceTable:
             return None
         cached = usage.cached_input_tokens
         written = usage.cache_write_tokens
+        hour = min(usage.cache_write_1h_tokens, written)
         plain = max(usage.input_tokens - cached - written, 0)
+        write = price.input if price.cache_write is None else price.cache_write
         total = (
             plain * price.input
             + cached * (price.input if price.cached_input is None else price.cached_input)
-            + written * (price.input if price.cache_write is None else price.cache_write)
+            + (written - hour) * write
+            + hour * (write if price.cache_write_1h is None else price.cache_write_1h)
             + usage.output_tokens * price.output
         )
         return round(total / 1_000_000, 10)

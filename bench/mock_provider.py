@@ -27,6 +27,11 @@ line `mock:{...json...}` in the last message (for calls through text-tool):
   split                     stream every frame in pieces of this many bytes
   set_cookie                non-streaming: answer with this Set-Cookie header
   location                  with a 3xx status: the Location header
+  tool_call                 answer with this call ({"name", "arguments"}), or a list of them;
+                            a request that forces a tool gets a call of it anyway, its
+                            arguments from `input` (else {"answer": the prompt})
+  thinking                  reason first with this text (Anthropic: a signed thinking block;
+                            OpenAI: reasoning_content)
 Hostile ones (tests of the service's bounds; each stops by itself within 60 s):
   endless_body              non-streaming: 200 JSON that never ends (stops after this many MB)
   gzip_bomb                 non-streaming: this many MB of zeros, gzipped (about 1 KB a MB)
@@ -43,6 +48,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import re
 import time
@@ -183,14 +189,24 @@ class MockProvider:
             self.stats.aborted += gone.is_set()
             return
 
+        forced = _forced_tool(body)
+        if forced and "tool_call" not in options:
+            options["tool_call"] = {
+                "name": forced,
+                "arguments": options.get("input", {"answer": prompt}),
+            }
         if "text" in options:
             chunks = _CHUNK.findall(str(options["text"]))
         elif "tokens" in options:
             chunks = [f"tok{i} " for i in range(int(options["tokens"]))]
         else:
             chunks = [w if i == 0 else " " + w for i, w in enumerate(prompt.split())]
+        if "tool_call" in options and "text" not in options:
+            chunks = []
         max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 1 << 30)
         finish = "length" if len(chunks) > max_tokens else "stop"
+        if "tool_call" in options:
+            finish = "tool_calls"
         chunks = chunks[:max_tokens]
         input_tokens = sum(
             len(str(m.get("content", "")).split()) for m in body.get("messages", [])
@@ -356,9 +372,44 @@ def _openai_usage(usage: tuple[int, int, int]) -> dict[str, Any]:
     }
 
 
+def _forced_tool(body: dict[str, Any]) -> str | None:
+    """The tool a request forces, in either protocol."""
+    choice = body.get("tool_choice")
+    if not isinstance(choice, dict):
+        return None
+    if choice.get("type") == "tool":
+        return str(choice.get("name"))
+    function = choice.get("function")
+    return str(function.get("name")) if isinstance(function, dict) else None
+
+
+def _calls(options: dict[str, Any]) -> list[dict[str, Any]]:
+    calls = options.get("tool_call")
+    calls = [] if calls is None else calls if isinstance(calls, list) else [calls]
+    return [
+        {"id": f"call_mock{i}", "name": c["name"], "arguments": json.dumps(c.get("arguments", {}))}
+        for i, c in enumerate(calls)
+    ]
+
+
+def _signature(thinking: str) -> str:
+    return "mocksig-" + hashlib.sha256(thinking.encode()).hexdigest()[:16]
+
+
 def _openai_completion(
     model: str, text: str, finish: str, usage: tuple[int, int, int], options: dict[str, Any]
 ) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    calls = _calls(options)
+    if calls:
+        message["content"] = text or None
+        message["tool_calls"] = [
+            {"id": c["id"], "type": "function",
+             "function": {"name": c["name"], "arguments": c["arguments"]}}
+            for c in calls
+        ]  # fmt: skip
+    if "thinking" in options:
+        message["reasoning_content"] = str(options["thinking"])
     answer: dict[str, Any] = {
         "id": "chatcmpl-" + uuid.uuid4().hex[:24],
         "object": "chat.completion",
@@ -367,7 +418,7 @@ def _openai_completion(
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
+                "message": message,
                 "logprobs": None,
                 "finish_reason": finish,
             }
@@ -400,8 +451,18 @@ def _openai_frames(
         return _sse({**base, "choices": [choice], "usage": None})
 
     frames = [("start", chunk({"role": "assistant", "content": "", "refusal": None}))]
+    for word in _CHUNK.findall(str(options.get("thinking", ""))):
+        frames.append(("token", chunk({"reasoning_content": word})))
     for i, text in enumerate(chunks):
         frames += _fault(options, i) + [("token", chunk({"content": text}))]
+    for index, call in enumerate(_calls(options)):
+        first = {"index": index, "id": call["id"], "type": "function",
+                 "function": {"name": call["name"], "arguments": ""}}  # fmt: skip
+        frames.append(("token", chunk({"tool_calls": [first]})))
+        half = len(call["arguments"]) // 2
+        for piece in (call["arguments"][:half], call["arguments"][half:]):
+            frames.append(("token", chunk({"tool_calls": [{"index": index,
+                                           "function": {"arguments": piece}}]})))  # fmt: skip
     frames += _fault(options, len(chunks))
     frames.append(("end", chunk({}, finish)))
     if not options.get("no_usage"):
@@ -421,7 +482,7 @@ def _anthropic_usage(usage: tuple[int, int, int]) -> dict[str, Any]:
 
 
 def _anthropic_stop(finish: str) -> str:
-    return "max_tokens" if finish == "length" else "end_turn"
+    return {"length": "max_tokens", "tool_calls": "tool_use"}.get(finish, "end_turn")
 
 
 def _anthropic_message(
@@ -432,11 +493,25 @@ def _anthropic_message(
         "type": "message",
         "role": "assistant",
         "model": model,
-        "content": [{"type": "text", "text": text}],
+        "content": _anthropic_content(text, options),
         "stop_reason": _anthropic_stop(finish),
         "stop_sequence": None,
         "usage": _anthropic_usage(usage),
     }
+
+
+def _anthropic_content(text: str, options: dict[str, Any]) -> list[dict[str, Any]]:
+    content: list[dict[str, Any]] = []
+    if "thinking" in options:
+        thought = str(options["thinking"])
+        content.append({"type": "thinking", "thinking": thought, "signature": _signature(thought)})
+    calls = _calls(options)
+    if text or not calls:
+        content.append({"type": "text", "text": text})
+    for call in calls:
+        content.append({"type": "tool_use", "id": call["id"].replace("call_", "toolu_"),
+                        "name": call["name"], "input": json.loads(call["arguments"])})  # fmt: skip
+    return content
 
 
 def _anthropic_frames(
@@ -457,32 +532,51 @@ def _anthropic_frames(
         "stop_sequence": None,
         "usage": start_usage,
     }
-    frames = [
-        ("start", _sse({"type": "message_start", "message": message}, "message_start")),
-        (
-            "start",
-            _sse(
-                {
-                    "type": "content_block_start",
-                    "index": 0,
-                    "content_block": {"type": "text", "text": ""},
-                },
-                "content_block_start",
-            ),
-        ),
-        ("start", _sse({"type": "ping"}, "ping")),
-    ]
-    for i, text in enumerate(chunks):
-        delta = {
-            "type": "content_block_delta",
-            "index": 0,
-            "delta": {"type": "text_delta", "text": text},
-        }
-        frames += _fault(options, i, anthropic=True) + [
-            ("token", _sse(delta, "content_block_delta"))
+
+    def block_start(index: int, block: dict[str, Any]) -> tuple[str, bytes]:
+        start = {"type": "content_block_start", "index": index, "content_block": block}
+        return ("start", _sse(start, "content_block_start"))
+
+    def block_delta(index: int, delta: dict[str, Any]) -> tuple[str, bytes]:
+        return ("token", _sse({"type": "content_block_delta", "index": index, "delta": delta},
+                              "content_block_delta"))  # fmt: skip
+
+    def block_stop(index: int) -> tuple[str, bytes]:
+        return ("end", _sse({"type": "content_block_stop", "index": index}, "content_block_stop"))
+
+    frames = [("start", _sse({"type": "message_start", "message": message}, "message_start"))]
+    index = 0
+    if "thinking" in options:
+        thought = str(options["thinking"])
+        frames.append(block_start(index, {"type": "thinking", "thinking": "", "signature": ""}))
+        for word in _CHUNK.findall(thought):
+            frames.append(block_delta(index, {"type": "thinking_delta", "thinking": word}))
+        frames.append(
+            block_delta(index, {"type": "signature_delta", "signature": _signature(thought)})
+        )
+        frames.append(block_stop(index))
+        index += 1
+    calls = _calls(options)
+    if chunks or not calls:
+        frames += [
+            block_start(index, {"type": "text", "text": ""}),
+            ("start", _sse({"type": "ping"}, "ping")),
         ]
-    frames += _fault(options, len(chunks), anthropic=True)
-    frames.append(("end", _sse({"type": "content_block_stop", "index": 0}, "content_block_stop")))
+        for i, text in enumerate(chunks):
+            frames += _fault(options, i, anthropic=True)
+            frames.append(block_delta(index, {"type": "text_delta", "text": text}))
+        frames += _fault(options, len(chunks), anthropic=True)
+        frames.append(block_stop(index))
+        index += 1
+    for call in calls:
+        block = {"type": "tool_use", "id": call["id"].replace("call_", "toolu_"),
+                 "name": call["name"], "input": {}}  # fmt: skip
+        frames.append(block_start(index, block))
+        half = len(call["arguments"]) // 2
+        for piece in (call["arguments"][:half], call["arguments"][half:]):
+            frames.append(block_delta(index, {"type": "input_json_delta", "partial_json": piece}))
+        frames.append(block_stop(index))
+        index += 1
     delta_usage = {"output_tokens": usage[1]}
     frames.append(
         (

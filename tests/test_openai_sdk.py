@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import CLIENT_KEY, PROVIDER_KEY, start_mock, start_service
 
@@ -173,17 +173,15 @@ def test_v1_calls_count_in_the_callers_usage(v1: V1) -> None:
     assert report["requests"] >= 1 and report["by_model"]
 
 
-def test_untranslatable_features_are_a_400_not_dropped(v1: V1) -> None:
-    tools: list[ChatCompletionToolParam] = [
-        {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
-    ]
+def test_a_feature_whose_meaning_would_be_lost_is_a_400_naming_it_in_param(v1: V1) -> None:
     with client(v1) as c:
-        if v1.provider == "openai":
-            c.chat.completions.create(model=v1.model, messages=MESSAGES, tools=tools, seed=7)
+        if v1.provider == "openai":  # passed through: the provider decides
+            c.chat.completions.create(model=v1.model, messages=MESSAGES, n=2, seed=7)
             return
-        with pytest.raises(openai.BadRequestError) as info:
-            c.chat.completions.create(model=v1.model, messages=MESSAGES, tools=tools)
-    assert "tools" in info.value.message
+        for fields, param in (({"n": 2}, "n"), ({"logprobs": True}, "logprobs")):
+            with pytest.raises(openai.BadRequestError) as info:
+                c.chat.completions.create(model=v1.model, messages=MESSAGES, **fields)
+            assert info.value.param == param and "cannot be translated" in info.value.message
 
 
 def test_fields_we_do_not_interpret_pass_through_to_openai_servers(

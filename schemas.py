@@ -1,0 +1,244 @@
+"""JSON Schema, the little this service needs of it: an instance made from a schema
+(what `echo` answers a tool call or a structured-output request with, so a client
+library can be tried with no provider key), and a schema cut down to what
+Anthropic's structured outputs take.
+
+`example` covers what tool and output schemas use in practice: objects with required
+and optional properties, arrays, strings (enums, consts, formats, lengths), numbers
+with bounds, booleans, nulls, `$ref` into `$defs`, `anyOf`/`oneOf`/`allOf` and type
+lists. A `pattern` is not solved: the string made for it is the hint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+_FORMATS = {
+    "date-time": "2026-01-01T00:00:00Z",
+    "date": "2026-01-01",
+    "time": "00:00:00Z",
+    "duration": "P1D",
+    "email": "echo@example.com",
+    "hostname": "example.com",
+    "uri": "https://example.com/",
+    "url": "https://example.com/",
+    "ipv4": "192.0.2.1",
+    "ipv6": "2001:db8::1",
+    "uuid": "00000000-0000-4000-8000-000000000000",
+}
+
+
+class SchemaError(ValueError):
+    """A schema this service cannot read (not an object, a `$ref` that goes nowhere)."""
+
+
+def example(schema: Any, hint: str = "echo") -> Any:
+    """An instance valid against `schema`, its strings made from `hint`."""
+    if not isinstance(schema, Mapping):
+        raise SchemaError("a schema must be a JSON object")
+    return _Example(schema, hint or "echo").make(schema, 0)
+
+
+class _Example:
+    MAX_DEPTH = 8  # a recursive schema ends with its shortest instance here
+
+    def __init__(self, root: Mapping[str, Any], hint: str) -> None:
+        self.root = root
+        self.hint = hint
+
+    def resolve(self, schema: Mapping[str, Any]) -> Mapping[str, Any]:
+        seen = 0
+        while "$ref" in schema:
+            ref = schema["$ref"]
+            if not isinstance(ref, str) or not ref.startswith("#"):
+                raise SchemaError(f"cannot follow $ref {ref!r}")
+            target: Any = self.root
+            for name in ref.lstrip("#/").split("/") if ref != "#" else ():
+                name = name.replace("~1", "/").replace("~0", "~")
+                if not isinstance(target, Mapping) or name not in target:
+                    raise SchemaError(f"$ref {ref!r} points at nothing")
+                target = target[name]
+            if not isinstance(target, Mapping):
+                raise SchemaError(f"$ref {ref!r} is not a schema")
+            schema = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
+            seen += 1
+            if seen > 32:
+                raise SchemaError(f"$ref {ref!r} loops")
+        return schema
+
+    def make(self, schema: Any, depth: int) -> Any:
+        if schema is True or not isinstance(schema, Mapping):
+            return self.hint
+        schema = self.resolve(schema)
+        if "const" in schema:
+            return schema["const"]
+        if isinstance(schema.get("enum"), list) and schema["enum"]:
+            return schema["enum"][0]
+        for key in ("anyOf", "oneOf"):
+            options = schema.get(key)
+            if isinstance(options, list) and options:
+                # The first option that is not null, so that the instance says something.
+                chosen = next(
+                    (o for o in options if _types(self.resolve(o)) != ["null"]), options[0]
+                )
+                return self.make({**_without(schema, key), **self.resolve(chosen)}, depth)
+        if isinstance(schema.get("allOf"), list):
+            merged: dict[str, Any] = dict(_without(schema, "allOf"))
+            for part in schema["allOf"]:
+                part = self.resolve(part)
+                properties = {**merged.get("properties", {}), **part.get("properties", {})}
+                required = [*merged.get("required", []), *part.get("required", [])]
+                merged.update(part)
+                if properties:
+                    merged["properties"] = properties
+                if required:
+                    merged["required"] = required
+            return self.make(merged, depth)
+        types = _types(schema)
+        kind = next((t for t in types if t != "null"), types[0] if types else None)
+        if kind is None:
+            kind = (
+                "object" if "properties" in schema else "array" if "items" in schema else "string"
+            )
+        return getattr(self, "_" + kind, self._string)(schema, depth)
+
+    def _object(self, schema: Mapping[str, Any], depth: int) -> dict[str, Any]:
+        properties = schema.get("properties") or {}
+        required = set(schema.get("required") or ())
+        out: dict[str, Any] = {}
+        for name, sub in properties.items():
+            if name in required or depth < self.MAX_DEPTH // 2:
+                out[name] = self.make(sub, depth + 1)
+        for name in required - out.keys():
+            out[name] = self.hint
+        return out
+
+    def _array(self, schema: Mapping[str, Any], depth: int) -> list[Any]:
+        items = schema.get("items", {})
+        prefix = schema.get("prefixItems") or []
+        count = max(
+            int(schema.get("minItems") or 0), len(prefix), 1 if depth < self.MAX_DEPTH else 0
+        )
+        if isinstance(schema.get("maxItems"), int):
+            count = min(count, schema["maxItems"])
+        made = [self.make(p, depth + 1) for p in prefix[:count]]
+        made += [self.make(items, depth + 1) for _ in range(count - len(made))]
+        if schema.get("uniqueItems") and len(made) > 1 and all(m == made[0] for m in made):
+            made = [f"{m}{i}" if isinstance(m, str) else m for i, m in enumerate(made)]
+        return made
+
+    def _string(self, schema: Mapping[str, Any], depth: int) -> str:
+        text = _FORMATS.get(str(schema.get("format")), self.hint)
+        low = schema.get("minLength")
+        high = schema.get("maxLength")
+        if isinstance(low, int) and len(text) < low:
+            text = (text * (low // max(len(text), 1) + 1))[: max(low, 1)]
+        if isinstance(high, int) and len(text) > high:
+            text = text[:high]
+        return text
+
+    def _number(self, schema: Mapping[str, Any], depth: int) -> float | int:
+        return _bounded(schema, integer=False)
+
+    def _integer(self, schema: Mapping[str, Any], depth: int) -> int:
+        return int(_bounded(schema, integer=True))
+
+    def _boolean(self, schema: Mapping[str, Any], depth: int) -> bool:
+        return True
+
+    def _null(self, schema: Mapping[str, Any], depth: int) -> None:
+        return None
+
+
+def _types(schema: Mapping[str, Any]) -> list[str]:
+    kind = schema.get("type")
+    if isinstance(kind, str):
+        return [kind]
+    if isinstance(kind, list):
+        return [k for k in kind if isinstance(k, str)]
+    return []
+
+
+def _without(schema: Mapping[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in schema.items() if k != key}
+
+
+def _bounded(schema: Mapping[str, Any], *, integer: bool) -> float | int:
+    low = schema.get("minimum", schema.get("exclusiveMinimum"))
+    high = schema.get("maximum", schema.get("exclusiveMaximum"))
+    value: float = 1
+    if isinstance(low, int | float):
+        value = max(
+            value, low + (1 if "exclusiveMinimum" in schema and "minimum" not in schema else 0)
+        )
+    if isinstance(high, int | float):
+        value = min(
+            value, high - (1 if "exclusiveMaximum" in schema and "maximum" not in schema else 0)
+        )
+    step = schema.get("multipleOf")
+    if isinstance(step, int | float) and step > 0:
+        value = math.ceil(value / step) * step
+    return math.ceil(value) if integer else value
+
+
+# --- what Anthropic's structured outputs take ---------------------------------------
+
+_ANTHROPIC_FORMATS = {
+    "date-time", "time", "date", "duration", "email", "hostname", "uri", "ipv4", "ipv6", "uuid",
+}  # fmt: skip
+
+
+def for_anthropic(schema: Any) -> dict[str, Any]:
+    """`schema` cut down to what Anthropic's `output_config.format` takes, as its SDKs
+    cut it: objects closed (`additionalProperties: false`), `oneOf` read as `anyOf`,
+    and what it does not support (bounds, patterns, most formats) moved into the
+    description, where the model may still follow it."""
+    if not isinstance(schema, Mapping):
+        raise SchemaError("a schema must be a JSON object")
+    out: dict[str, Any] = {}
+    rest = dict(schema)
+    defs = rest.pop("$defs", None)
+    if isinstance(defs, Mapping):
+        out["$defs"] = {name: for_anthropic(sub) for name, sub in defs.items()}
+    if "$ref" in rest:
+        out["$ref"] = rest.pop("$ref")
+        return out
+    variants = rest.pop("anyOf", None) or rest.pop("oneOf", None)
+    every = rest.pop("allOf", None)
+    kind = rest.pop("type", None)
+    if isinstance(variants, list):
+        out["anyOf"] = [for_anthropic(v) for v in variants]
+    elif isinstance(every, list):
+        out["allOf"] = [for_anthropic(v) for v in every]
+    elif isinstance(kind, list):  # ["string", "null"]: as the variants it means
+        out["anyOf"] = [
+            {"type": k} if k != "object" else for_anthropic({**rest, "type": k}) for k in kind
+        ]
+        return out
+    elif kind is not None:
+        out["type"] = kind
+    for key in ("enum", "const", "description", "title"):
+        if key in rest:
+            out[key] = rest.pop(key)
+    if kind == "object":
+        out["properties"] = {
+            k: for_anthropic(v) for k, v in (rest.pop("properties", None) or {}).items()
+        }
+        rest.pop("additionalProperties", None)
+        out["additionalProperties"] = False
+        if "required" in rest:
+            out["required"] = rest.pop("required")
+    elif kind == "string" and rest.get("format") in _ANTHROPIC_FORMATS:
+        out["format"] = rest.pop("format")
+    elif kind == "array":
+        if "items" in rest:
+            out["items"] = for_anthropic(rest.pop("items"))
+        if rest.get("minItems") in (0, 1):
+            out["minItems"] = rest.pop("minItems")
+    rest.pop("$schema", None)
+    if rest:
+        extra = "{" + ", ".join(f"{k}: {v}" for k, v in rest.items()) + "}"
+        out["description"] = f"{out['description']}\n\n{extra}" if "description" in out else extra
+    return out
