@@ -19,7 +19,7 @@ from config import Rate, Settings, SettingsError
 from errors import error_response, relative_path
 
 AUTH = "text_tool.auth"
-PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json", "/docs"})
+PUBLIC_PATHS = frozenset({"/", "/health", "/ready", "/metrics", "/openapi.json", "/docs"})
 PUBLIC_PREFIXES = ("/docs/",)  # the Swagger UI page's own assets
 _FILE_FIELDS = {"name", "key", "rate_limit", "models", "token_limit", "budget_usd", "budget_period"}
 

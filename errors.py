@@ -38,7 +38,10 @@ RESPONSE_HEADERS = "text_tool.response_headers"
 
 
 class ProviderError(Exception):
-    """The provider's answer could not be used."""
+    """The provider's answer could not be used. `answer`, for a refusal, is the
+    provider's own status and body, which a passed-through call returns as they are."""
+
+    answer: tuple[int, bytes] | None = None
 
 
 class ProviderTimeout(ProviderError):
@@ -105,14 +108,45 @@ def relative_path(scope: Scope) -> str:
     return path[len(root) :] if root and path.startswith(root) else path
 
 
+# Anthropic's error types by status, for the Messages routes: its SDKs raise by status,
+# and Claude Code reads the type.
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    502: "api_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def speaks_anthropic(scope: Scope) -> bool:
+    """A Messages route: its errors are in Anthropic's shape."""
+    return relative_path(scope).startswith("/v1/messages")
+
+
 def error_body(
     scope: Scope,
     type_: str,
     message: str,
     errors: Sequence[Mapping[str, str]] | None = None,
     param: str | None = None,
+    status: int = 400,
 ) -> dict[str, Any]:
-    error: dict[str, Any] = {"type": type_, "message": message, "request_id": request_id(scope)}
+    """Our error shape; OpenAI's (ours, with `code` and `param`) under /v1; Anthropic's
+    (`{"type": "error", "error": {type, message}}`) on the Messages routes."""
+    rid = request_id(scope)
+    if speaks_anthropic(scope):
+        kind = ANTHROPIC_TYPES.get(
+            status, "api_error" if status >= 500 else "invalid_request_error"
+        )
+        return {"type": "error", "error": {"type": kind, "message": message}, "request_id": rid}
+    error: dict[str, Any] = {"type": type_, "message": message, "request_id": rid}
     if errors is not None:
         error["errors"] = list(errors)
     if relative_path(scope).startswith("/v1/"):
@@ -131,8 +165,10 @@ def error_response(
     errors: Sequence[Mapping[str, str]] | None = None,
     param: str | None = None,
 ) -> JSONResponse:
+    if status == 422 and speaks_anthropic(scope):
+        status = 400  # Anthropic's API answers a schema violation with 400
     return JSONResponse(
-        error_body(scope, type_, message, errors, param),
+        error_body(scope, type_, message, errors, param, status),
         status_code=status,
         headers=dict(headers or {}),
     )

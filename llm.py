@@ -355,6 +355,7 @@ class HttpProvider(Provider):
         self.origin = f"{name}:{url.removesuffix(codec.PATH)}"
         self._client = client
         self._url = httpx.URL(url)  # parsed once, not per call
+        self._base = url.removesuffix(codec.PATH)
         # Built once: httpx normalises every header it is given.
         self._headers = httpx.Headers(
             {"host": self._url.netloc.decode("ascii"), "content-type": "application/json",
@@ -443,7 +444,14 @@ class HttpProvider(Provider):
             headers.update(extra)
         return headers
 
-    async def _send(self, data: bytes, headers: httpx.Headers) -> httpx.Response:
+    def url(self, path: str | None, query: str | None) -> httpx.URL:
+        """The endpoint, or another of the provider's (`path`), with a query string."""
+        url = self._url if path is None else httpx.URL(self._base + path)
+        return url if query is None else url.copy_with(query=query.encode())
+
+    async def _send(
+        self, data: bytes, headers: httpx.Headers, url: httpx.URL | None = None
+    ) -> httpx.Response:
         """The provider's answer, its body still to be read (and closed).
 
         The request is made here, whole, rather than by `build_request`, which merges
@@ -451,7 +459,9 @@ class HttpProvider(Provider):
         rebuilds its headers to add Host and Content-Length: together half of httpx's
         CPU time a call (bench/README.md)."""
         headers["content-length"] = str(len(data))
-        request = httpx.Request("POST", self._url, headers=headers, stream=httpx.ByteStream(data))
+        request = httpx.Request(
+            "POST", url or self._url, headers=headers, stream=httpx.ByteStream(data)
+        )
         request.read()  # what transports send: the body, already whole
         with provider_errors():
             return await self._client.get().send(request, stream=True)
@@ -476,35 +486,50 @@ class HttpProvider(Provider):
         return b"".join(chunks)
 
     async def post(
-        self, body: dict[str, Any], request_id: str | None, headers: Mapping[str, str] | None = None
+        self,
+        body: dict[str, Any],
+        request_id: str | None,
+        headers: Mapping[str, str] | None = None,
+        *,
+        path: str | None = None,
+        query: str | None = None,
     ) -> dict[str, Any]:
         data, sent = jsonio.dumps(body), self.headers(request_id, extra=headers)
         deadline = time.monotonic() + self._bounds.total_s
+        url = self.url(path, query)
 
         async def once() -> bytes:
-            response = await self._send(data, sent)
+            response = await self._send(data, sent, url)
             try:
                 raw = await self._read(response, deadline)
             finally:
                 await _close(response)
             if response.status_code != 200:
-                raise status_error(response.status_code, response.headers, raw, self._secrets)
+                error = status_error(response.status_code, response.headers, raw, self._secrets)
+                error.answer = (response.status_code, raw)
+                raise error
             return raw
 
         return json_object(await self._retrying(once))
 
     @contextlib.asynccontextmanager
     async def open_stream(
-        self, body: dict[str, Any], request_id: str | None, headers: Mapping[str, str] | None = None
+        self,
+        body: dict[str, Any],
+        request_id: str | None,
+        headers: Mapping[str, str] | None = None,
+        *,
+        query: str | None = None,
     ) -> AsyncIterator[AsyncIterator[tuple[str, str]]]:
         """The provider's SSE events; the response is closed however the caller leaves.
         Errors of the stream, raised inside the caller's loop, come out as ours."""
         data = jsonio.dumps(body)
         sent = self.headers(request_id, "text/event-stream", headers)
         deadline = time.monotonic() + self._bounds.total_s
+        url = self.url(None, query)
 
         async def once() -> httpx.Response:
-            response = await self._send(data, sent)
+            response = await self._send(data, sent, url)
             kind = response.headers.get("content-type", "")
             if response.status_code == 200 and (not kind or "event-stream" in kind):
                 return response
@@ -516,7 +541,9 @@ class HttpProvider(Provider):
                 raise ProviderError(
                     f"the provider sent an answer that is not an event stream ({kind or 'no type'})"
                 )
-            raise status_error(response.status_code, response.headers, raw, self._secrets)
+            error = status_error(response.status_code, response.headers, raw, self._secrets)
+            error.answer = (response.status_code, raw)
+            raise error
 
         response = await self._retrying(once)
         bounds = self._bounds

@@ -41,6 +41,19 @@ class Error(BaseModel):
     error: ErrorObject
 
 
+class AnthropicErrorObject(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicError(BaseModel):
+    """The error shape of the Messages routes, Anthropic's."""
+
+    type: str = Field(description="always error")
+    error: AnthropicErrorObject
+    request_id: str
+
+
 class Health(BaseModel):
     status: str
 
@@ -91,11 +104,13 @@ _ERRORS = {
 }
 
 
-def _errors(*statuses: str) -> dict[str, Any]:
-    return {status: _json("Error", _ERRORS[status]) for status in statuses}
+def _errors(*statuses: str, shape: str = "Error") -> dict[str, Any]:
+    return {status: _json(shape, _ERRORS[status]) for status in statuses}
 
 
 _CALL_ERRORS = ("400", "401", "403", "413", "415", "422", "429", "500", "502", "504")
+# Anthropic answers a schema violation with 400, and so do its routes here.
+_MESSAGES_ERRORS = tuple(status for status in _CALL_ERRORS if status != "422")
 _SECURITY: list[dict[str, list[str]]] = [{"ApiKeyHeader": []}, {"Bearer": []}]
 
 
@@ -137,6 +152,7 @@ def build_document(body_models: list[type[BaseModel]], root_path: str = "") -> d
     models: list[type[BaseModel]] = [
         *body_models,
         Error,
+        AnthropicError,
         Health,
         UsageReport,
         ModelList,
@@ -242,16 +258,101 @@ def build_document(body_models: list[type[BaseModel]], root_path: str = "") -> d
                 },
             }
         },
+        "/v1/messages": {
+            "post": {
+                "tags": ["Anthropic-compatible"],
+                "summary": "Anthropic messages, streaming and not (also with ?beta=true)",
+                "operationId": "messages",
+                "security": _SECURITY,
+                "requestBody": _body("MessagesBody"),
+                "responses": {
+                    "200": {
+                        "description": "A message object, or with stream: true Anthropic's "
+                        "event sequence, message_start to message_stop",
+                        "content": {
+                            "application/json": {"schema": {"type": "object"}},
+                            **_sse(
+                                [
+                                    "message_start",
+                                    "content_block_start",
+                                    "content_block_delta",
+                                    "content_block_stop",
+                                    "message_delta",
+                                    "message_stop",
+                                    "ping",
+                                ],
+                                {"type": "object"},
+                            ),  # fmt: skip
+                        },
+                    },
+                    **_errors(*_MESSAGES_ERRORS, shape="AnthropicError"),
+                },
+            }
+        },
+        "/v1/messages/count_tokens": {
+            "post": {
+                "tags": ["Anthropic-compatible"],
+                "summary": "The input tokens of a messages body: the provider's count or an "
+                "estimate, never 0",
+                "operationId": "countTokens",
+                "security": _SECURITY,
+                "requestBody": _body("CountTokensBody"),
+                "responses": {
+                    "200": {
+                        "description": "{input_tokens}",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    **_errors("400", "401", "403", "413", "415", "429", shape="AnthropicError"),
+                },  # fmt: skip
+            }
+        },
         "/v1/models": {
             "get": {
-                "tags": ["OpenAI-compatible"],
-                "summary": "The models this key may use",
+                "tags": ["OpenAI-compatible", "Anthropic-compatible"],
+                "summary": "The models this key may use (Anthropic's shape with anthropic-version)",
                 "operationId": "listModels",
                 "security": _SECURITY,
                 "responses": {
                     "200": _json("ModelList", "OpenAI's list shape"),
                     **_errors("401", "429"),
                 },
+            }
+        },
+        "/v1/models/{model_id}": {
+            "get": {
+                "tags": ["OpenAI-compatible", "Anthropic-compatible"],
+                "summary": "One model this key may use",
+                "operationId": "getModel",
+                "security": _SECURITY,
+                "parameters": [
+                    {
+                        "name": "model_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    }
+                ],  # fmt: skip
+                "responses": {
+                    "200": {
+                        "description": "The model",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    **_errors("401", "429"),
+                    "404": _json("Error", "Not a model this key may use (not_found)"),
+                },  # fmt: skip
+            }
+        },
+        "/": {
+            "get": {
+                "tags": ["operations"],
+                "summary": "The service answers (what a client probing its base URL gets)",
+                "operationId": "root",
+                "responses": {
+                    "200": {
+                        "description": "ok",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    }
+                },  # fmt: skip
             }
         },
     }

@@ -13,7 +13,7 @@ import time
 from array import array
 from bisect import bisect_right
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auth import AUTH, ApiKey
 from config import Rate
-from errors import RESPONSE_HEADERS, error_response, whole_seconds
+from errors import RESPONSE_HEADERS, error_response, relative_path, whole_seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,12 +130,22 @@ def describe(rate: Rate) -> str:
 
 
 class RateLimitMiddleware:
-    """Limits every authenticated request, before its body is read."""
+    """Limits every authenticated request, before its body is read. A path in
+    `allowances` (one a client calls often and cheaply, as Claude Code counts tokens
+    before each turn) has a window of its own, that many times the key's rate."""
 
-    def __init__(self, app: ASGIApp, *, limiter: Limiter, default_rate: Rate) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        limiter: Limiter,
+        default_rate: Rate,
+        allowances: Mapping[str, int] | None = None,
+    ) -> None:
         self.app = app
         self.limiter = limiter
         self.default_rate = default_rate
+        self.allowances = dict(allowances or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         key: ApiKey | None = scope.get(AUTH) if scope["type"] == "http" else None
@@ -143,8 +153,14 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         rate = key.rate_limit or self.default_rate
+        name = key.name
+        if self.allowances:
+            path = relative_path(scope)
+            times = self.allowances.get(path)
+            if times is not None:
+                rate, name = Rate(rate.count * times, rate.window_s), f"{name} {path}"
         try:
-            decision = await self.limiter.hit(key.name, rate)
+            decision = await self.limiter.hit(name, rate)
         except (StoreUnavailable, StoreBusy) as exc:
             await store_error_response(scope, exc)(scope, receive, send)
             return

@@ -38,6 +38,7 @@ _LOGGED_FIELDS = (
     "ttft_ms",
     "provider_ms",
     "dropped",
+    "session",
 )
 
 

@@ -186,8 +186,17 @@ def _bounded(schema: Mapping[str, Any], *, integer: bool) -> float | int:
 # --- what Anthropic's structured outputs take ---------------------------------------
 
 _ANTHROPIC_FORMATS = {
-    "date-time", "time", "date", "duration", "email", "hostname", "uri", "ipv4", "ipv6", "uuid",
-}  # fmt: skip
+    "date-time",
+    "time",
+    "date",
+    "duration",
+    "email",
+    "hostname",
+    "uri",
+    "ipv4",
+    "ipv6",
+    "uuid",
+}
 
 
 def for_anthropic(schema: Any) -> dict[str, Any]:

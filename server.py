@@ -86,6 +86,33 @@ async def health(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+async def root(request: Request) -> Response:
+    """What a client that probes the base URL first (Claude Code sends `HEAD /`) gets."""
+    return JSONResponse({"service": "text-tool", "status": "ok"})
+
+
+def _anthropic_shape(request: Request) -> bool:
+    return "anthropic-version" in request.headers
+
+
+async def list_models(request: Request) -> Response:
+    """The models this caller may use: in Anthropic's shape when the request carries
+    `anthropic-version` (its SDKs always send it), else in OpenAI's."""
+    models = admission.of(request).allowed_models(caller(request))
+    if _anthropic_shape(request):
+        return JSONResponse(anthropic_messages.model_list(models))
+    return JSONResponse(openai_chat.model_list(models, llm.of(request).name))
+
+
+async def get_model(request: Request) -> Response:
+    model = request.path_params["model_id"]
+    if model not in admission.of(request).allowed_models(caller(request)):
+        raise ApiError(404, "not_found", f"no model {model!r} for this key")
+    if _anthropic_shape(request):
+        return JSONResponse(anthropic_messages.model_object(model))
+    return JSONResponse(openai_chat.model_object(model, llm.of(request).name))
+
+
 async def ready(request: Request) -> Response:
     state = request.app.state
     if not state.ready or sse.of(request).draining.shutting_down():
@@ -189,7 +216,11 @@ def create_app(
         ("/complete", ours.complete, "POST"),
         ("/stream", ours.stream, "POST"),
         ("/v1/chat/completions", openai_chat.chat_completions, "POST"),
-        ("/v1/models", openai_chat.list_models, "GET"),
+        ("/v1/messages", anthropic_messages.messages, "POST"),
+        ("/v1/messages/count_tokens", anthropic_messages.count_tokens, "POST"),
+        ("/v1/models", list_models, "GET"),
+        ("/v1/models/{model_id:path}", get_model, "GET"),
+        ("/", root, "GET"),
         ("/health", health, "GET"),
         ("/ready", ready, "GET"),
         ("/usage", usage, "GET"),
@@ -201,6 +232,8 @@ def create_app(
                 ours.StreamText,
                 ours.StreamUsage,
                 openai_chat.ChatCompletionBody,
+                anthropic_messages.MessagesBody,
+                anthropic_messages.CountTokensBody,
             ]
         ),
     ]
@@ -215,7 +248,12 @@ def create_app(
                 known_paths=frozenset(path for path, _, _ in table),
             ),
             Middleware(AuthMiddleware, keys=keys),
-            Middleware(RateLimitMiddleware, limiter=limiter, default_rate=settings.rate_limit),
+            Middleware(
+                RateLimitMiddleware,
+                limiter=limiter,
+                default_rate=settings.rate_limit,
+                allowances={"/v1/messages/count_tokens": 10},
+            ),
         ],
         exception_handlers={
             ApiError: on_api_error,

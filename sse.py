@@ -139,6 +139,8 @@ def frame(data: Mapping[str, Any], event: str | None = None) -> bytes:
 class Encoder(Protocol):
     """A route's dialect, turning `chat` events into its frames."""
 
+    ping: bytes  # what is sent while the stream is idle
+
     def frames(self, event: chat.Event) -> Iterable[bytes]:
         """The frames of any event but the end."""
         ...
@@ -362,7 +364,8 @@ class EventStream(Response):
             except TimeoutError:
                 if loop.time() >= self._last_sent + self.ping_s:
                     self._last_sent = loop.time()
-                    await send({"type": "http.response.body", "body": PING, "more_body": True})
+                    ping = self.encoder.ping
+                    await send({"type": "http.response.body", "body": ping, "more_body": True})
                 continue
             if message["type"] == "http.disconnect":
                 if not self._cut and self._task is not None:

@@ -105,6 +105,8 @@ class MockProvider:
             await _json(send, 200, {"ok": True})
         elif path == "/_last":
             await _json(send, 200, self.stats.last)
+        elif method == "POST" and path.endswith("/messages/count_tokens"):
+            await self.count_tokens(receive, send)
         elif method == "POST" and path.endswith("/chat/completions"):
             await self.answer(scope, receive, send, "openai")
         elif method == "POST" and path.endswith("/messages"):
@@ -112,17 +114,27 @@ class MockProvider:
         else:
             await _json(send, 404, {"error": {"message": "not found", "type": "not_found"}})
 
+    async def count_tokens(self, receive: Receive, send: Send) -> None:
+        """Anthropic's count: the words of the messages, the system prompt and the tools
+        (with a `status` directive, that status instead, as a server without the route)."""
+        body = json.loads(await _read(receive))
+        self.stats.last = {"protocol": "anthropic", "body": body, "count": True}
+        options, _ = self.options({}, body)
+        if "status" in options:
+            status = int(options["status"])
+            await _json(send, status, _error_body("anthropic", status))
+            return
+        words = len(json.dumps(body.get("messages")).split()) + len(
+            str(body.get("system", "")).split()
+        )
+        await _json(send, 200, {"input_tokens": words + 10 * len(body.get("tools") or ())})
+
     async def answer(self, scope: Scope, receive: Receive, send: Send, protocol: str) -> None:
         self.stats.requests += 1
-        raw = b""
-        while True:
-            message: Message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        body = json.loads(raw)
+        body = json.loads(await _read(receive))
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
-        self.stats.last = {"protocol": protocol, "body": body, "headers": headers}
+        query = scope.get("query_string", b"").decode()
+        self.stats.last = {"protocol": protocol, "body": body, "headers": headers, "query": query}
         options, prompt = self.options(headers, body)
 
         gone = asyncio.Event()
@@ -629,6 +641,15 @@ def _error_body(protocol: str, status: int) -> dict[str, Any]:
     if protocol == "anthropic":
         return {"type": "error", "error": {"type": kind, "message": message}}
     return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+
+async def _read(receive: Receive) -> bytes:
+    raw = b""
+    while True:
+        message: Message = await receive()
+        raw += bytes(message.get("body", b""))
+        if not message.get("more_body"):
+            return raw
 
 
 async def _json(send: Send, status: int, data: Any, headers: dict[str, str] | None = None) -> None:

@@ -1,5 +1,11 @@
-"""Anthropic's Messages API, both ways: the format the `anthropic` provider (Anthropic,
+"""Anthropic's Messages API, both ways: the `/v1/messages` routes our clients (the
+Anthropic SDKs, Claude Code) call, and the format the `anthropic` provider (Anthropic,
 or vLLM, Ollama, llama.cpp and SGLang's `/v1/messages`) is called in.
+
+To an Anthropic-protocol provider a client's body passes through as written, but for
+the model; its `anthropic-version` and `anthropic-beta` headers and `?beta=true` go
+with it, the provider's events are relayed re-framed, and its refusals come back with
+their status and words. To any other it is translated through `chat`.
 
 From `chat` to Anthropic: system and developer messages are folded, in order, into
 the top-level `system` (Anthropic takes no system role in `messages`); a run of tool
@@ -22,14 +28,23 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import AsyncGenerator, Iterable, Mapping
+from typing import Annotated, Any, Literal
 
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Scope
+
+import admission
 import chat
 import jsonio
+import llm
 import schemas
+import sse
 from dialects import integer, json_object
-from errors import ApiError, ProviderError, ProviderUnavailable
+from errors import ANTHROPIC_TYPES, ApiError, ProviderError, ProviderUnavailable, request_id
+from jsonio import JSONResponse
 from usage import Usage
 
 WIRE = "anthropic_messages"
@@ -49,8 +64,14 @@ FINISH = {
 # Errors mid-stream that say the provider, not the request, failed.
 _UNAVAILABLE = {"overloaded_error", "api_error"}
 # Thinking budgets for an effort, below max_tokens and at least Anthropic's 1,024.
-BUDGETS = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 16384, "xhigh": 32768,
-           "max": 32768}  # fmt: skip
+BUDGETS = {
+    "minimal": 1024,
+    "low": 2048,
+    "medium": 8192,
+    "high": 16384,
+    "xhigh": 32768,
+    "max": 32768,
+}
 MIN_BUDGET = 1024
 # Models that take `output_config.format`; others get the forced-tool fallback.
 _STRUCTURED = re.compile(r"^claude-(opus|sonnet|haiku)-(4-[1-9](?![0-9])|[5-9])")
@@ -121,8 +142,13 @@ def encode_request(request: chat.Request, *, stream: bool, origin: str = "") -> 
     form = request.response_format
     forced = answer_tool(request)
     if form is not None and form.kind == "json_object":
-        system.append({"type": "text", "text": "Answer with one JSON object, and nothing "
-                       "before or after it: no prose, no code fence."})  # fmt: skip
+        system.append(
+            {
+                "type": "text",
+                "text": "Answer with one JSON object, and nothing "
+                "before or after it: no prose, no code fence.",
+            }
+        )
     elif form is not None and forced is None:
         try:
             cut = schemas.for_anthropic(form.schema or {"type": "object"})
@@ -132,8 +158,13 @@ def encode_request(request: chat.Request, *, stream: bool, origin: str = "") -> 
     tools = [_tool(tool) for tool in request.tools]
     if forced is not None and form is not None:
         description = "Give your answer by calling this tool: its input is the answer."
-        tools.append({"name": forced, "description": description,
-                      "input_schema": dict(form.schema or {"type": "object"})})  # fmt: skip
+        tools.append(
+            {
+                "name": forced,
+                "description": description,
+                "input_schema": dict(form.schema or {"type": "object"}),
+            }
+        )
         body["tool_choice"] = {"type": "tool", "name": forced}
     elif request.tools and request.tool_choice is not None:
         body["tool_choice"] = _tool_choice(request.tool_choice)
@@ -180,8 +211,11 @@ def _thinking(request: chat.Request) -> dict[str, Any] | None:
 
 def _tool(tool: chat.Tool) -> dict[str, Any]:
     if tool.kind == "custom":  # a freeform tool: one string argument
-        schema: Mapping[str, Any] = {"type": "object", "properties": {"input": {"type": "string"}},
-                                     "required": ["input"]}  # fmt: skip
+        schema: Mapping[str, Any] = {
+            "type": "object",
+            "properties": {"input": {"type": "string"}},
+            "required": ["input"],
+        }
     else:
         schema = tool.parameters or {"type": "object", "properties": {}}
     out: dict[str, Any] = {"name": tool.name, "input_schema": dict(schema)}
@@ -223,8 +257,14 @@ def _blocks(message: chat.Message, origin: str) -> list[dict[str, Any]]:
         elif isinstance(part, chat.Image | chat.Document):
             blocks.append(_media(part))
         elif isinstance(part, chat.ToolCall):
-            blocks.append({"type": "tool_use", "id": legal_id(part.id), "name": part.name,
-                           "input": _input(part)})  # fmt: skip
+            blocks.append(
+                {
+                    "type": "tool_use",
+                    "id": legal_id(part.id),
+                    "name": part.name,
+                    "input": _input(part),
+                }
+            )
         elif isinstance(part, chat.ToolResult):
             content: list[dict[str, Any]] = [
                 _text(p) if isinstance(p, chat.Text) else _media(p)
@@ -244,8 +284,9 @@ def _blocks(message: chat.Message, origin: str) -> list[dict[str, Any]]:
             if part.opaque is not None:
                 blocks.append({"type": "redacted_thinking", "data": part.opaque})
             elif part.signature:
-                blocks.append({"type": "thinking", "thinking": part.text,
-                               "signature": part.signature})  # fmt: skip
+                blocks.append(
+                    {"type": "thinking", "thinking": part.text, "signature": part.signature}
+                )
         elif isinstance(part, chat.Refusal):
             blocks.append({"type": "text", "text": part.text})
     return blocks
@@ -473,3 +514,584 @@ class StreamDecoder:
 
 def stream_decoder(request: chat.Request, origin: str = "") -> StreamDecoder:
     return StreamDecoder(request.model, origin, answer_tool(request))
+
+
+# --- the Messages routes: clients that speak this format ----------------------------
+
+PositiveOrZero = Annotated[int, Field(ge=0), BeforeValidator(admission.integral)]
+# Anthropic's own server tools: what a provider of another format has no counterpart for.
+_SERVER_TOOL = re.compile(r"^[a-z_]+_\d{8}$")
+# Fields with no counterpart elsewhere that change nothing an answer means.
+ADVISORY = frozenset(
+    {
+        "context_management",
+        "service_tier",
+        "container",
+        "inference_geo",
+        "cache_control",
+        "mcp_servers",
+    }
+)
+
+
+class MessageItem(BaseModel):
+    """One message; a `system` one too, as Claude Code sends it."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    role: Literal["user", "assistant", "system"]
+    content: str | list[dict[str, Any]]
+
+
+class MessagesBody(BaseModel):
+    """Anthropic's Messages request; fields not named here pass through to Anthropic."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str | None = Field(None, min_length=1, max_length=200)
+    max_tokens: PositiveOrZero
+    messages: list[MessageItem] = Field(min_length=1)
+    system: str | list[dict[str, Any]] | None = None
+    stream: bool = False
+    temperature: float | None = Field(None, ge=0.0, le=1.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    top_k: PositiveOrZero | None = None
+    stop_sequences: list[str] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None
+    output_config: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class CountTokensBody(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str | None = Field(None, min_length=1, max_length=200)
+    messages: list[MessageItem] = Field(min_length=1)
+    system: str | list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+class Decoded:
+    """A Messages body read into `chat`; `lost`: (field, what) no other format carries,
+    each a 400 unless the body passes through to an Anthropic-protocol provider."""
+
+    def __init__(self, request: chat.Request, lost: list[tuple[str, str]]) -> None:
+        self.request = request
+        self.lost = lost
+
+    def refusal(self, provider: str) -> ApiError | None:
+        if not self.lost:
+            return None
+        param, what = self.lost[0]
+        return bad(param, f"{what} cannot be translated for the {provider} provider")
+
+
+def decode_request(body: MessagesBody | CountTokensBody, model: str, rid: str | None) -> Decoded:
+    lost: list[tuple[str, str]] = []
+    dropped = sorted(k for k in (body.model_extra or {}) if k in ADVISORY or k not in _KNOWN)
+    messages: list[chat.Message] = []
+    if body.system is not None:
+        messages.append(chat.Message("system", tuple(_texts(body.system, "system"))))
+    calls: set[str] = set()
+    for i, message in enumerate(body.messages):
+        where = f"messages.{i}"
+        role = message.role
+        content = message.content
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        parts: list[chat.Part] = []
+        for j, block in enumerate(blocks):
+            part = _part(block, f"{where}.content.{j}", calls, lost)
+            if part is not None:
+                parts.append(part)
+        results = [p for p in parts if isinstance(p, chat.ToolResult)]
+        others = [p for p in parts if not isinstance(p, chat.ToolResult)]
+        if results:  # tool results are their own turn in chat, as in Chat Completions
+            messages.append(chat.Message("tool", tuple(results)))
+        if others or not results:
+            messages.append(chat.Message(role, tuple(others)))
+    tools: list[chat.Tool] = []
+    for i, tool in enumerate(getattr(body, "tools", None) or ()):
+        kind = tool.get("type")
+        if kind not in (None, "custom") or (isinstance(kind, str) and _SERVER_TOOL.match(kind)):
+            dropped.append(f"tools.{i} ({kind})")  # a server tool: Anthropic's own
+            continue
+        if not isinstance(tool.get("name"), str):
+            raise bad(f"tools.{i}.name", "a tool needs a name")
+        schema = tool.get("input_schema", {"type": "object"})
+        if not isinstance(schema, dict):
+            raise bad(f"tools.{i}.input_schema", "must be a JSON Schema object")
+        strict = tool.get("strict")
+        tools.append(
+            chat.Tool(
+                tool["name"],
+                tool.get("description"),
+                schema,
+                strict=strict if isinstance(strict, bool) else None,
+                cache_control=tool.get("cache_control"),
+            )
+        )
+    if not isinstance(body, MessagesBody):
+        return Decoded(chat.Request(model=model, messages=tuple(messages), tools=tuple(tools)), [])
+    config = body.output_config or {}
+    form = config.get("format")
+    thinking = body.thinking or {}
+    reasoning = None
+    if thinking.get("type") == "enabled":
+        reasoning = chat.ReasoningConfig(
+            budget_tokens=integer(thinking.get("budget_tokens")) or None
+        )
+    elif thinking.get("type") == "adaptive":
+        reasoning = chat.ReasoningConfig(effort=_effort(config.get("effort")))
+    elif thinking.get("type") == "disabled":
+        reasoning = chat.ReasoningConfig(enabled=False)
+    elif "effort" in config:
+        dropped.append("output_config.effort")  # without thinking, an effort has no counterpart
+    user = (body.metadata or {}).get("user_id")
+    request = chat.Request(
+        model=model,
+        messages=tuple(messages),
+        max_tokens=body.max_tokens or 1,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        stop=tuple(body.stop_sequences or ()),
+        tools=tuple(tools),
+        tool_choice=_decode_choice(body.tool_choice) if tools else None,
+        response_format=(
+            chat.ResponseFormat("json_schema", schema=form.get("schema") or {"type": "object"})
+            if isinstance(form, dict) and form.get("type") == "json_schema"
+            else None
+        ),
+        reasoning=reasoning,
+        user=user if isinstance(user, str) else None,
+        request_id=rid,
+        dropped=tuple(dropped),
+    )
+    return Decoded(request, lost)
+
+
+_KNOWN = frozenset(MessagesBody.model_fields) | {"metadata"}
+
+
+def _effort(value: Any) -> str:
+    return {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}.get(
+        str(value), "medium"
+    )
+
+
+def _texts(system: str | list[dict[str, Any]], where: str) -> list[chat.Part]:
+    if isinstance(system, str):
+        return [chat.Text(system)] if system else []
+    out: list[chat.Part] = []
+    for i, block in enumerate(system):
+        if block.get("type") != "text" or not isinstance(block.get("text"), str):
+            raise bad(f"{where}.{i}", "a system block must be text")
+        out.append(chat.Text(block["text"], block.get("cache_control")))
+    return out
+
+
+def _part(block: Any, where: str, calls: set[str], lost: list[tuple[str, str]]) -> chat.Part | None:
+    if not isinstance(block, dict):
+        raise bad(where, "a content block must be an object")
+    kind = block.get("type")
+    if kind == "text":
+        return chat.Text(str(block.get("text", "")), block.get("cache_control"))
+    if kind in ("image", "document"):
+        source = block.get("source") or {}
+        url = source.get("url")
+        if source.get("type") == "base64":
+            url = f"data:{source.get('media_type')};base64,{source.get('data', '')}"
+        elif source.get("type") == "text" and kind == "document":
+            return chat.Text(str(source.get("data", "")))
+        if not isinstance(url, str):
+            lost.append((f"{where}.source", f"an {kind} source of type {source.get('type')!r}"))
+            return None
+        return chat.Image(url) if kind == "image" else chat.Document(url, block.get("title"))
+    if kind == "tool_use":
+        call_id, name = block.get("id"), block.get("name")
+        if not isinstance(call_id, str) or not isinstance(name, str):
+            raise bad(where, "a tool_use block needs an id and a name")
+        calls.add(call_id)
+        return chat.ToolCall(call_id, name, jsonio.dumps(block.get("input") or {}).decode())
+    if kind == "tool_result":
+        call_id = block.get("tool_use_id")
+        if not isinstance(call_id, str) or call_id not in calls:
+            raise bad(f"{where}.tool_use_id", f"no earlier tool_use has the id {call_id!r}")
+        content = block.get("content")
+        inner: list[chat.Text | chat.Image] = []
+        for k, item in enumerate(
+            [{"type": "text", "text": content}] if isinstance(content, str) else content or ()
+        ):
+            part = _part(item, f"{where}.content.{k}", calls, lost)
+            if isinstance(part, chat.Text | chat.Image):
+                inner.append(part)
+        return chat.ToolResult(call_id, tuple(inner), is_error=bool(block.get("is_error")))
+    if kind == "thinking":
+        return chat.Reasoning(str(block.get("thinking", "")), signature=block.get("signature"))
+    if kind == "redacted_thinking":
+        return chat.Reasoning(opaque=str(block.get("data", "")))
+    lost.append((where, f"a content block of type {kind!r}"))
+    return None
+
+
+def _decode_choice(raw: dict[str, Any] | None) -> chat.ToolChoice | None:
+    if raw is None:
+        return None
+    parallel = not raw.get("disable_parallel_tool_use", False)
+    kind = raw.get("type")
+    if kind == "tool":
+        return chat.ToolChoice("tool", str(raw.get("name")), parallel=parallel)
+    mode = {"auto": "auto", "any": "required", "none": "none"}.get(str(kind))
+    if mode is None:
+        raise bad("tool_choice.type", "must be auto, any, tool or none")
+    return chat.ToolChoice(mode, parallel=parallel)  # type: ignore[arg-type]
+
+
+_STOP = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "tool_calls": "tool_use",
+    "content_filter": "refusal",
+}
+
+
+def stop_reason(end_reason: str, stop_sequence: str | None) -> str:
+    if end_reason == "stop" and stop_sequence:
+        return "stop_sequence"
+    return _STOP.get(end_reason, "end_turn")
+
+
+def usage_object(usage: Usage) -> dict[str, Any]:
+    """Anthropic counts cache reads and writes apart from `input_tokens`."""
+    plain = max(usage.input_tokens - usage.cached_input_tokens - usage.cache_write_tokens, 0)
+    return {
+        "input_tokens": plain,
+        "cache_creation_input_tokens": usage.cache_write_tokens,
+        "cache_read_input_tokens": usage.cached_input_tokens,
+        "output_tokens": usage.output_tokens,
+    }
+
+
+def encode_response(completion: chat.Completion) -> dict[str, Any]:
+    content: list[dict[str, Any]] = []
+    for part in completion.parts:
+        if isinstance(part, chat.Text | chat.Refusal):
+            if part.text:
+                content.append({"type": "text", "text": part.text})
+        elif isinstance(part, chat.ToolCall):
+            content.append(
+                {
+                    "type": "tool_use",
+                    "id": part.id,
+                    "name": part.name,
+                    "input": _arguments(part.arguments),
+                }
+            )
+        elif isinstance(part, chat.Reasoning):
+            if part.opaque is not None:
+                content.append({"type": "redacted_thinking", "data": part.opaque})
+            else:
+                content.append(
+                    {"type": "thinking", "thinking": part.text, "signature": part.signature or ""}
+                )
+    return {
+        "id": completion.id if completion.id.startswith("msg_") else "msg_" + completion.id,
+        "type": "message",
+        "role": "assistant",
+        "model": completion.model,
+        "content": content,
+        "stop_reason": stop_reason(completion.finish_reason, None),
+        "stop_sequence": None,
+        "usage": usage_object(completion.usage),
+    }
+
+
+def _arguments(text: str) -> Any:
+    try:
+        value = jsonio.loads(text or "{}")
+    except ValueError:
+        return {"input": text}  # what a provider wrote that is not JSON, kept
+    return value if isinstance(value, dict) else {"input": value}
+
+
+def _event(name: str, data: Mapping[str, Any]) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + jsonio.dumps(data) + b"\n\n"
+
+
+class StreamEncoder:
+    """`chat` events as Anthropic's event sequence: message_start, a
+    content_block_start/delta/stop run for each text, thinking and tool_use block,
+    message_delta with the final counts, message_stop; `event: ping` while idle."""
+
+    ping = _event("ping", {"type": "ping"})  # sent while the stream is idle
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.index = -1
+        self.open: str | None = None  # the kind of the block open, if any
+        self.started = False
+
+    def _start(self, id_: str = "") -> list[bytes]:
+        if self.started:
+            return []
+        self.started = True
+        message: dict[str, Any] = {
+            "id": id_ or chat.new_id("msg_"),
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": 0, "output_tokens": 0},
+        }
+        return [_event("message_start", {"type": "message_start", "message": message})]
+
+    def _block(self, kind: str, block: dict[str, Any]) -> list[bytes]:
+        out = self._close()
+        self.index += 1
+        self.open = kind
+        start = {"type": "content_block_start", "index": self.index, "content_block": block}
+        return [*out, _event("content_block_start", start)]
+
+    def _close(self) -> list[bytes]:
+        if self.open is None:
+            return []
+        self.open = None
+        return [_event("content_block_stop", {"type": "content_block_stop", "index": self.index})]
+
+    def _delta(self, delta: dict[str, Any]) -> bytes:
+        body = {"type": "content_block_delta", "index": self.index, "delta": delta}
+        return _event("content_block_delta", body)
+
+    def frames(self, event: chat.Event) -> list[bytes]:
+        if isinstance(event, chat.Start):
+            return self._start(event.id)
+        out = self._start()
+        if isinstance(event, chat.TextDelta | chat.RefusalDelta):
+            if self.open != "text":
+                out += self._block("text", {"type": "text", "text": ""})
+            out.append(self._delta({"type": "text_delta", "text": event.text}))
+        elif isinstance(event, chat.ToolCallStart):
+            out += self._block(
+                "tool_use", {"type": "tool_use", "id": event.id, "name": event.name, "input": {}}
+            )
+        elif isinstance(event, chat.ToolCallDelta):
+            out.append(self._delta({"type": "input_json_delta", "partial_json": event.arguments}))
+        elif isinstance(event, chat.ReasoningDelta):
+            if event.opaque is not None:
+                out += self._block(
+                    "redacted_thinking", {"type": "redacted_thinking", "data": event.opaque}
+                )
+                out += self._close()
+                return out
+            if self.open != "thinking":
+                out += self._block(
+                    "thinking", {"type": "thinking", "thinking": "", "signature": ""}
+                )
+            if event.text:
+                out.append(self._delta({"type": "thinking_delta", "thinking": event.text}))
+            if event.signature is not None:
+                out.append(self._delta({"type": "signature_delta", "signature": event.signature}))
+                out += self._close()
+        return out
+
+    def last(self, end: chat.End, model: str, cost: float | None) -> list[bytes]:
+        out = [*self._start(), *self._close()]
+        delta = {
+            "stop_reason": stop_reason(end.finish_reason, end.stop_sequence),
+            "stop_sequence": end.stop_sequence,
+        }
+        out.append(
+            _event(
+                "message_delta",
+                {"type": "message_delta", "delta": delta, "usage": usage_object(end.usage)},
+            )
+        )
+        out.append(_event("message_stop", {"type": "message_stop"}))
+        return out
+
+    @staticmethod
+    def error(error: ApiError, scope: Scope) -> bytes:
+        kind = ANTHROPIC_TYPES.get(error.status, "api_error")
+        return _event("error", {"type": "error", "error": {"type": kind, "message": error.message}})
+
+
+def forwarded(request: Request) -> dict[str, str]:
+    """What of the client's headers goes to an Anthropic-protocol provider: its API
+    version and beta flags, never its credentials."""
+    headers = {}
+    for name in ("anthropic-version", "anthropic-beta"):
+        value = request.headers.get(name)
+        if value:
+            headers[name] = value
+    return headers
+
+
+async def messages(request: Request) -> Response:
+    gate = admission.of(request)
+    raw = await gate.read_body(request)
+    body = gate.validate(raw, MessagesBody)
+    model = gate.choose_model(request, body.model)
+    decoded = decode_request(body, model, request_id(request.scope))
+    call = decoded.request
+    ticket = await gate.admit(request, call)
+    session = request.headers.get("x-claude-code-session-id")
+    if session:
+        admission.note(request, session=session[:128])
+
+    async def attempt(provider: llm.Provider, model: str) -> Response:
+        relay = llm.passthrough(provider, WIRE)
+        if relay is not None:
+            data = jsonio.loads(raw)
+            data["model"] = model
+            return await _passed_through(request, ticket, relay, data)
+        refusal = decoded.refusal(provider.name)
+        if refusal is not None:
+            raise refusal
+        if call.dropped:
+            admission.note(request, dropped=list(call.dropped))
+        translated = chat.with_model(call, model)
+        if body.stream:
+            encoder = StreamEncoder(model)
+            frames = sse.relay(ticket, provider.stream(translated), encoder)
+            return await sse.respond(request, frames, encoder)
+        completion = await gate.call(request, provider.complete(translated))
+        ticket.settle(completion.model, completion.usage, completion.finish_reason)
+        return JSONResponse(encode_response(completion))
+
+    return await llm.of(request).run(call.model, attempt)
+
+
+def verbatim(exc: ProviderError) -> Response | None:
+    """A passed-through provider's own refusal, its status and words as they were
+    (Claude Code's recovery matches on them), but for our own key being refused,
+    which is ours to say (a 502)."""
+    if exc.answer is None or exc.answer[0] in (401, 403):
+        return None
+    status, raw = exc.answer
+    return Response(raw, status_code=status, media_type="application/json")
+
+
+async def _passed_through(
+    request: Request, ticket: admission.Ticket, relay: llm.HttpProvider, data: dict[str, Any]
+) -> Response:
+    rid = request_id(request.scope)
+    headers, query = forwarded(request), request.url.query or None
+    try:
+        if not data.get("stream"):
+            answer = await admission.of(request).call(
+                request, relay.post(data, rid, headers, query=query)
+            )
+            usage = usage_of(answer.get("usage"))
+            finish = FINISH.get(str(answer.get("stop_reason")), "stop")
+            ticket.settle(str(answer.get("model") or data["model"]), usage, finish)
+            return JSONResponse(answer)
+        encoder = StreamEncoder(str(data["model"]))
+        frames = _relayed(ticket, relay, data, rid, headers, query)
+        return await sse.respond(request, frames, encoder)
+    except ProviderError as exc:
+        response = verbatim(exc)
+        if response is None:
+            raise
+        return response
+
+
+async def _relayed(
+    ticket: admission.Ticket,
+    relay: llm.HttpProvider,
+    data: dict[str, Any],
+    rid: str,
+    headers: dict[str, str],
+    query: str | None,
+) -> AsyncGenerator[bytes, None]:
+    """The provider's events as they come, each re-framed (one data: line), read for
+    the accounting, and cut past the body's max tokens with a max_tokens end of ours.
+    An `error` event goes to the client as it came, and ends the stream."""
+    decoder = StreamDecoder(str(data["model"]))
+    try:
+        async with relay.open_stream(data, rid, headers, query=query) as events:
+            async for name, text in events:
+                obj = json_object(text)
+                try:
+                    deltas = [e for e in decoder.feed(name, text) if isinstance(e, chat.Delta)]
+                except ProviderError:
+                    yield _event(name or "error", obj)  # the provider's own error event
+                    return
+                if not all(ticket.counts(e) for e in deltas):
+                    yield _event(
+                        "content_block_stop",
+                        {"type": "content_block_stop", "index": max(decoder.blocks, default=0)},
+                    )
+                    delta = {"stop_reason": "max_tokens", "stop_sequence": None}
+                    usage = {"output_tokens": ticket.sent}
+                    yield _event(
+                        "message_delta", {"type": "message_delta", "delta": delta, "usage": usage}
+                    )
+                    yield _event("message_stop", {"type": "message_stop"})
+                    ticket.settle(decoder.model, ticket.estimate(ticket.sent), "length")
+                    return
+                if "\n" in text or "\r" in text:
+                    yield _event(name, obj)
+                else:
+                    yield b"event: " + name.encode() + b"\ndata: " + text.encode() + b"\n\n"
+                if decoder.done:
+                    break
+        end = decoder.end()
+        if end is None:
+            raise ProviderError("the provider's stream ended before the answer was complete")
+        ticket.settle(decoder.model, end.usage, end.finish_reason)
+    finally:
+        ticket.close()
+
+
+async def count_tokens(request: Request) -> Response:
+    """Anthropic's own count when the provider speaks its format (and has the route:
+    vLLM, Ollama and llama.cpp answer 404), else an estimate, four characters a
+    token over system, messages and tools. Never a 404, never 0 (a 0 turns Claude
+    Code's automatic compaction off); no reservation."""
+    gate = admission.of(request)
+    raw = await gate.read_body(request)
+    body = gate.validate(raw, CountTokensBody)
+    model = gate.choose_model(request, body.model)
+    relay = llm.passthrough(llm.of(request).first, WIRE)
+    if relay is not None:
+        data = jsonio.loads(raw)
+        data["model"] = model
+        rid = request_id(request.scope)
+        try:
+            answer = await gate.call(
+                request, relay.post(data, rid, forwarded(request), path="/v1/messages/count_tokens")
+            )
+            if integer(answer.get("input_tokens")) > 0:
+                return JSONResponse(answer)
+        except ProviderError as exc:
+            if exc.answer is None or exc.answer[0] != 404:
+                response = verbatim(exc)
+                if response is None:
+                    raise
+                return response
+    estimate = chat.input_estimate(decode_request(body, model, None).request)
+    return JSONResponse({"input_tokens": max(1, estimate)})
+
+
+def model_object(model: str) -> dict[str, Any]:
+    return {
+        "type": "model",
+        "id": model,
+        "display_name": model,
+        "created_at": "1970-01-01T00:00:00Z",
+    }
+
+
+def model_list(models: Iterable[str]) -> dict[str, Any]:
+    """GET /v1/models in Anthropic's shape."""
+    data = [model_object(m) for m in models]
+    return {
+        "data": data,
+        "has_more": False,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+    }

@@ -93,11 +93,22 @@ class ChatCompletionBody(BaseModel):
 # Fields that change nothing an answer means, and have no counterpart elsewhere.
 ADVISORY = frozenset(
     {
-        "seed", "service_tier", "store", "metadata", "prompt_cache_key",
-        "prompt_cache_retention", "prompt_cache_options", "safety_identifier", "verbosity",
-        "presence_penalty", "frequency_penalty", "prediction", "moderation", "top_k",
+        "seed",
+        "service_tier",
+        "store",
+        "metadata",
+        "prompt_cache_key",
+        "prompt_cache_retention",
+        "prompt_cache_options",
+        "safety_identifier",
+        "verbosity",
+        "presence_penalty",
+        "frequency_penalty",
+        "prediction",
+        "moderation",
+        "top_k",
     }
-)  # fmt: skip
+)
 
 
 def bad(param: str, message: str) -> ApiError:
@@ -137,8 +148,11 @@ def decode_request(body: ChatCompletionBody, model: str, rid: str | None) -> Dec
     refuse_if(bool(extra.pop("logit_bias", None)), "logit_bias", "a logit bias")
     refuse_if(extra.pop("audio", None) is not None, "audio", "audio output")
     refuse_if("audio" in (extra.pop("modalities", None) or ()), "modalities", "audio output")
-    refuse_if(extra.pop("web_search_options", None) is not None, "web_search_options",
-              "built-in web search")  # fmt: skip
+    refuse_if(
+        extra.pop("web_search_options", None) is not None,
+        "web_search_options",
+        "built-in web search",
+    )
     functions = extra.pop("functions", None)  # the old form of tools
     function_call = extra.pop("function_call", None)
     top_k = extra.get("top_k")
@@ -178,8 +192,9 @@ def _tools(raw: list[dict[str, Any]] | None, functions: Any) -> tuple[chat.Tool,
             custom = tool.get("custom")
             if not isinstance(custom, dict) or not isinstance(custom.get("name"), str):
                 raise bad(f"{where}.custom", "a custom tool needs a name")
-            tools.append(chat.Tool(custom["name"], _text_or_none(custom.get("description")),
-                                   kind="custom"))  # fmt: skip
+            tools.append(
+                chat.Tool(custom["name"], _text_or_none(custom.get("description")), kind="custom")
+            )
             continue
         if kind != "function":
             raise bad(f"{where}.type", f"tools of type {kind!r} cannot be translated")
@@ -433,10 +448,13 @@ def _encode_messages(messages: Iterable[chat.Message]) -> list[dict[str, Any]]:
             entry["content"] = _content_parts(content)
         if calls:
             entry["tool_calls"] = [
-                {"id": c.id, "type": "function",
-                 "function": {"name": c.name, "arguments": c.arguments}}
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": c.arguments},
+                }
                 for c in calls
-            ]  # fmt: skip
+            ]
             if not entry["content"]:
                 entry["content"] = None
         out.append(entry)
@@ -580,8 +598,12 @@ def _detail(part: chat.Reasoning | chat.ReasoningDelta) -> dict[str, Any]:
     `format` names the origin, so that it goes back to that provider only."""
     if part.opaque is not None:
         return {"type": "reasoning.encrypted", "data": part.opaque, "format": part.origin}
-    return {"type": "reasoning.text", "text": part.text, "signature": part.signature,
-            "format": part.origin}  # fmt: skip
+    return {
+        "type": "reasoning.text",
+        "text": part.text,
+        "signature": part.signature,
+        "format": part.origin,
+    }
 
 
 class StreamDecoder:
@@ -640,8 +662,9 @@ class StreamDecoder:
             if index not in self.calls:  # the first delta of a call names it
                 call_id = str(call.get("id") or chat.new_id("call_"))
                 self.calls[index] = call_id
-                events.append(chat.ToolCallStart(len(self.calls) - 1, call_id,
-                                                 str(function.get("name", ""))))  # fmt: skip
+                events.append(
+                    chat.ToolCallStart(len(self.calls) - 1, call_id, str(function.get("name", "")))
+                )
             arguments = function.get("arguments")
             if isinstance(arguments, str) and arguments:
                 position = list(self.calls).index(index)
@@ -663,6 +686,8 @@ class StreamEncoder:
     chunk once, then content, reasoning and refusal deltas, and tool calls counted
     by `index`, the first delta of each carrying its id, type, name and empty
     arguments."""
+
+    ping = sse.PING
 
     def __init__(self, model: str, include_usage: bool) -> None:
         self.head = {
@@ -695,8 +720,12 @@ class StreamEncoder:
             out.append(self._chunk({"tool_calls": [call]}))
         elif isinstance(event, chat.ToolCallStart):
             self.called = True
-            call = {"index": event.index, "id": event.id, "type": "function",
-                    "function": {"name": event.name, "arguments": ""}}  # fmt: skip
+            call = {
+                "index": event.index,
+                "id": event.id,
+                "type": "function",
+                "function": {"name": event.name, "arguments": ""},
+            }
             out.append(self._chunk({"tool_calls": [call]}))
         elif isinstance(event, chat.ReasoningDelta):
             if event.text:
@@ -775,8 +804,14 @@ async def _passed_through(
             )
             text = message.get("content") if isinstance(message, dict) else None
             usage = ticket.estimate(chat.estimate_tokens(text if isinstance(text, str) else ""))
-        finish = next((FINISH.get(str(c.get("finish_reason")), "stop") for c in
-                       answer.get("choices") or () if isinstance(c, dict)), "stop")  # fmt: skip
+        finish = next(
+            (
+                FINISH.get(str(c.get("finish_reason")), "stop")
+                for c in answer.get("choices") or ()
+                if isinstance(c, dict)
+            ),
+            "stop",
+        )
         ticket.settle(str(answer.get("model") or data["model"]), usage, finish)
         return JSONResponse(answer)
     # Always ask for usage: the accounting needs it, whatever the client wants.
@@ -829,13 +864,10 @@ async def _relayed(
         ticket.close()
 
 
-async def list_models(request: Request) -> Response:
-    gate = admission.of(request)
-    models = gate.allowed_models(admission.caller(request))
-    owner = llm.of(request).name
-    return JSONResponse(
-        {
-            "object": "list",
-            "data": [{"id": m, "object": "model", "created": 0, "owned_by": owner} for m in models],
-        }
-    )
+def model_object(model: str, owner: str) -> dict[str, Any]:
+    return {"id": model, "object": "model", "created": 0, "owned_by": owner}
+
+
+def model_list(models: Iterable[str], owner: str) -> dict[str, Any]:
+    """GET /v1/models in OpenAI's shape."""
+    return {"object": "list", "data": [model_object(m, owner) for m in models]}

@@ -100,6 +100,8 @@ def encode_response(completion: chat.Completion, cost: float | None) -> dict[str
 class StreamEncoder:
     """`chat` events as our frames: a `data:` line a piece of text, then the usage."""
 
+    ping = sse.PING
+
     def __init__(self) -> None:
         self.id = ""
 

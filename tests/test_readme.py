@@ -104,3 +104,15 @@ def test_readme_keys_file_example_loads(tmp_path: Path) -> None:
     mobile = ring.lookup("test")  # the example's digest is of "test"
     assert mobile is not None and mobile.rate_limit == Rate(600, 60)
     assert ring.lookup("a-plain-key-works-too") is not None
+
+
+def test_readme_anthropic_example_runs(readme_service: Process) -> None:
+    (example,) = [body for lang, body in BLOCKS if lang == "python" and "Anthropic(" in body]
+    code = example.replace("127.0.0.1:8000", f"127.0.0.1:{readme_service.port}")
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[:2] == ["Hello there 2", "Hello there"]
+    assert lines[2].startswith("MessageTokensCount(") and "input_tokens=1" in lines[2]

@@ -1,0 +1,362 @@
+"""The official `anthropic` SDK, sync and async, against /v1/messages of the real
+service: in front of a fake Anthropic server (passed through), a fake OpenAI server
+(translated through the hub), and on echo. And what Claude Code sends, accepted by
+all three."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import anthropic
+import httpx
+import pytest
+from anthropic.types import MessageParam, ToolParam
+
+from tests.conftest import CLIENT_KEY, PROVIDER_KEY, Process, start_mock, start_service
+
+TINY = "tiny-key-" + "t" * 20  # one request an hour
+
+PROVIDERS = {
+    "anthropic": {
+        "LLM_PROVIDER": "anthropic",
+        "ANTHROPIC_API_KEY": PROVIDER_KEY,
+        "LLM_MODEL": "claude-haiku-4-5",
+    },
+    "openai": {
+        "LLM_PROVIDER": "openai",
+        "OPENAI_API_KEY": PROVIDER_KEY,
+        "LLM_MODEL": "gpt-4o-mini",
+    },
+    "echo": {"LLM_PROVIDER": "echo", "LLM_MODEL": "echo"},
+}
+
+
+@dataclass
+class Served:
+    url: str
+    provider: str
+    model: str
+    mock: Process | None
+    process: Process
+
+    def client(self, key: str = CLIENT_KEY, **options: Any) -> anthropic.Anthropic:
+        return anthropic.Anthropic(base_url=self.url, api_key=key, max_retries=0, **options)
+
+    def sent(self) -> dict[str, Any]:
+        assert self.mock is not None
+        last: dict[str, Any] = httpx.get(self.mock.url + "/_last").json()
+        return last
+
+    def mock_stats(self) -> dict[str, int]:
+        assert self.mock is not None
+        stats: dict[str, int] = httpx.get(self.mock.url + "/_stats").json()
+        return stats
+
+
+@pytest.fixture(scope="module", params=list(PROVIDERS))
+def served(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
+    tmp = tmp_path_factory.mktemp(request.param)
+    keys = tmp / "keys.toml"
+    keys.write_text(f'[[keys]]\nname = "tiny"\nkey = "{TINY}"\nrate_limit = "1/hour"\n')
+    env = {"API_KEYS": CLIENT_KEY, "API_KEYS_FILE": str(keys), **PROVIDERS[request.param]}
+    mock = None
+    if request.param != "echo":
+        mock = start_mock(tmp)
+        env["OPENAI_BASE_URL"] = mock.url + "/v1"
+        env["ANTHROPIC_BASE_URL"] = mock.url
+    service = start_service(tmp, env)
+    yield Served(service.url, request.param, PROVIDERS[request.param]["LLM_MODEL"], mock, service)
+    service.stop()
+    if mock is not None:
+        mock.stop()
+
+
+def text_of(message: anthropic.types.Message) -> str:
+    return "".join(b.text for b in message.content if isinstance(b, anthropic.types.TextBlock))
+
+
+def user(text: str) -> list[MessageParam]:
+    return [{"role": "user", "content": text}]
+
+
+def steer(served: Served, prompt: str, **options: object) -> str:
+    return ("mock:" + json.dumps(options) + "\n" if served.mock and options else "") + prompt
+
+
+USER: list[MessageParam] = [{"role": "user", "content": "Hello there"}]
+TOOL: ToolParam = {
+    "name": "get_weather",
+    "description": "The weather for a place",
+    "input_schema": {
+        "type": "object",
+        "properties": {"location": {"type": "string"}},
+        "required": ["location"],
+    },
+}
+
+
+def test_create_answers_in_the_messages_shape(served: Served) -> None:
+    with served.client() as c:
+        message = c.messages.create(model=served.model, max_tokens=50, messages=USER)
+    assert message.type == "message" and message.role == "assistant"
+    assert [b.type for b in message.content] == ["text"]
+    assert text_of(message) == "Hello there"
+    assert message.stop_reason == "end_turn"
+    assert message.usage.input_tokens >= 1 and message.usage.output_tokens == 2
+
+
+def test_async_create_and_stream_helpers(served: Served) -> None:
+    async def go() -> tuple[str, anthropic.types.Message, str]:
+        async with anthropic.AsyncAnthropic(
+            base_url=served.url, api_key=CLIENT_KEY, max_retries=0
+        ) as c:
+            whole = await c.messages.create(model=served.model, max_tokens=50, messages=USER)
+            async with c.messages.stream(
+                model=served.model, max_tokens=50, messages=USER
+            ) as stream:
+                text = "".join([t async for t in stream.text_stream])
+                final = await stream.get_final_message()
+        return text_of(whole), final, text
+
+    whole, final, text = asyncio.run(go())
+    assert whole == text == "Hello there"
+    assert text_of(final) == "Hello there" and final.stop_reason == "end_turn"
+    assert final.usage.output_tokens == 2
+
+
+def test_a_tool_call_and_its_result_go_both_ways(served: Served) -> None:
+    call = {"name": "get_weather", "arguments": {"location": "Paris"}}
+    messages: list[Any] = [
+        {"role": "user", "content": steer(served, "Weather in Paris?", tool_call=call)}
+    ]
+    with served.client() as c:
+        whole = c.messages.create(
+            model=served.model, max_tokens=200, messages=messages, tools=[TOOL]
+        )
+        with c.messages.stream(
+            model=served.model, max_tokens=200, messages=messages, tools=[TOOL]
+        ) as s:
+            streamed = s.get_final_message()
+        uses = [b for b in whole.content if b.type == "tool_use"]
+        assert whole.stop_reason == streamed.stop_reason == "tool_use" and len(uses) == 1
+        assert uses[0].name == "get_weather" and isinstance(uses[0].input, dict)
+        assert [b.type for b in streamed.content if b.type == "tool_use"] == ["tool_use"]
+        streamed_use = next(b for b in streamed.content if b.type == "tool_use")
+        assert streamed_use.input == uses[0].input
+        history = [
+            *messages,
+            {"role": "assistant", "content": [u.model_dump() for u in uses]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": uses[0].id, "content": "18C and sunny"}
+                ],
+            },
+        ]
+        answer = c.messages.create(
+            model=served.model, max_tokens=200, messages=history, tools=[TOOL]
+        )
+    if served.provider == "echo":
+        assert text_of(answer) == "18C and sunny"
+        return
+    sent = served.sent()["body"]["messages"]
+    if served.provider == "anthropic":  # passed through as written
+        assert sent[2]["content"][0] == history[2]["content"][0]
+    else:  # translated to Chat Completions
+        assert sent[1]["tool_calls"][0]["function"]["name"] == "get_weather"
+        assert sent[2] == {"role": "tool", "tool_call_id": uses[0].id, "content": "18C and sunny"}
+
+
+def test_count_tokens_is_never_zero_nor_404(served: Served) -> None:
+    with served.client() as c:
+        counted = c.messages.count_tokens(model=served.model, messages=USER, tools=[TOOL])
+        missing = c.messages.count_tokens(
+            model=served.model,
+            messages=[{"role": "user", "content": steer(served, "x", status=404)}],
+        )
+    assert counted.input_tokens > 0 and missing.input_tokens > 0
+    if served.provider == "anthropic":
+        assert served.sent().get("count") is True  # asked the provider
+
+
+def test_models_list_and_retrieve_in_anthropic_shape(served: Served) -> None:
+    with served.client() as c:
+        listed = c.models.list()
+        one = c.models.retrieve(served.model)
+        with pytest.raises(anthropic.NotFoundError):
+            c.models.retrieve("no-such-model")
+    assert [m.id for m in listed.data] == [served.model] and listed.data[0].type == "model"
+    assert one.id == served.model and one.display_name == served.model
+
+
+def test_each_error_is_the_sdks_own_class(served: Served) -> None:
+    with served.client("wrong-key") as c, pytest.raises(anthropic.AuthenticationError):
+        c.messages.create(model=served.model, max_tokens=5, messages=USER)
+    with served.client() as c:
+        with pytest.raises(anthropic.PermissionDeniedError):
+            c.messages.create(model="not-allowed", max_tokens=5, messages=USER)
+        with pytest.raises(anthropic.BadRequestError) as bad:
+            c.messages.create(model=served.model, max_tokens=-1, messages=USER)
+        body: Any = bad.value.body
+        assert bad.value.status_code == 400 and set(body) == {"type", "error", "request_id"}
+        assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+        assert "max_tokens" in body["error"]["message"]
+    with served.client(TINY) as c:
+        c.messages.create(model=served.model, max_tokens=5, messages=USER)
+        with pytest.raises(anthropic.RateLimitError):
+            c.messages.create(model=served.model, max_tokens=5, messages=USER)
+    if served.mock is None:
+        return
+    failing = user(steer(served, "x", status=400))
+    with served.client() as c, pytest.raises(anthropic.BadRequestError) as refused:
+        c.messages.create(model=served.model, max_tokens=5, messages=failing)
+    if served.provider == "anthropic":  # the provider's own words, as they came
+        assert refused.value.body == {
+            "type": "error",
+            "error": {"type": "invalid_request_error", "message": "mock error 400"},
+        }
+    broken = user(steer(served, "x", status=500))
+    with served.client() as c, pytest.raises(anthropic.InternalServerError):
+        c.messages.create(model=served.model, max_tokens=5, messages=broken)
+
+
+def test_our_provider_key_refused_is_a_502_not_the_providers_words(served: Served) -> None:
+    if served.mock is None:
+        pytest.skip("echo has no key")
+    refused = user(steer(served, "x", status=401))
+    with served.client() as c, pytest.raises(anthropic.InternalServerError) as info:
+        c.messages.create(model=served.model, max_tokens=5, messages=refused)
+    assert info.value.status_code == 502 and "sk-mock" not in str(info.value.body)
+
+
+CLAUDE_CODE_HEADERS = {
+    "anthropic-version": "2023-06-01",
+    "anthropic-beta": (
+        "claude-code-20250219,interleaved-thinking-2025-05-14,context-management-2025-06-27"
+    ),
+    "x-claude-code-session-id": "session-1234",
+    "user-agent": "claude-cli/2.1.0 (external, cli)",
+}
+
+
+def claude_code_body(prompt: str) -> dict[str, Any]:
+    """What Claude Code 2.1 sends for a turn, in its shape."""
+    return {
+        "model": "MODEL",
+        "max_tokens": 32000,
+        "stream": True,
+        "system": [
+            {
+                "type": "text",
+                "text": "You are Claude Code.",
+                "cache_control": {"type": "ephemeral"},
+            },
+            {"type": "text", "text": "Work in /repo."},
+        ],
+        "messages": [
+            {"role": "system", "content": "A reminder inside the conversation."},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": prompt, "cache_control": {"type": "ephemeral"}}
+                ],
+            },
+        ],
+        "tools": [
+            {
+                "name": f"Tool{i}",
+                "description": "a tool",
+                "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}},
+            }
+            for i in range(24)
+        ]
+        + [{"type": "web_search_20250305", "name": "web_search", "max_uses": 5}],
+        "thinking": {"type": "adaptive"},
+        "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        "output_config": {"effort": "medium"},
+        "metadata": {"user_id": "user_abc_account_def_session_ghi"},
+    }
+
+
+def test_what_claude_code_sends_is_accepted(served: Served) -> None:
+    assert httpx.head(served.url + "/").status_code == 200
+    body = claude_code_body(steer(served, "Say hello", text="Hello."))
+    body["model"] = served.model
+    headers = {
+        **CLAUDE_CODE_HEADERS,
+        "authorization": f"Bearer {CLIENT_KEY}",
+        "x-request-id": f"claude-code-{served.provider}",
+    }
+    r = httpx.post(served.url + "/v1/messages?beta=true", json=body, headers=headers, timeout=30)
+    assert r.status_code == 200, r.text
+    names = [line[7:] for line in r.text.splitlines() if line.startswith("event: ")]
+    assert names[0] == "message_start" and names[-1] == "message_stop"
+    assert "message_delta" in names
+    line = served.process.access_lines(headers["x-request-id"])[headers["x-request-id"]]
+    assert line["session"] == "session-1234"
+    if served.provider == "anthropic":
+        sent = served.sent()
+        assert sent["query"] == "beta=true" and sent["body"] == body  # untouched
+        assert sent["headers"]["anthropic-beta"] == CLAUDE_CODE_HEADERS["anthropic-beta"]
+        assert (
+            sent["headers"]["x-api-key"] == PROVIDER_KEY and "authorization" not in sent["headers"]
+        )
+    else:
+        assert "context_management" in line["dropped"]
+        assert any(name.startswith("tools.24") for name in line["dropped"])  # the server tool
+
+
+def test_a_translated_stream_is_anthropics_event_sequence(served: Served) -> None:
+    if served.provider == "anthropic":
+        pytest.skip("passed through: the provider's own sequence")
+    with served.client() as c:
+        with c.messages.stream(model=served.model, max_tokens=50, messages=USER) as stream:
+            kinds = [event.type for event in stream]
+    raw = [
+        k
+        for k in kinds
+        if k
+        in (
+            "message_start",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop",
+        )
+    ]
+    assert raw == [
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+
+
+def test_a_client_that_leaves_a_passed_through_stream_closes_the_upstream(served: Served) -> None:
+    if served.provider != "anthropic":
+        pytest.skip("the disconnect rule of translated streams is tested elsewhere")
+    prompt = steer(served, "go", tokens=200, token_delay_ms=50)
+    with (
+        served.client() as c,
+        c.messages.stream(
+            model=served.model, max_tokens=500, messages=[{"role": "user", "content": prompt}]
+        ) as stream,
+    ):
+        for event in stream:
+            if event.type == "content_block_delta":
+                break  # and leave
+    deadline = time.monotonic() + 5
+    while served.mock_stats()["open"]:
+        assert time.monotonic() < deadline, "the upstream stream stayed open"
+        time.sleep(0.05)
