@@ -285,7 +285,7 @@ class Ticket:
         self.admission = admission
         self.request = request
         self.model = call.model
-        self._call = call
+        self.call = call
         self.cap = OutputCap(call.max_tokens)
         self.sent = 0  # deltas relayed so far
         self.settled = False
@@ -336,7 +336,7 @@ class Ticket:
         """Counts for a provider that reported none: the input estimated, the output as
         counted (about a token a delta)."""
         return Usage(
-            input_tokens=chat.input_estimate(self._call),
+            input_tokens=chat.input_estimate(self.call),
             output_tokens=output_tokens,
             estimated=True,
         )

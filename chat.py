@@ -93,6 +93,15 @@ class Message:
         return "".join(p.text for p in self.parts if isinstance(p, Text))
 
 
+# A custom (freeform) tool, to a format that has only functions: one string argument.
+# Its calls' `arguments` are always this object's JSON, whichever format they came in.
+FREEFORM: Mapping[str, Any] = {
+    "type": "object",
+    "properties": {"input": {"type": "string"}},
+    "required": ["input"],
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Tool:
     name: str

@@ -79,6 +79,7 @@ class Settings:
     fallback_model: str = ""
     openai_api_key: str = field(default="", repr=False)
     openai_base_url: str = OPENAI_BASE_URL
+    openai_responses: str = "auto"  # does the OpenAI provider serve /responses itself?
     anthropic_api_key: str = field(default="", repr=False)
     anthropic_base_url: str = ANTHROPIC_BASE_URL
     api_keys: tuple[str, ...] = field(default=(), repr=False)
@@ -166,6 +167,10 @@ class Settings:
             )
         if self.transport not in ("aiohttp", "httpx"):
             raise SettingsError(f"LLM_TRANSPORT: {self.transport!r} is not aiohttp or httpx")
+        if self.openai_responses not in ("auto", "on", "off"):
+            raise SettingsError(
+                f"OPENAI_RESPONSES: {self.openai_responses!r} is not auto, on or off"
+            )
         if self.log_format not in ("json", "text"):
             raise SettingsError(f"LOG_FORMAT: {self.log_format!r} is not json or text")
         if self.max_response_bytes < 1024:
@@ -186,6 +191,15 @@ class Settings:
             raise SettingsError(f"MAX_INFLIGHT: must be positive, got {self.max_inflight}")
         if self.max_retries < 0:
             raise SettingsError(f"LLM_MAX_RETRIES: must be 0 or more, got {self.max_retries}")
+
+    @property
+    def openai_serves_responses(self) -> bool:
+        """Whether a Responses body passes through to the OpenAI provider: by default
+        only api.openai.com serves it; most OpenAI-compatible servers speak only Chat
+        Completions, so to them it is translated."""
+        if self.openai_responses == "auto":
+            return self.openai_base_url.rstrip("/") == OPENAI_BASE_URL
+        return self.openai_responses == "on"
 
     def replace(self, **changes: object) -> Settings:
         """A copy with some fields changed (tests use it to vary one setting)."""
@@ -248,6 +262,7 @@ class Settings:
             fallback_model=get("LLM_FALLBACK_MODEL"),
             openai_api_key=openai_key,
             openai_base_url=(openai_base or OPENAI_BASE_URL).rstrip("/"),
+            openai_responses=get("OPENAI_RESPONSES", "auto").lower(),
             anthropic_api_key=anthropic_key,
             anthropic_base_url=(get("ANTHROPIC_BASE_URL") or ANTHROPIC_BASE_URL).rstrip("/"),
             api_keys=_split(get("API_KEYS")),

@@ -347,10 +347,14 @@ class HttpProvider(Provider):
         secret: str = "",
         retry: RetryPolicy | None = None,
         bounds: Bounds | None = None,
+        also: Mapping[str, str] | None = None,
     ) -> None:
         self.name = name
         self.codec = codec
         self.wire = codec.WIRE
+        # The wire formats whose bodies can pass through to it, each at its endpoint:
+        # its codec's, and any other it serves (`also`: OpenAI's embeddings, Responses).
+        self.paths = {codec.WIRE: codec.PATH, **(also or {})}
         # What reasoning only this provider can read back (signed, encrypted) is tagged with.
         self.origin = f"{name}:{url.removesuffix(codec.PATH)}"
         self._client = client
@@ -519,6 +523,7 @@ class HttpProvider(Provider):
         request_id: str | None,
         headers: Mapping[str, str] | None = None,
         *,
+        path: str | None = None,
         query: str | None = None,
     ) -> AsyncIterator[AsyncIterator[tuple[str, str]]]:
         """The provider's SSE events; the response is closed however the caller leaves.
@@ -526,7 +531,7 @@ class HttpProvider(Provider):
         data = jsonio.dumps(body)
         sent = self.headers(request_id, "text/event-stream", headers)
         deadline = time.monotonic() + self._bounds.total_s
-        url = self.url(None, query)
+        url = self.url(path, query)
 
         async def once() -> httpx.Response:
             response = await self._send(data, sent, url)
@@ -703,7 +708,7 @@ class Chain:
 
 def passthrough(provider: Provider, wire: str) -> HttpProvider | None:
     """The provider, when a client's body in `wire` format can go to it as it is."""
-    return provider if isinstance(provider, HttpProvider) and provider.wire == wire else None
+    return provider if isinstance(provider, HttpProvider) and wire in provider.paths else None
 
 
 def make_chain(settings: Settings, client: SharedClient, codecs: Mapping[str, Codec]) -> Chain:
@@ -727,6 +732,11 @@ def _make(
         else (settings.anthropic_base_url, settings.anthropic_api_key)
     )
     codec = codecs[kind]
+    also: dict[str, str] = {}
+    if kind == "openai":
+        also["openai_embeddings"] = "/embeddings"  # what every OpenAI-protocol server serves
+        if settings.openai_serves_responses:
+            also["openai_responses"] = "/responses"
     return HttpProvider(
         client,
         name=kind,
@@ -740,6 +750,7 @@ def _make(
             total_s=settings.total_timeout_s,
             idle_s=settings.timeout_s,
         ),
+        also=also,
     )
 
 

@@ -38,7 +38,13 @@ def example(schema: Any, hint: str = "echo") -> Any:
     """An instance valid against `schema`, its strings made from `hint`."""
     if not isinstance(schema, Mapping):
         raise SchemaError("a schema must be a JSON object")
-    return _Example(schema, hint or "echo").make(schema, 0)
+    try:
+        return _Example(schema, hint or "echo").make(schema, 0)
+    except SchemaError:
+        raise
+    except (TypeError, AttributeError, ValueError) as exc:
+        # A keyword of the wrong kind ("properties": 5): the schema is malformed.
+        raise SchemaError(f"it is not a well-formed JSON Schema ({exc})") from None
 
 
 class _Example:

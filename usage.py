@@ -67,6 +67,10 @@ DEFAULT_PRICES: dict[str, Price] = {
     "o3": Price(2.00, 8.00, cached_input=0.50),
     "o4-mini": Price(1.10, 4.40, cached_input=0.275),
     "o3-mini": Price(1.10, 4.40, cached_input=0.55),
+    # OpenAI's embeddings: input only
+    "text-embedding-3-small": Price(0.02, 0.0),
+    "text-embedding-3-large": Price(0.13, 0.0),
+    "text-embedding-ada-002": Price(0.10, 0.0),
     # Anthropic
     "claude-opus-4-6": _anthropic(5.00, 25.00),
     "claude-sonnet-4-6": _anthropic(3.00, 15.00),

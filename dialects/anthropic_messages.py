@@ -210,12 +210,8 @@ def _thinking(request: chat.Request) -> dict[str, Any] | None:
 
 
 def _tool(tool: chat.Tool) -> dict[str, Any]:
-    if tool.kind == "custom":  # a freeform tool: one string argument
-        schema: Mapping[str, Any] = {
-            "type": "object",
-            "properties": {"input": {"type": "string"}},
-            "required": ["input"],
-        }
+    if tool.kind == "custom":
+        schema: Mapping[str, Any] = chat.FREEFORM
     else:
         schema = tool.parameters or {"type": "object", "properties": {}}
     out: dict[str, Any] = {"name": tool.name, "input_schema": dict(schema)}

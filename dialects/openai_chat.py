@@ -287,7 +287,7 @@ def _messages(body: ChatCompletionBody) -> list[chat.Message]:
                 if not isinstance(call, dict):
                     raise bad(call_where, "a tool call must be an object")
                 function = call.get("function") or call.get("custom") or {}
-                arguments = function.get("arguments", function.get("input", ""))
+                arguments = _arguments(function)
                 call_id = call.get("id")
                 if not isinstance(call_id, str) or not isinstance(function.get("name"), str):
                     raise bad(call_where, "a tool call needs an id and a name")
@@ -297,6 +297,14 @@ def _messages(body: ChatCompletionBody) -> list[chat.Message]:
                 parts.append(chat.ToolCall(call_id, function["name"], arguments))
         messages.append(chat.Message(role, tuple(parts)))
     return messages
+
+
+def _arguments(function: Mapping[str, Any]) -> Any:
+    """A call's arguments: a function's JSON text, or a custom tool's `input` as the
+    JSON of its one string argument (chat.FREEFORM)."""
+    if "arguments" not in function and isinstance(function.get("input"), str):
+        return jsonio.dumps({"input": function["input"]}).decode()
+    return function.get("arguments", "")
 
 
 def _calls_of(extra: Mapping[str, Any]) -> list[Any]:
@@ -413,9 +421,10 @@ def _effort(reasoning: chat.ReasoningConfig) -> str:
 
 
 def _encode_tool(tool: chat.Tool) -> dict[str, Any]:
-    if tool.kind == "custom":
-        return {"type": "custom", "custom": {"name": tool.name, "description": tool.description}}
-    function: dict[str, Any] = {"name": tool.name, "parameters": dict(tool.parameters)}
+    # A custom tool as a function of one string (what every OpenAI-compatible server
+    # takes); a Chat client's own custom tools pass through to OpenAI as they are.
+    parameters = chat.FREEFORM if tool.kind == "custom" else tool.parameters
+    function: dict[str, Any] = {"name": tool.name, "parameters": dict(parameters)}
     if tool.description is not None:
         function["description"] = tool.description
     if tool.strict is not None:
@@ -537,7 +546,7 @@ def decode_response(
         function = (
             (call.get("function") or call.get("custom") or {}) if isinstance(call, dict) else {}
         )
-        arguments = function.get("arguments", function.get("input", ""))
+        arguments = _arguments(function)
         call_id = str(call.get("id") or chat.new_id("call_"))
         parts.append(chat.ToolCall(call_id, str(function.get("name", "")), str(arguments or "{}")))
     called = any(isinstance(p, chat.ToolCall) for p in parts)
