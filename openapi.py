@@ -114,6 +114,20 @@ _MESSAGES_ERRORS = tuple(status for status in _CALL_ERRORS if status != "422")
 _SECURITY: list[dict[str, list[str]]] = [{"ApiKeyHeader": []}, {"Bearer": []}]
 
 
+# What /v1/responses streams: Open Responses' events, and OpenAI's for freeform tools.
+RESPONSES_EVENTS = (
+    "response.created", "response.in_progress", "response.output_item.added",
+    "response.output_item.done", "response.content_part.added", "response.content_part.done",
+    "response.output_text.delta", "response.output_text.done", "response.refusal.delta",
+    "response.refusal.done", "response.reasoning_summary_part.added",
+    "response.reasoning_summary_part.done", "response.reasoning_summary_text.delta",
+    "response.reasoning_summary_text.done", "response.function_call_arguments.delta",
+    "response.function_call_arguments.done", "response.custom_tool_call_input.delta",
+    "response.custom_tool_call_input.done", "response.completed", "response.incomplete",
+    "response.failed",
+)  # fmt: skip
+
+
 def _sse(events: list[str], *data_schemas: dict[str, Any]) -> dict[str, Any]:
     """Each event: its name, and data that is one of these JSON values, an error body
     (`event: error`) or `[DONE]`."""
@@ -253,6 +267,42 @@ def build_document(body_models: list[type[BaseModel]], root_path: str = "") -> d
                             "application/json": {"schema": {"type": "object"}},
                             **_sse(["message"], {"type": "object"}),
                         },
+                    },
+                    **_errors(*_CALL_ERRORS),
+                },
+            }
+        },
+        "/v1/responses": {
+            "post": {
+                "tags": ["OpenAI-compatible"],
+                "summary": "OpenAI's Responses API, stateless, streaming and not",
+                "operationId": "responses",
+                "security": _SECURITY,
+                "requestBody": _body("ResponsesBody"),
+                "responses": {
+                    "200": {
+                        "description": "A response object, or with stream: true its event "
+                        "sequence, response.created to response.completed (no [DONE])",
+                        "content": {
+                            "application/json": {"schema": {"type": "object"}},
+                            **_sse(list(RESPONSES_EVENTS), {"type": "object"}),
+                        },
+                    },
+                    **_errors(*_CALL_ERRORS),
+                },
+            }
+        },
+        "/v1/embeddings": {
+            "post": {
+                "tags": ["OpenAI-compatible"],
+                "summary": "OpenAI embeddings (echo: deterministic unit vectors)",
+                "operationId": "embeddings",
+                "security": _SECURITY,
+                "requestBody": _body("EmbeddingsBody"),
+                "responses": {
+                    "200": {
+                        "description": "A list of embedding objects, with usage",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
                     },
                     **_errors(*_CALL_ERRORS),
                 },

@@ -38,7 +38,7 @@ import sse
 from admission import Admission, Inflight, QuotaStore, UsageStore, caller
 from auth import AuthMiddleware, KeyRing
 from config import Settings, SettingsError
-from dialects import anthropic_messages, openai_chat, ours
+from dialects import anthropic_messages, openai_chat, openai_embeddings, openai_responses, ours
 from errors import ApiError, ProviderError, api_error_response, error_response, provider_api_error
 from jsonio import JSONResponse
 from logs import get_logger
@@ -216,6 +216,8 @@ def create_app(
         ("/complete", ours.complete, "POST"),
         ("/stream", ours.stream, "POST"),
         ("/v1/chat/completions", openai_chat.chat_completions, "POST"),
+        ("/v1/responses", openai_responses.responses, "POST"),
+        ("/v1/embeddings", openai_embeddings.embeddings, "POST"),
         ("/v1/messages", anthropic_messages.messages, "POST"),
         ("/v1/messages/count_tokens", anthropic_messages.count_tokens, "POST"),
         ("/v1/models", list_models, "GET"),
@@ -232,6 +234,8 @@ def create_app(
                 ours.StreamText,
                 ours.StreamUsage,
                 openai_chat.ChatCompletionBody,
+                openai_responses.ResponsesBody,
+                openai_embeddings.EmbeddingsBody,
                 anthropic_messages.MessagesBody,
                 anthropic_messages.CountTokensBody,
             ]

@@ -5,7 +5,8 @@ never the bottleneck of a benchmark, and a real process for end-to-end tests.
 
     python bench/mock_provider.py --port 9100 [--ttft-ms 0] [--token-delay-ms 0]
 
-Routes: POST /v1/chat/completions (OpenAI), POST /v1/messages (Anthropic),
+Routes: POST /v1/chat/completions (OpenAI), POST /v1/responses (OpenAI's Responses),
+POST /v1/embeddings (OpenAI), POST /v1/messages (Anthropic),
 GET /_stats (streams open, finished, aborted by the client; requests served),
 POST /_reset, GET /_last (the last request's body and headers).
 
@@ -109,6 +110,10 @@ class MockProvider:
             await self.count_tokens(receive, send)
         elif method == "POST" and path.endswith("/chat/completions"):
             await self.answer(scope, receive, send, "openai")
+        elif method == "POST" and path.endswith("/responses"):
+            await self.answer(scope, receive, send, "responses")
+        elif method == "POST" and path.endswith("/embeddings"):
+            await self.embeddings(receive, send)
         elif method == "POST" and path.endswith("/messages"):
             await self.answer(scope, receive, send, "anthropic")
         else:
@@ -128,6 +133,38 @@ class MockProvider:
             str(body.get("system", "")).split()
         )
         await _json(send, 200, {"input_tokens": words + 10 * len(body.get("tools") or ())})
+
+    async def embeddings(self, receive: Receive, send: Send) -> None:
+        """OpenAI's embeddings: a vector of 8 floats an input, from its hash, and a
+        token a word (a `status` directive in the first input answers that status)."""
+        self.stats.requests += 1
+        body = json.loads(await _read(receive))
+        self.stats.last = {"protocol": "openai", "body": body, "embeddings": True}
+        raw = body.get("input")
+        items = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else raw
+        first = str(items[0]) if items else ""
+        if first.startswith("mock:"):
+            options = json.loads(first[5:].partition("\n")[0])
+            if "status" in options:
+                status = int(options["status"])
+                await _json(send, status, _error_body("openai", status))
+                return
+        data = []
+        for i, item in enumerate(items or ()):
+            digest = hashlib.sha256(json.dumps(item).encode()).digest()
+            vector = [(b - 127.5) / 127.5 for b in digest[:8]]
+            data.append({"object": "embedding", "index": i, "embedding": vector})
+        tokens = sum(len(i) if isinstance(i, list) else len(str(i).split()) for i in items or ())
+        await _json(
+            send,
+            200,
+            {
+                "object": "list",
+                "data": data,
+                "model": body.get("model"),
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            },
+        )
 
     async def answer(self, scope: Scope, receive: Receive, send: Send, protocol: str) -> None:
         self.stats.requests += 1
@@ -157,7 +194,10 @@ class MockProvider:
                 key = name[7:].replace("-", "_")
                 options[key] = value if key == "text" else json.loads(value)
         messages = body.get("messages") or [{}]
-        content = messages[-1].get("content") or ""
+        if "input" in body:  # Responses: a string, or items
+            raw = body["input"]
+            messages = [{"content": raw}] if isinstance(raw, str) else (raw or [{}])
+        content = messages[-1].get("content") or messages[-1].get("output") or ""
         if isinstance(content, list):
             content = "".join(part.get("text", "") for part in content)
         if content.startswith("mock:"):
@@ -215,14 +255,21 @@ class MockProvider:
             chunks = [w if i == 0 else " " + w for i, w in enumerate(prompt.split())]
         if "tool_call" in options and "text" not in options:
             chunks = []
-        max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 1 << 30)
+        max_tokens = int(
+            body.get("max_tokens")
+            or body.get("max_completion_tokens")
+            or body.get("max_output_tokens")
+            or 1 << 30
+        )
         finish = "length" if len(chunks) > max_tokens else "stop"
         if "tool_call" in options:
             finish = "tool_calls"
         chunks = chunks[:max_tokens]
-        input_tokens = sum(
-            len(str(m.get("content", "")).split()) for m in body.get("messages", [])
-        ) + len(str(body.get("system", "")).split())
+        input_tokens = (
+            sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
+            + len(str(body.get("system", "")).split())
+            + (len(json.dumps(body["input"]).split()) if "input" in body else 0)
+        )
         usage = (input_tokens, len(chunks), int(options.get("cached", 0)))
         model = str(body.get("model", "mock"))
 
@@ -232,7 +279,9 @@ class MockProvider:
                 self.stats.aborted += 1
                 return
             await _sleep(options["token_delay_ms"] * len(chunks), gone)
-            make = _openai_completion if protocol == "openai" else _anthropic_message
+            make = {"openai": _openai_completion, "responses": _responses_object}.get(
+                protocol, _anthropic_message
+            )
             cookie = {"set-cookie": str(options["set_cookie"])} if "set_cookie" in options else {}
             await _json(send, 200, make(model, "".join(chunks), finish, usage, options), cookie)
             self.stats.finished += 1
@@ -254,9 +303,10 @@ class MockProvider:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 self.stats.finished += 1
                 return
-            frames = (_openai_frames if protocol == "openai" else _anthropic_frames)(
-                model, chunks, finish, usage, options
+            framer = {"openai": _openai_frames, "responses": _responses_frames}.get(
+                protocol, _anthropic_frames
             )
+            frames = framer(model, chunks, finish, usage, options)
             if options.get("big_chunk"):
                 whole = b"".join(frame for _, frame in frames)
                 await send({"type": "http.response.body", "body": whole, "more_body": False})
@@ -468,18 +518,188 @@ def _openai_frames(
     for i, text in enumerate(chunks):
         frames += _fault(options, i) + [("token", chunk({"content": text}))]
     for index, call in enumerate(_calls(options)):
-        first = {"index": index, "id": call["id"], "type": "function",
-                 "function": {"name": call["name"], "arguments": ""}}  # fmt: skip
+        first = {
+            "index": index,
+            "id": call["id"],
+            "type": "function",
+            "function": {"name": call["name"], "arguments": ""},
+        }
         frames.append(("token", chunk({"tool_calls": [first]})))
         half = len(call["arguments"]) // 2
         for piece in (call["arguments"][:half], call["arguments"][half:]):
-            frames.append(("token", chunk({"tool_calls": [{"index": index,
-                                           "function": {"arguments": piece}}]})))  # fmt: skip
+            frames.append(
+                (
+                    "token",
+                    chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]}),
+                )
+            )
     frames += _fault(options, len(chunks))
     frames.append(("end", chunk({}, finish)))
     if not options.get("no_usage"):
         frames.append(("usage", _sse({**base, "choices": [], "usage": _openai_usage(usage)})))
     frames.append(("done", _sse("[DONE]")))
+    return frames
+
+
+def _responses_usage(usage: tuple[int, int, int]) -> dict[str, Any]:
+    return {
+        "input_tokens": usage[0],
+        "input_tokens_details": {"cached_tokens": usage[2]},
+        "output_tokens": usage[1],
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": usage[0] + usage[1],
+    }
+
+
+def _responses_items(text: str, options: dict[str, Any]) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    if "thinking" in options:
+        summary = [{"type": "summary_text", "text": str(options["thinking"])}]
+        items.append(
+            {
+                "type": "reasoning",
+                "id": "rs_mock",
+                "summary": summary,
+                "encrypted_content": "openai-encrypted-" + _signature(str(options["thinking"])),
+            }
+        )
+    if text:
+        part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+        items.append(
+            {
+                "type": "message",
+                "id": "msg_mock",
+                "status": "completed",
+                "role": "assistant",
+                "content": [part],
+            }
+        )
+    for call in _calls(options):
+        items.append(
+            {
+                "type": "function_call",
+                "id": "fc_" + call["id"],
+                "call_id": call["id"],
+                "name": call["name"],
+                "arguments": call["arguments"],
+                "status": "completed",
+            }
+        )
+    return items
+
+
+def _responses_object(
+    model: str, text: str, finish: str, usage: tuple[int, int, int], options: dict[str, Any],
+    status: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """OpenAI's response object, with the fields a client reads."""
+    incomplete = finish == "length"
+    return {
+        "id": "resp_mock",
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": status or ("incomplete" if incomplete else "completed"),
+        "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+        "error": None,
+        "model": model,
+        "output": _responses_items(text, options) if status != "in_progress" else [],
+        "parallel_tool_calls": True,
+        "store": False,
+        "tools": [],
+        "tool_choice": "auto",
+        "usage": None if options.get("no_usage") or status else _responses_usage(usage),
+    }
+
+
+def _responses_frames(
+    model: str,
+    chunks: list[str],
+    finish: str,
+    usage: tuple[int, int, int],
+    options: dict[str, Any],
+) -> list[tuple[str, bytes]]:
+    """The Responses event sequence: each event named, with its sequence_number."""
+    frames: list[tuple[str, bytes]] = []
+
+    def event(kind: str, label: str = "token", **fields: Any) -> None:
+        data = {"type": kind, "sequence_number": len(frames), **fields}
+        frames.append((label, _sse(data, kind)))
+
+    start = _responses_object(model, "", finish, usage, options, status="in_progress")
+    event("response.created", "start", response=start)
+    event("response.in_progress", "start", response=start)
+    index = 0
+    if "thinking" in options:
+        item = _responses_items("", {"thinking": options["thinking"]})[0]
+        event("response.output_item.added", output_index=index, item={**item, "summary": []})
+        event("response.output_item.done", output_index=index, item=item)
+        index += 1
+    if chunks:
+        text = "".join(chunks)
+        message = _responses_items(text, {})[0]
+        event(
+            "response.output_item.added",
+            output_index=index,
+            item={**message, "status": "in_progress", "content": []},
+        )
+        event(
+            "response.content_part.added",
+            item_id="msg_mock",
+            output_index=index,
+            content_index=0,
+            part={"type": "output_text", "text": "", "annotations": []},
+        )
+        for i, piece in enumerate(chunks):
+            frames.extend(_fault(options, i))
+            event(
+                "response.output_text.delta",
+                item_id="msg_mock",
+                output_index=index,
+                content_index=0,
+                delta=piece,
+                logprobs=[],
+            )
+        frames.extend(_fault(options, len(chunks)))
+        event(
+            "response.output_text.done",
+            item_id="msg_mock",
+            output_index=index,
+            content_index=0,
+            text=text,
+            logprobs=[],
+        )
+        event(
+            "response.content_part.done",
+            item_id="msg_mock",
+            output_index=index,
+            content_index=0,
+            part=message["content"][0],
+        )
+        event("response.output_item.done", output_index=index, item=message)
+        index += 1
+    for call in _responses_items("", {"tool_call": options.get("tool_call") or []}):
+        event(
+            "response.output_item.added",
+            output_index=index,
+            item={**call, "arguments": "", "status": "in_progress"},
+        )
+        event(
+            "response.function_call_arguments.delta",
+            item_id=call["id"],
+            output_index=index,
+            delta=call["arguments"],
+        )
+        event(
+            "response.function_call_arguments.done",
+            item_id=call["id"],
+            output_index=index,
+            arguments=call["arguments"],
+        )
+        event("response.output_item.done", output_index=index, item=call)
+        index += 1
+    whole = _responses_object(model, "".join(chunks), finish, usage, options)
+    kind = "response.incomplete" if whole["status"] == "incomplete" else "response.completed"
+    event(kind, "done", response=whole)
     return frames
 
 
@@ -521,8 +741,14 @@ def _anthropic_content(text: str, options: dict[str, Any]) -> list[dict[str, Any
     if text or not calls:
         content.append({"type": "text", "text": text})
     for call in calls:
-        content.append({"type": "tool_use", "id": call["id"].replace("call_", "toolu_"),
-                        "name": call["name"], "input": json.loads(call["arguments"])})  # fmt: skip
+        content.append(
+            {
+                "type": "tool_use",
+                "id": call["id"].replace("call_", "toolu_"),
+                "name": call["name"],
+                "input": json.loads(call["arguments"]),
+            }
+        )
     return content
 
 
@@ -550,8 +776,13 @@ def _anthropic_frames(
         return ("start", _sse(start, "content_block_start"))
 
     def block_delta(index: int, delta: dict[str, Any]) -> tuple[str, bytes]:
-        return ("token", _sse({"type": "content_block_delta", "index": index, "delta": delta},
-                              "content_block_delta"))  # fmt: skip
+        return (
+            "token",
+            _sse(
+                {"type": "content_block_delta", "index": index, "delta": delta},
+                "content_block_delta",
+            ),
+        )
 
     def block_stop(index: int) -> tuple[str, bytes]:
         return ("end", _sse({"type": "content_block_stop", "index": index}, "content_block_stop"))
@@ -581,8 +812,12 @@ def _anthropic_frames(
         frames.append(block_stop(index))
         index += 1
     for call in calls:
-        block = {"type": "tool_use", "id": call["id"].replace("call_", "toolu_"),
-                 "name": call["name"], "input": {}}  # fmt: skip
+        block = {
+            "type": "tool_use",
+            "id": call["id"].replace("call_", "toolu_"),
+            "name": call["name"],
+            "input": {},
+        }
         frames.append(block_start(index, block))
         half = len(call["arguments"]) // 2
         for piece in (call["arguments"][:half], call["arguments"][half:]):

@@ -79,7 +79,7 @@ def test_readme_curl_examples_work_verbatim(readme_service: Process) -> None:
 
 
 def test_readme_sdk_example_runs(readme_service: Process) -> None:
-    (example,) = [body for lang, body in BLOCKS if lang == "python" and "OpenAI(" in body]
+    (example,) = [body for lang, body in BLOCKS if lang == "python" and "chat.completions" in body]
     code = example.replace("127.0.0.1:8000", f"127.0.0.1:{readme_service.port}")
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
@@ -116,3 +116,13 @@ def test_readme_anthropic_example_runs(readme_service: Process) -> None:
     lines = done.stdout.splitlines()
     assert lines[:2] == ["Hello there 2", "Hello there"]
     assert lines[2].startswith("MessageTokensCount(") and "input_tokens=1" in lines[2]
+
+
+def test_readme_responses_and_embeddings_example_runs(readme_service: Process) -> None:
+    (example,) = [body for lang, body in BLOCKS if lang == "python" and "responses." in body]
+    code = example.replace("127.0.0.1:8000", f"127.0.0.1:{readme_service.port}")
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["Hello there 4", "Hello there", "2 256"]

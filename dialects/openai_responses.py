@@ -1,0 +1,846 @@
+"""OpenAI's Responses API, served stateless: the `/v1/responses` route of the OpenAI
+SDKs' `responses`, Codex CLI, the Vercel AI SDK and the OpenAI Agents SDK.
+
+Its answers and events are in the Open Responses schema: a response object echoing
+the request's settings, output items (reasoning, then one message per run of text,
+then function calls, each with an id made once), and a stream of typed events with a
+`sequence_number` from 0, from `response.created` to `response.completed` (or
+`.incomplete`, or `error` and `response.failed`), no `[DONE]`.
+
+To an OpenAI provider that serves Responses itself (api.openai.com, unless
+OPENAI_RESPONSES says otherwise) the body passes through, with `store: false` sent
+explicitly; to any other it is translated through `chat`. Nothing is stored: a
+`previous_response_id`, a `conversation`, `store: true` or `background` is a 400 that
+says to send the whole input.
+
+Reasoning only its origin can read (Anthropic's signed thinking, an OpenAI
+`encrypted_content`) travels in a reasoning item's `encrypted_content`, wrapped with
+the origin it came from, so that a client that sends it back (Codex asks for it with
+`include`) reaches that origin with it, and no other.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import AsyncGenerator, Iterable, Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Scope
+
+import admission
+import chat
+import jsonio
+import llm
+import sse
+from dialects import integer, json_object
+from errors import ApiError, ProviderError, request_id
+from jsonio import JSONResponse
+from usage import Usage
+
+WIRE = "openai_responses"
+PATH = "/responses"
+
+PositiveInt = Annotated[int, Field(ge=1), BeforeValidator(admission.integral)]
+# Built-in tools: what only OpenAI's own service runs.
+BUILT_IN = frozenset(
+    {"web_search", "web_search_preview", "file_search", "code_interpreter", "computer_use_preview",
+     "computer", "image_generation", "mcp", "local_shell", "shell"}
+)  # fmt: skip
+_WRAP = "tt1:"  # an encrypted_content of ours: the origin and what it gave
+
+
+def bad(param: str, message: str) -> ApiError:
+    return ApiError(400, "invalid_request", f"{param}: {message}", param=param)
+
+
+class ReasoningParam(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None
+
+
+class TextParam(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    format: dict[str, Any] | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+
+
+class ResponsesBody(BaseModel):
+    """The Responses request; fields not named here pass through to OpenAI."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str | None = Field(None, min_length=1, max_length=200)
+    input: (
+        Annotated[str, Field(min_length=1)] | Annotated[list[dict[str, Any]], Field(min_length=1)]
+    )
+    instructions: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: TextParam | None = None
+    reasoning: ReasoningParam | None = None
+    max_output_tokens: PositiveInt | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(None, max_length=16)
+    stream: bool = False
+    store: bool | None = None
+    previous_response_id: str | None = None
+    conversation: str | dict[str, Any] | None = None
+    background: bool | None = None
+    include: list[str] | None = None
+    user: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+
+
+class Decoded:
+    """A Responses body read into `chat`, and what of it no other format carries."""
+
+    def __init__(self, request: chat.Request, lost: list[tuple[str, str]]) -> None:
+        self.request = request
+        self.lost = lost
+
+    def refusal(self, provider: str) -> ApiError | None:
+        if not self.lost:
+            return None
+        param, what = self.lost[0]
+        return bad(param, f"{what} cannot be translated for the {provider} provider")
+
+
+def stateless(body: ResponsesBody) -> None:
+    """What would need a stored response is a 400, whoever the provider."""
+    send_all = "this service stores nothing: send the whole input in each request"
+    if body.previous_response_id is not None:
+        raise bad("previous_response_id", send_all)
+    if body.conversation is not None:
+        raise bad("conversation", send_all)
+    if body.store:
+        raise bad("store", send_all)
+    if body.background:
+        raise bad("background", "background responses need storage; " + send_all)
+
+
+def decode_request(body: ResponsesBody, model: str, rid: str | None) -> Decoded:
+    lost: list[tuple[str, str]] = []
+    extra = dict(body.model_extra or {})
+    if extra.pop("top_logprobs", None):
+        lost.append(("top_logprobs", "log probabilities"))
+    dropped = sorted(k for k in extra if k != "stream_options")
+    dropped += [name for name in ("prompt_cache_key", "safety_identifier", "metadata")
+                if getattr(body, name)]  # fmt: skip
+    dropped += [f"include: {value}" for value in body.include or ()]
+    messages: list[chat.Message] = []
+    if body.instructions:
+        messages.append(chat.Message("system", (chat.Text(body.instructions),)))
+    items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
+    calls: set[str] = set()
+    for i, item in enumerate(items):
+        _item(item, f"input.{i}", messages, calls, lost)
+    tools = _tools(body.tools or [], lost, dropped)
+    text = body.text or TextParam()
+    if text.verbosity:
+        dropped.append("text.verbosity")
+    reasoning = None
+    if body.reasoning is not None and body.reasoning.effort is not None:
+        effort = body.reasoning.effort
+        reasoning = chat.ReasoningConfig(effort=effort, enabled=effort != "none")
+    request = chat.Request(
+        model=model,
+        messages=tuple(messages),
+        max_tokens=body.max_output_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        tools=tuple(tools),
+        tool_choice=_tool_choice(body.tool_choice, body.parallel_tool_calls) if tools else None,
+        response_format=_format(text.format),
+        reasoning=reasoning,
+        user=body.user,
+        request_id=rid,
+        dropped=tuple(dropped),
+    )
+    return Decoded(request, lost)
+
+
+def _tools(
+    raw: list[dict[str, Any]], lost: list[tuple[str, str]], dropped: list[str]
+) -> list[chat.Tool]:
+    tools: list[chat.Tool] = []
+    for i, tool in enumerate(raw):
+        kind, name, where = tool.get("type"), tool.get("name"), f"tools.{i}"
+        description = tool.get("description")
+        if description is not None and not isinstance(description, str):
+            raise bad(f"{where}.description", "must be a string")
+        if kind in ("function", "custom") and not (isinstance(name, str) and name):
+            raise bad(f"{where}.name", f"a {kind} tool needs a name")
+        name = str(name)
+        if kind == "function":
+            parameters = tool.get("parameters") or {"type": "object", "properties": {}}
+            if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
+                raise bad(f"{where}.parameters", "must be a JSON Schema of an object")
+            strict = tool.get("strict")
+            strict = strict if isinstance(strict, bool) else None
+            tools.append(chat.Tool(name, description, parameters, strict=strict))
+        elif kind == "custom":
+            tools.append(chat.Tool(name, description, kind="custom"))
+        elif not isinstance(kind, str):
+            raise bad(f"{where}.type", "a tool needs a type")
+        elif kind in BUILT_IN or kind.startswith("web_search"):
+            lost.append((where, f"the built-in tool {kind!r}"))
+        else:  # a namespace of tools, say: only a Responses service runs it
+            dropped.append(f"{where} ({kind})")
+    return tools
+
+
+def _append(messages: list[chat.Message], role: chat.Role, part: chat.Part) -> None:
+    """A part into the last message if it has `role` (an assistant's calls and
+    reasoning are one turn), else into a new one."""
+    if messages and messages[-1].role == role and role in ("assistant", "tool"):
+        messages[-1] = chat.Message(role, (*messages[-1].parts, part))
+    else:
+        messages.append(chat.Message(role, (part,)))
+
+
+def _item(
+    item: Mapping[str, Any],
+    where: str,
+    messages: list[chat.Message],
+    calls: set[str],
+    lost: list[tuple[str, str]],
+) -> None:
+    kind = item.get("type", "message")
+    if kind == "message":
+        role = item.get("role")
+        if role not in ("user", "assistant", "system", "developer"):
+            raise bad(f"{where}.role", "must be user, assistant, system or developer")
+        if item.get("content") is None:
+            raise bad(f"{where}.content", "a message needs content")
+        parts = _parts(item["content"], f"{where}.content", lost)
+        messages.append(chat.Message(role, tuple(parts)))
+    elif kind in ("function_call", "custom_tool_call"):
+        call_id, name = item.get("call_id"), item.get("name")
+        if not isinstance(call_id, str) or not isinstance(name, str):
+            raise bad(where, f"a {kind} needs a call_id and a name")
+        calls.add(call_id)
+        arguments = item.get("arguments")
+        if kind == "custom_tool_call":  # its input, as a call of chat.FREEFORM
+            text = _string(item.get("input", ""), f"{where}.input")
+            arguments = jsonio.dumps({"input": text}).decode()
+        elif not isinstance(arguments, str):
+            raise bad(f"{where}.arguments", "must be a string of JSON")
+        _append(messages, "assistant", chat.ToolCall(call_id, name, arguments))
+    elif kind in ("function_call_output", "custom_tool_call_output"):
+        call_id = item.get("call_id")
+        if not isinstance(call_id, str) or call_id not in calls:
+            raise bad(f"{where}.call_id", f"no earlier call has the id {call_id!r}")
+        output = item.get("output")
+        content = [
+            p
+            for p in _parts(output, f"{where}.output", lost)
+            if isinstance(p, chat.Text | chat.Image)
+        ]
+        _append(messages, "tool", chat.ToolResult(call_id, tuple(content)))
+    elif kind == "reasoning":
+        text = ""
+        for field in ("summary", "content"):
+            pieces = item.get(field) or []
+            if not isinstance(pieces, list) or not all(isinstance(p, dict) for p in pieces):
+                raise bad(f"{where}.{field}", "must be a list of text parts")
+            text += "".join(_string(p.get("text", ""), f"{where}.{field}") for p in pieces)
+        _append(messages, "assistant", _unwrap(text, item.get("encrypted_content")))
+    elif kind == "item_reference":
+        raise bad(f"{where}.type", "this service stores nothing: send the items themselves")
+    else:
+        lost.append((f"{where}.type", f"an input item of type {kind!r}"))
+
+
+def _string(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise bad(where, "must be a string")
+    return value
+
+
+def _optional(value: Any, where: str) -> str | None:
+    return None if value is None else _string(value, where)
+
+
+def _parts(content: Any, where: str, lost: list[tuple[str, str]]) -> list[chat.Part]:
+    if isinstance(content, str):
+        return [chat.Text(content)] if content else []
+    if not isinstance(content, list):
+        raise bad(where, "must be a string or a list of content parts")
+    parts: list[chat.Part] = []
+    for j, part in enumerate(content):
+        at = f"{where}.{j}"
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise bad(at, "a content part is an object with a type")
+        kind = part["type"]
+        if kind in ("input_text", "output_text", "text"):
+            parts.append(chat.Text(_string(part.get("text"), f"{at}.text")))
+        elif kind == "input_image" and part.get("image_url") is not None:
+            detail = _optional(part.get("detail"), f"{at}.detail")
+            parts.append(chat.Image(_string(part["image_url"], f"{at}.image_url"), detail))
+        elif kind == "input_file" and (part.get("file_data") or part.get("file_url")):
+            name = _optional(part.get("filename"), f"{at}.filename")
+            if part.get("file_data"):
+                data = _string(part["file_data"], f"{at}.file_data")
+                url = data if data.startswith("data:") else f"data:application/pdf;base64,{data}"
+            else:
+                url = _string(part["file_url"], f"{at}.file_url")
+            parts.append(chat.Document(url, name))
+        elif kind == "refusal":
+            parts.append(chat.Refusal(_string(part.get("refusal"), f"{at}.refusal")))
+        else:
+            lost.append((at, f"a content part of type {kind!r} (a stored file, say)"))
+    return parts
+
+
+def _tool_choice(raw: Any, parallel_calls: bool | None) -> chat.ToolChoice | None:
+    parallel = parallel_calls is not False
+    if raw is None:
+        return None if parallel else chat.ToolChoice("auto", parallel=False)
+    if raw in ("auto", "none", "required"):
+        return chat.ToolChoice(raw, parallel=parallel)
+    if isinstance(raw, dict):
+        if raw.get("type") in ("function", "custom") and isinstance(raw.get("name"), str):
+            return chat.ToolChoice("tool", raw["name"], parallel=parallel)
+        if raw.get("type") == "allowed_tools" and raw.get("mode") in ("auto", "required"):
+            return chat.ToolChoice(raw["mode"], parallel=parallel)
+    raise bad("tool_choice", "must be auto, none, required or a named function")
+
+
+def _format(form: Mapping[str, Any] | None) -> chat.ResponseFormat | None:
+    """Responses' text.format is flat: {type, name, schema, strict}."""
+    if form is None or form.get("type") in (None, "text"):
+        return None
+    if form["type"] == "json_object":
+        return chat.ResponseFormat("json_object")
+    if form["type"] == "json_schema":
+        schema = form.get("schema")
+        if not isinstance(schema, dict):
+            raise bad("text.format.schema", "a json_schema format needs a schema object")
+        strict = form.get("strict")
+        _optional(form.get("description"), "text.format.description")
+        return chat.ResponseFormat(
+            "json_schema",
+            name=_optional(form.get("name"), "text.format.name"),
+            schema=schema,
+            strict=strict if isinstance(strict, bool) else None,
+        )
+    raise bad("text.format.type", f"{form['type']!r} is not text, json_object or json_schema")
+
+
+def _wrap(part: chat.Reasoning | chat.ReasoningDelta) -> str | None:
+    """What only the origin can read, as an encrypted_content a client sends back."""
+    if part.signature is None and part.opaque is None:
+        return None
+    inner = {"origin": part.origin, "signature": part.signature, "opaque": part.opaque}
+    return _WRAP + base64.urlsafe_b64encode(jsonio.dumps(inner)).decode()
+
+
+def _unwrap(text: str, encrypted: Any) -> chat.Reasoning:
+    if isinstance(encrypted, str) and encrypted.startswith(_WRAP):
+        try:
+            inner = jsonio.loads(base64.urlsafe_b64decode(encrypted[len(_WRAP) :]))
+        except (ValueError, TypeError):
+            inner = None
+        if isinstance(inner, dict):
+            return chat.Reasoning(
+                text,
+                signature=inner.get("signature"),
+                opaque=inner.get("opaque"),
+                origin=inner.get("origin"),
+            )
+    if isinstance(encrypted, str) and encrypted:
+        # An OpenAI's own: it goes back to an OpenAI Responses service, passed through.
+        return chat.Reasoning(text, opaque=encrypted, origin="openai_responses")
+    return chat.Reasoning(text)
+
+
+# --- answers -------------------------------------------------------------------------
+
+
+def usage_object(usage: Usage) -> dict[str, Any]:
+    return {
+        "input_tokens": usage.input_tokens,
+        "input_tokens_details": {
+            "cached_tokens": usage.cached_input_tokens,
+            "cache_write_tokens": usage.cache_write_tokens,
+        },
+        "output_tokens": usage.output_tokens,
+        "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
+        "total_tokens": usage.input_tokens + usage.output_tokens,
+    }
+
+
+def usage_of(data: Any) -> Usage | None:
+    if not isinstance(data, dict):
+        return None
+    cached = data.get("input_tokens_details") or {}
+    reasoning = data.get("output_tokens_details") or {}
+    return Usage(
+        input_tokens=integer(data.get("input_tokens")),
+        output_tokens=integer(data.get("output_tokens")),
+        cached_input_tokens=integer(cached.get("cached_tokens")) if isinstance(cached, dict) else 0,
+        cache_write_tokens=integer(cached.get("cache_write_tokens"))
+        if isinstance(cached, dict)
+        else 0,
+        reasoning_tokens=integer(reasoning.get("reasoning_tokens"))
+        if isinstance(reasoning, dict)
+        else 0,
+    )
+
+
+class Echo:
+    """The response object's echo of the request's settings, and its ids."""
+
+    def __init__(self, body: ResponsesBody, model: str, request: chat.Request) -> None:
+        self.id = chat.new_id("resp_")
+        self.created_at = int(time.time())
+        self.model = model
+        self.custom = {t.name for t in request.tools if t.kind == "custom"}
+        form = request.response_format
+        if form is None:
+            shown: dict[str, Any] = {"type": "text"}
+        elif form.kind == "json_object":
+            shown = {"type": "json_object"}
+        else:
+            asked = (body.text.format if body.text else None) or {}
+            shown = {"type": "json_schema", "name": form.name or "answer",
+                     "description": asked.get("description"),
+                     "schema": dict(form.schema or {}), "strict": bool(form.strict)}  # fmt: skip
+        choice = body.tool_choice if body.tool_choice is not None else "auto"
+        self.settings: dict[str, Any] = {
+            "instructions": body.instructions,
+            "max_output_tokens": body.max_output_tokens,
+            "model": model,
+            "parallel_tool_calls": body.parallel_tool_calls is not False,
+            "previous_response_id": None,
+            "reasoning": {
+                "effort": body.reasoning.effort if body.reasoning else None,
+                "summary": body.reasoning.summary if body.reasoning else None,
+            },
+            "store": False,
+            "background": False,
+            "temperature": body.temperature if body.temperature is not None else 1.0,
+            "top_p": body.top_p if body.top_p is not None else 1.0,
+            "presence_penalty": 0.0,
+            "frequency_penalty": 0.0,
+            "top_logprobs": 0,
+            "text": {"format": shown},
+            "tool_choice": choice,
+            "tools": [
+                {
+                    "type": "function",
+                    "name": t.name,
+                    "description": t.description,
+                    "parameters": dict(t.parameters),
+                    "strict": t.strict,
+                }
+                for t in request.tools
+                if t.kind == "function"
+            ],
+            "truncation": "disabled",
+            "max_tool_calls": None,
+            "service_tier": "default",
+            "metadata": body.metadata or {},
+            "prompt_cache_key": body.prompt_cache_key,
+            "safety_identifier": body.safety_identifier,
+            "user": body.user,
+        }
+
+    def response(
+        self,
+        status: str,
+        output: list[dict[str, Any]],
+        usage: Usage | None = None,
+        *,
+        incomplete: str | None = None,
+        error: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created_at,
+            "completed_at": int(time.time()) if status in ("completed", "incomplete") else None,
+            "status": status,
+            "error": error,
+            "incomplete_details": {"reason": incomplete} if incomplete else None,
+            "output": output,
+            "usage": usage_object(usage) if usage is not None else None,
+            **self.settings,
+        }
+
+
+def _status(end_reason: str) -> tuple[str, str | None]:
+    if end_reason == "length":
+        return "incomplete", "max_output_tokens"
+    if end_reason == "content_filter":
+        return "incomplete", "content_filter"
+    return "completed", None
+
+
+def _output(parts: Iterable[chat.Part], echo: Echo) -> list[dict[str, Any]]:
+    """Output items in Responses' order: reasoning, the message (one per run of text),
+    then the calls."""
+    reasoning, message, calls = [], [], []
+    for part in parts:
+        if isinstance(part, chat.Reasoning):
+            item: dict[str, Any] = {
+                "type": "reasoning",
+                "id": chat.new_id("rs_"),
+                "summary": [{"type": "summary_text", "text": part.text}] if part.text else [],
+            }
+            wrapped = _wrap(part)
+            if wrapped is not None:
+                item["encrypted_content"] = wrapped
+            reasoning.append(item)
+        elif isinstance(part, chat.Text) and part.text:
+            message.append({"type": "output_text", "text": part.text, "annotations": []})
+        elif isinstance(part, chat.Refusal):
+            message.append({"type": "refusal", "refusal": part.text})
+        elif isinstance(part, chat.ToolCall):
+            calls.append(_call_item(part.id, part.name, part.arguments, echo, "completed"))
+    out = reasoning
+    if message:
+        out.append(
+            {
+                "type": "message",
+                "id": chat.new_id("msg_"),
+                "status": "completed",
+                "role": "assistant",
+                "content": message,
+            }
+        )
+    return out + calls
+
+
+def _call_item(call_id: str, name: str, arguments: str, echo: Echo, status: str) -> dict[str, Any]:
+    if name in echo.custom:  # a freeform tool: its one string argument is its input
+        try:
+            value = jsonio.loads(arguments or "{}")
+        except ValueError:
+            value = {"input": arguments}
+        text = value.get("input", "") if isinstance(value, dict) else str(value)
+        return {
+            "type": "custom_tool_call",
+            "id": chat.new_id("ctc_"),
+            "call_id": call_id,
+            "name": name,
+            "input": str(text),
+            "status": status,
+        }
+    return {
+        "type": "function_call",
+        "id": chat.new_id("fc_"),
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
+        "status": status,
+    }
+
+
+def encode_response(completion: chat.Completion, echo: Echo) -> dict[str, Any]:
+    status, incomplete = _status(completion.finish_reason)
+    if completion.model:
+        echo.settings["model"] = completion.model
+    return echo.response(
+        status, _output(completion.parts, echo), completion.usage, incomplete=incomplete
+    )
+
+
+def _event(data: dict[str, Any]) -> bytes:
+    return b"event: " + str(data["type"]).encode() + b"\ndata: " + jsonio.dumps(data) + b"\n\n"
+
+
+class StreamEncoder:
+    """`chat` events as Responses' event sequence, each with the next sequence_number.
+    The items are the same as the whole answer's: `response.completed` carries the
+    response object a non-streamed call returns."""
+
+    ping = sse.PING
+
+    def __init__(self, echo: Echo) -> None:
+        self.echo = echo
+        self.sequence = 0
+        self.started = False
+        self.output: list[dict[str, Any]] = []
+        self.open: dict[str, Any] | None = None  # the item being streamed
+        self.text: list[str] = []
+        self.part = "output_text"  # the open message's part: output_text or refusal
+        self._around: tuple[str, bytes] | None = None  # an item id, its delta's fields
+        self.calls: dict[int, dict[str, Any]] = {}  # chat's call index -> its item
+
+    def _emit(self, kind: str, **fields: Any) -> bytes:
+        data = {"type": kind, "sequence_number": self.sequence, **fields}
+        self.sequence += 1
+        return _event(data)
+
+    def _start(self) -> list[bytes]:
+        if self.started:
+            return []
+        self.started = True
+        response = self.echo.response("in_progress", [])
+        return [
+            self._emit("response.created", response=response),
+            self._emit("response.in_progress", response=response),
+        ]
+
+    def _add(self, item: dict[str, Any]) -> list[bytes]:
+        out = self._close()
+        self.open = item
+        self.output.append(item)
+        return [
+            *out,
+            self._emit(
+                "response.output_item.added",
+                output_index=len(self.output) - 1,
+                item={**item, **self._empty(item)},
+            ),
+        ]
+
+    @staticmethod
+    def _empty(item: dict[str, Any]) -> dict[str, Any]:
+        kind = item["type"]
+        if kind == "message":
+            return {"content": [], "status": "in_progress"}
+        if kind == "reasoning":
+            return {"summary": []}
+        return {"status": "in_progress"}
+
+    _DELTA = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta"'
+
+    def _text_delta(self, text: str) -> bytes:
+        """The hot path, one event a token: what `_at` would make, the open item's
+        fields encoded once rather than in every event (bench/README.md)."""
+        assert self.open is not None
+        if self._around is None or self._around[0] != self.open["id"]:
+            around = jsonio.dumps({"item_id": self.open["id"], "output_index": len(self.output) - 1,
+                                   "content_index": 0})  # fmt: skip
+            self._around = (self.open["id"], b"," + around[1:-1] + b',"delta":')
+        number = str(self.sequence).encode()
+        self.sequence += 1
+        return (self._DELTA + b',"sequence_number":' + number + self._around[1]
+                + jsonio.dumps(text) + b',"logprobs":[]}\n\n')  # fmt: skip
+
+    def _at(self, kind: str, **fields: Any) -> bytes:
+        """An event of the open item's, at its place in the output."""
+        assert self.open is not None
+        return self._emit(
+            kind, item_id=self.open["id"], output_index=len(self.output) - 1, **fields
+        )
+
+    def _close(self) -> list[bytes]:
+        item = self.open
+        if item is None:
+            return []
+        index = len(self.output) - 1
+        out: list[bytes] = []
+        text = "".join(self.text)
+        self.text = []
+        if item["type"] == "message":
+            if self.part == "refusal":
+                part: dict[str, Any] = {"type": "refusal", "refusal": text}
+                out.append(self._at("response.refusal.done", content_index=0, refusal=text))
+            else:
+                part = {"type": "output_text", "text": text, "annotations": []}
+                out.append(self._at("response.output_text.done", content_index=0, text=text,
+                                    logprobs=[]))  # fmt: skip
+            item["content"] = [part]
+            out.append(self._at("response.content_part.done", content_index=0, part=part))
+        elif item["type"] == "reasoning":
+            if text:  # its summary part was added with its first text
+                part = {"type": "summary_text", "text": text}
+                item["summary"] = [part]
+                out += [
+                    self._at("response.reasoning_summary_text.done", summary_index=0, text=text),
+                    self._at("response.reasoning_summary_part.done", summary_index=0, part=part),
+                ]
+        elif item["type"] == "function_call":
+            item["arguments"] = text or "{}"
+            item["status"] = "completed"
+            out.append(
+                self._at("response.function_call_arguments.done", arguments=item["arguments"])
+            )
+        else:  # a custom tool call: its input, whole once its JSON is (OpenAI's events)
+            item.update(_call_item(item["call_id"], item["name"], text, self.echo, "completed"),
+                        id=item["id"])  # fmt: skip
+            out += [
+                self._at("response.custom_tool_call_input.delta", delta=item["input"]),
+                self._at("response.custom_tool_call_input.done", input=item["input"]),
+            ]
+        self.open = None
+        out.append(self._emit("response.output_item.done", output_index=index, item=item))
+        return out
+
+    def frames(self, event: chat.Event) -> list[bytes]:
+        if isinstance(event, chat.Start) and event.model:
+            self.echo.settings["model"] = event.model  # the provider's name for it
+        out = self._start()
+        if isinstance(event, chat.TextDelta | chat.RefusalDelta):
+            kind = "refusal" if isinstance(event, chat.RefusalDelta) else "output_text"
+            if self.open is None or self.open["type"] != "message" or self.part != kind:
+                message = {"type": "message", "id": chat.new_id("msg_"), "status": "completed",
+                           "role": "assistant", "content": []}  # fmt: skip
+                out += self._add(message)
+                self.part = kind
+                empty = {"type": "refusal", "refusal": ""} if kind == "refusal" else {
+                    "type": "output_text", "text": "", "annotations": []}  # fmt: skip
+                out.append(self._at("response.content_part.added", content_index=0, part=empty))
+            self.text.append(event.text)
+            if kind == "refusal":
+                out.append(self._at("response.refusal.delta", content_index=0, delta=event.text))
+            else:
+                out.append(self._text_delta(event.text))
+        elif isinstance(event, chat.ReasoningDelta):
+            if self.open is None or self.open["type"] != "reasoning":
+                out += self._add({"type": "reasoning", "id": chat.new_id("rs_"), "summary": []})
+            if event.text:
+                if not self.text:
+                    part = {"type": "summary_text", "text": ""}
+                    out.append(self._at("response.reasoning_summary_part.added", summary_index=0,
+                                        part=part))  # fmt: skip
+                self.text.append(event.text)
+                out.append(self._at("response.reasoning_summary_text.delta", summary_index=0,
+                                    delta=event.text))  # fmt: skip
+            wrapped = _wrap(event)
+            if wrapped is not None:
+                assert self.open is not None
+                self.open["encrypted_content"] = wrapped
+                out += self._close()
+        elif isinstance(event, chat.ToolCallStart):
+            item = _call_item(event.id, event.name, "", self.echo, "in_progress")
+            self.calls[event.index] = item
+            out += self._add(item)
+        elif isinstance(event, chat.ToolCallDelta):
+            call = self.calls.get(event.index)
+            if call is not None and call is self.open:
+                item = call
+                self.text.append(event.arguments)
+                if item["type"] == "function_call":
+                    out.append(
+                        self._emit(
+                            "response.function_call_arguments.delta",
+                            item_id=item["id"],
+                            output_index=len(self.output) - 1,
+                            delta=event.arguments,
+                        )
+                    )
+        return out
+
+    def last(self, end: chat.End, model: str, cost: float | None) -> list[bytes]:
+        out = [*self._start(), *self._close()]
+        status, incomplete = _status(end.finish_reason)
+        response = self.echo.response(status, self.output, end.usage, incomplete=incomplete)
+        kind = "response.completed" if status == "completed" else "response.incomplete"
+        out.append(self._emit(kind, response=response))
+        return out
+
+    def error(self, error: ApiError, scope: Scope) -> bytes:
+        """OpenAI's `error` event has code, message and param at its top; the Open
+        Responses one has them in `error`: it carries both, for either kind of client."""
+        fields = {"code": error.type, "message": error.message, "param": error.param}
+        # A failed response's code is one of OpenAI's few.
+        code = "rate_limit_exceeded" if error.status == 429 else "server_error"
+        failed = self.echo.response(
+            "failed", self.output, error={"code": code, "message": error.message}
+        )
+        return self._emit("error", **fields, error={"type": error.type, **fields}) + self._emit(
+            "response.failed", response=failed
+        )
+
+
+# --- the route -------------------------------------------------------------------------
+
+
+async def responses(request: Request) -> Response:
+    gate = admission.of(request)
+    raw = await gate.read_body(request)
+    body = gate.validate(raw, ResponsesBody)
+    stateless(body)
+    model = gate.choose_model(request, body.model)
+    decoded = decode_request(body, model, request_id(request.scope))
+    call = decoded.request
+    ticket = await gate.admit(request, call)
+
+    async def attempt(provider: llm.Provider, model: str) -> Response:
+        relay = llm.passthrough(provider, WIRE)
+        if relay is not None:
+            data = jsonio.loads(raw)
+            data["model"] = model
+            data["store"] = False  # served stateless, and said so
+            return await _passed_through(request, ticket, relay, data)
+        refusal = decoded.refusal(provider.name)
+        if refusal is not None:
+            raise refusal
+        if call.dropped:
+            admission.note(request, dropped=list(call.dropped))
+        translated = chat.with_model(call, model)
+        echo = Echo(body, model, translated)
+        if body.stream:
+            encoder = StreamEncoder(echo)
+            frames = sse.relay(ticket, provider.stream(translated), encoder)
+            return await sse.respond(request, frames, encoder)
+        completion = await gate.call(request, provider.complete(translated))
+        ticket.settle(completion.model, completion.usage, completion.finish_reason)
+        return JSONResponse(encode_response(completion, echo))
+
+    return await llm.of(request).run(call.model, attempt)
+
+
+async def _passed_through(
+    request: Request, ticket: admission.Ticket, relay: llm.HttpProvider, data: dict[str, Any]
+) -> Response:
+    rid = request_id(request.scope)
+    path = relay.paths[WIRE]
+    if not data.get("stream"):
+        answer = await admission.of(request).call(request, relay.post(data, rid, path=path))
+        usage = usage_of(answer.get("usage")) or ticket.estimate(0)
+        status = str(answer.get("status"))
+        ticket.settle(
+            str(answer.get("model") or data["model"]),
+            usage,
+            "length" if status == "incomplete" else "stop",
+        )
+        return JSONResponse(answer)
+    encoder = StreamEncoder(
+        Echo(ResponsesBody.model_validate(data), str(data["model"]), ticket.call)
+    )
+    return await sse.respond(request, _relayed(ticket, relay, data, rid, path), encoder)
+
+
+async def _relayed(
+    ticket: admission.Ticket, relay: llm.HttpProvider, data: dict[str, Any], rid: str, path: str
+) -> AsyncGenerator[bytes, None]:
+    """The provider's events as they come, re-framed, its usage read from its last."""
+    try:
+        async with relay.open_stream(data, rid, path=path) as events:
+            async for name, text in events:
+                obj = json_object(text)
+                kind = str(obj.get("type") or name)
+                if kind == "response.output_text.delta" or kind.endswith("arguments.delta"):
+                    delta = chat.TextDelta(str(obj.get("delta", "")))
+                    if not ticket.counts(delta):
+                        raise ProviderError("the provider streamed past max_output_tokens")
+                if "\n" in text or "\r" in text:
+                    yield _event(obj)
+                else:
+                    yield b"event: " + kind.encode() + b"\ndata: " + text.encode() + b"\n\n"
+                if kind in ("response.completed", "response.incomplete", "response.failed"):
+                    response = obj.get("response") or {}
+                    usage = usage_of(response.get("usage")) or ticket.estimate(ticket.sent)
+                    model = str(response.get("model") or data["model"])
+                    ticket.settle(
+                        model, usage, "length" if kind == "response.incomplete" else "stop"
+                    )
+                    return
+        raise ProviderError("the provider's stream ended before the answer was complete")
+    finally:
+        ticket.close()

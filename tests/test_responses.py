@@ -1,0 +1,797 @@
+"""OpenAI's Responses API and embeddings, served by the app: on echo, and in front of
+Anthropic and OpenAI-protocol providers (a MockTransport under the app's own client,
+each test reading what the app sent it). Every response object and streamed event is
+checked against the Open Responses schema (the `openresponses-types` models) and
+against the `openai` SDK's own types; event sequences against golden files."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import math
+import struct
+import typing
+from collections.abc import Callable
+from enum import Enum
+from typing import Any
+
+import httpx
+import openresponses_types as spec
+import pytest
+from openai.types.responses import Response as SdkResponse
+from openai.types.responses import ResponseStreamEvent
+from pydantic import BaseModel
+from starlette.applications import Starlette
+
+from config import Rate, Settings
+from dialects import openai_embeddings
+from server import create_app
+from tests.conftest import AUTH_HEADERS, CLIENT_KEY, PROVIDER_KEY
+from tests.test_dialects import GOLDEN, MESSAGE_WITH_TOOLS, Provider, golden, sse_file
+
+pytestmark = pytest.mark.anyio
+
+
+def _event_models() -> dict[str, type[BaseModel]]:
+    """The Open Responses streaming events, by their `type`."""
+    models: dict[str, type[BaseModel]] = {}
+    for name in dir(spec):
+        cls = getattr(spec, name)
+        if name.endswith("StreamingEvent") and isinstance(cls, type) and issubclass(cls, BaseModel):
+            kind = cls.model_fields["type"].annotation
+            if isinstance(kind, type) and issubclass(kind, Enum):
+                models[next(iter(kind)).value] = cls
+    return models
+
+
+def _sdk_event_models() -> dict[str, type[BaseModel]]:
+    """The openai SDK's streaming events, by their `type`."""
+    union = typing.get_args(ResponseStreamEvent)[0]
+    return {
+        typing.get_args(cls.model_fields["type"].annotation)[0]: cls
+        for cls in typing.get_args(union)
+    }
+
+
+EVENTS = _event_models()
+SDK_EVENTS = _sdk_event_models()
+# OpenAI's own extension for freeform tools, which the Open Responses schema lacks.
+OPENAI_ONLY = ("response.custom_tool_call_input.delta", "response.custom_tool_call_input.done")
+
+
+def conforming_response(data: dict[str, Any]) -> dict[str, Any]:
+    """`data`, checked to be a response object of both the spec and the SDK."""
+    assert data["object"] == "response"
+    if not any(item.get("type") == "custom_tool_call" for item in data["output"]):
+        spec.ResponseResource.model_validate(_for_the_typed_models(data))
+    SdkResponse.model_validate(data)
+    return data
+
+
+def _for_the_typed_models(data: dict[str, Any]) -> dict[str, Any]:
+    """The spec's JsonSchemaResponseFormat.json has `schema` an object or null (and
+    OpenAI's SDK needs the object), but openresponses-types generated it as None
+    only: the echoed schema is checked as the spec says, then left out."""
+    form = data["text"]["format"]
+    if form["type"] != "json_schema":
+        return data
+    assert form["schema"] is None or isinstance(form["schema"], dict)
+    return {**data, "text": {**data["text"], "format": {**form, "schema": None}}}
+
+
+def _in_the_spec(event: dict[str, Any]) -> bool:
+    """Whether the Open Responses schema has the event: it has no freeform tools."""
+    items = [event.get("item") or {}, *(event.get("response") or {}).get("output", [])]
+    return event["type"] in EVENTS and all(i.get("type") != "custom_tool_call" for i in items)
+
+
+def conforming_events(text: str) -> list[dict[str, Any]]:
+    """The SSE body's events, each checked: named as its type, numbered from 0 up by
+    one, valid in the spec (OpenAI's own events aside) and in the SDK; no [DONE]."""
+    assert "[DONE]" not in text
+    events = []
+    for block in text.strip().split("\n\n"):
+        lines = block.split("\n")
+        assert lines[0].startswith("event: ") and lines[1].startswith("data: "), block
+        data = json.loads(lines[1][6:])
+        assert lines[0][7:] == data["type"]
+        events.append(data)
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    for event in events:
+        kind = event["type"]
+        assert kind in EVENTS or kind in OPENAI_ONLY, kind
+        if _in_the_spec(event):
+            typed = event
+            if "response" in event:
+                typed = {**event, "response": _for_the_typed_models(event["response"])}
+            EVENTS[kind].model_validate(typed)
+        SDK_EVENTS[kind].model_validate(event)
+    return events
+
+
+def timeless(data: Any) -> Any:
+    """A response object without what differs between two calls: ids and times."""
+    if isinstance(data, dict):
+        return {
+            k: timeless(v)
+            for k, v in data.items()
+            if k not in ("id", "created_at", "completed_at", "call_id")
+        }
+    if isinstance(data, list):
+        return [timeless(v) for v in data]
+    return data
+
+
+def client(app: Starlette) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://testserver", headers=AUTH_HEADERS
+    )
+
+
+def echo_app(**changes: object) -> Starlette:
+    settings = Settings(
+        provider="echo", api_keys=(CLIENT_KEY,), models=("echo", "text-embedding-3-small")
+    )
+    return create_app(settings.replace(**changes))
+
+
+def provider_app(provider: Provider, kind: str, **changes: object) -> Starlette:
+    if kind == "anthropic":
+        settings = Settings(
+            provider="anthropic",
+            anthropic_api_key=PROVIDER_KEY,
+            model="claude-haiku-4-5",
+            api_keys=(CLIENT_KEY,),
+            max_retries=0,
+        )
+    else:  # an OpenAI-compatible server: translated to Chat Completions
+        settings = Settings(
+            provider="openai",
+            openai_base_url="http://vllm.test/v1",
+            model="gpt-4o-mini",
+            models=("gpt-4o-mini", "text-embedding-3-small"),
+            api_keys=(CLIENT_KEY,),
+            max_retries=0,
+        )
+    return create_app(settings.replace(**changes), transport=httpx.MockTransport(provider))
+
+
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather for a place",
+    "parameters": {
+        "type": "object",
+        "properties": {"location": {"type": "string"}},
+        "required": ["location"],
+    },
+}
+PLAN = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+    "required": ["city", "days"],
+    "additionalProperties": False,
+}
+
+ECHO_BODIES: dict[str, dict[str, Any]] = {
+    "text": {"input": "hello there world"},
+    "instructions": {"instructions": "Be brief.", "input": [{"role": "user", "content": "hi"}]},
+    "tool call": {"input": "weather in Paris", "tools": [WEATHER]},
+    "structured": {
+        "input": "plan a trip",
+        "text": {"format": {"type": "json_schema", "name": "plan", "schema": PLAN, "strict": True}},
+    },
+    "json object": {"input": "anything", "text": {"format": {"type": "json_object"}}},
+    "cut short": {"input": "one two three four", "max_output_tokens": 2},
+}
+
+
+# --- on echo: the object and the events --------------------------------------------
+
+
+@pytest.mark.parametrize("case", list(ECHO_BODIES))
+async def test_echo_answers_conform_and_a_stream_completes_with_the_same_object(case: str) -> None:
+    body = ECHO_BODIES[case]
+    async with client(echo_app()) as c:
+        whole = await c.post("/v1/responses", json=body)
+        streamed = await c.post("/v1/responses", json={**body, "stream": True})
+    assert whole.status_code == 200, whole.text
+    answer = conforming_response(whole.json())
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    events = conforming_events(streamed.text)
+    assert [e["type"] for e in events[:2]] == ["response.created", "response.in_progress"]
+    assert events[0]["response"]["status"] == "in_progress"
+    last = events[-1]
+    expected = "response.incomplete" if case == "cut short" else "response.completed"
+    assert last["type"] == expected
+    assert timeless(conforming_response(last["response"])) == timeless(answer)
+
+
+async def test_the_answer_echoes_the_requests_settings_and_counts_its_usage() -> None:
+    body = {
+        "input": "one two three four",
+        "instructions": "Be brief.",
+        "max_output_tokens": 2,
+        "temperature": 0.2,
+        "top_p": 0.9,
+        "metadata": {"ticket": "T-1"},
+        "parallel_tool_calls": False,
+        "tools": [WEATHER],
+        "tool_choice": "none",
+        "reasoning": {"effort": "low", "summary": "auto"},
+    }
+    async with client(echo_app()) as c:
+        r = await c.post("/v1/responses", json=body)
+    data = conforming_response(r.json())
+    assert data["status"] == "incomplete"
+    assert data["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert data["output"][0]["content"][0]["text"] == "one two"
+    assert data["usage"]["output_tokens"] == 2
+    assert data["usage"]["total_tokens"] == data["usage"]["input_tokens"] + 2
+    assert data["usage"]["input_tokens_details"] == {"cached_tokens": 0, "cache_write_tokens": 0}
+    assert data["usage"]["output_tokens_details"] == {"reasoning_tokens": 0}
+    for field in ("instructions", "max_output_tokens", "temperature", "top_p", "metadata"):
+        assert data[field] == body[field]
+    assert data["parallel_tool_calls"] is False and data["tool_choice"] == "none"
+    assert data["reasoning"] == {"effort": "low", "summary": "auto"}
+    assert data["tools"][0]["name"] == "get_weather" and data["store"] is False
+
+
+async def test_a_function_call_round_trip_ends_with_the_tools_result() -> None:
+    async with client(echo_app()) as c:
+        first = (await c.post("/v1/responses", json={"input": "Paris", "tools": [WEATHER]})).json()
+        call = first["output"][0]
+        assert call["type"] == "function_call" and call["id"].startswith("fc_")
+        assert call["call_id"] != call["id"] and json.loads(call["arguments"])["location"]
+        history = [
+            {"role": "user", "content": "Paris"},
+            call,
+            {"type": "function_call_output", "call_id": call["call_id"], "output": "sunny 21C"},
+        ]
+        second = await c.post("/v1/responses", json={"input": history, "tools": [WEATHER]})
+    data = conforming_response(second.json())
+    assert data["output"][0]["type"] == "message"
+    assert data["output"][0]["content"][0]["text"] == "sunny 21C"
+
+
+async def test_a_structured_answer_is_valid_against_its_schema() -> None:
+    async with client(echo_app()) as c:
+        r = await c.post("/v1/responses", json=ECHO_BODIES["structured"])
+    data = conforming_response(r.json())
+    plan = json.loads(data["output"][0]["content"][0]["text"])
+    assert set(plan) == {"city", "days"} and isinstance(plan["days"], int)
+    assert data["text"]["format"]["type"] == "json_schema"
+    assert data["text"]["format"]["name"] == "plan"
+
+
+# --- stateless: what would need a stored response ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "param"),
+    [
+        ("previous_response_id", "resp_123", "previous_response_id"),
+        ("conversation", "conv_123", "conversation"),
+        ("store", True, "store"),
+        ("background", True, "background"),
+        ("input", [{"type": "item_reference", "id": "msg_1"}], "input.0.type"),
+        ("tools", [{"type": "web_search"}], "tools.0"),
+        ("tools", [{"type": "file_search", "vector_store_ids": ["vs_1"]}], "tools.0"),
+        ("tools", [{"type": "code_interpreter", "container": {"type": "auto"}}], "tools.0"),
+    ],
+)
+async def test_what_needs_stored_state_or_built_in_tools_is_a_400_naming_the_field(
+    field: str, value: Any, param: str
+) -> None:
+    body = {"input": "hi", field: value} if field != "input" else {"input": value}
+    async with client(echo_app()) as c:
+        r = await c.post("/v1/responses", json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param
+    if field not in ("tools",):
+        assert "send" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"input": ""},
+        {"input": []},
+        {"input": "hi", "max_output_tokens": 0},
+        {"input": "hi", "temperature": 3},
+        {"input": "hi", "stream": "yes"},
+        {"input": [{"role": "robot", "content": "hi"}]},
+        {"input": [{"type": "function_call_output", "call_id": "nope", "output": "x"}]},
+        {"input": "hi", "tools": [WEATHER], "tool_choice": "sometimes"},
+        {"input": "hi", "text": {"format": {"type": "json_schema", "name": "x"}}},
+        {"input": "hi", "text": {"format": 5}},
+        {"input": "hi", "text": {"format": {"type": "json_schema", "name": 5, "schema": {}}}},
+        {"input": "hi", "reasoning": {"effort": "extreme"}},
+        {"input": "hi", "metadata": {"a": [1]}},
+        {"input": "hi", "user": 5},
+        {"input": [{"role": "user"}]},
+        {"input": [{"role": "user", "content": 5}]},
+        {"input": [{"role": "user", "content": [5]}]},
+        {"input": [{"role": "user", "content": [{"type": "input_text", "text": 5}]}]},
+        {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": 5}]}]},
+        {"input": [{"type": "reasoning", "summary": 5}]},
+        {"input": [{"type": "function_call", "call_id": "a", "name": "f", "arguments": {}}]},
+        {"input": [{"type": "custom_tool_call", "call_id": "a", "name": "f", "input": 5}]},
+        {
+            "input": [
+                {"type": "function_call", "call_id": "a", "name": "f", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "a", "output": 5},
+            ]
+        },
+        {"input": "hi", "tools": [{}]},
+        {"input": "hi", "tools": [{"type": "custom", "name": 5}]},
+        {"input": "hi", "tools": [{"type": "function", "name": "f", "description": 5}]},
+        {
+            "input": "hi",
+            "tools": [
+                {"type": "function", "name": "f", "parameters": {"type": "object", "properties": 5}}
+            ],
+        },
+    ],
+)
+async def test_a_malformed_request_is_a_client_error_in_the_contracts_shape(
+    body: dict[str, Any],
+) -> None:
+    async with client(echo_app()) as c:
+        r = await c.post("/v1/responses", json=body)
+    assert r.status_code in (400, 422), r.text
+    assert set(r.json()["error"]) >= {"type", "message"}
+
+
+# --- in front of Anthropic ---------------------------------------------------------
+
+CODEX_BODY: dict[str, Any] = {
+    "model": "claude-haiku-4-5",
+    "input": [
+        {"type": "message", "role": "developer",
+         "content": [{"type": "input_text", "text": "You are Codex."}]},
+        {"type": "message", "role": "user",
+         "content": [{"type": "input_text", "text": "Fix the bug."}]},
+    ],
+    "tools": [
+        {"type": "function", "name": "shell", "description": "Run a command",
+         "parameters": {"type": "object", "properties": {"command": {"type": "array",
+                        "items": {"type": "string"}}}, "required": ["command"]},
+         "strict": False},
+        {"type": "custom", "name": "apply_patch", "description": "Apply a patch",
+         "format": {"type": "grammar", "syntax": "lark", "definition": "start: /.+/"}},
+        {"type": "namespace", "name": "mcp__docs", "tools": []},
+    ],
+    "tool_choice": "auto",
+    "parallel_tool_calls": False,
+    "reasoning": {"summary": "auto"},
+    "store": False,
+    "stream": True,
+    "include": ["reasoning.encrypted_content"],
+    "prompt_cache_key": "thread-1",
+    "client_metadata": {"originator": "codex_exec"},
+}  # fmt: skip
+
+
+def anthropic_events(*events: dict[str, Any]) -> Callable[[dict[str, Any]], httpx.Response]:
+    raw = "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events)
+    return lambda body: httpx.Response(200, text=raw, headers={"content-type": "text/event-stream"})
+
+
+PATCH = "*** Begin Patch\n*** End Patch"
+PATCH_STREAM = anthropic_events(
+    {"type": "message_start", "message": {**MESSAGE_WITH_TOOLS, "content": [],
+     "stop_reason": None, "usage": {"input_tokens": 50, "output_tokens": 1}}},
+    {"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use",
+     "id": "toolu_01P", "name": "apply_patch", "input": {}}},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta",
+     "partial_json": '{"input": "*** Begin'}},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta",
+     "partial_json": ' Patch\\n*** End Patch"}'}},
+    {"type": "content_block_stop", "index": 0},
+    {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+     "usage": {"output_tokens": 12}},
+    {"type": "message_stop"},
+)  # fmt: skip
+
+
+async def test_a_codex_request_reaches_anthropic_with_its_developer_prompt_and_freeform_tool() -> (
+    None
+):
+    provider = Provider(PATCH_STREAM)
+    async with client(provider_app(provider, "anthropic")) as c:
+        r = await c.post("/v1/responses", json=CODEX_BODY)
+    assert r.status_code == 200, r.text
+    sent = provider.bodies[0]
+    system = sent["system"]
+    assert "You are Codex." in (system if isinstance(system, str) else system[0]["text"])
+    assert sent["messages"] == [{"role": "user", "content": "Fix the bug."}]
+    tools = {t["name"]: t for t in sent["tools"]}
+    assert set(tools) == {"shell", "apply_patch"}  # the namespace tool dropped
+    assert tools["apply_patch"]["input_schema"]["properties"] == {"input": {"type": "string"}}
+    events = conforming_events(r.text)
+    done = [e for e in events if e["type"] == "response.output_item.done"]
+    assert done[-1]["item"] == {
+        "type": "custom_tool_call",
+        "id": done[-1]["item"]["id"],
+        "call_id": "toolu_01P",
+        "name": "apply_patch",
+        "input": PATCH,
+        "status": "completed",
+    }
+    inputs = [e for e in events if e["type"] == "response.custom_tool_call_input.done"]
+    assert inputs[0]["input"] == PATCH
+    assert events[-1]["response"]["output"] == [done[-1]["item"]]
+
+
+async def test_the_access_line_names_what_a_translation_dropped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="text_tool")
+    provider = Provider(PATCH_STREAM)
+    async with client(provider_app(provider, "anthropic")) as c:
+        await c.post("/v1/responses", json={**CODEX_BODY, "metadata": {"a": "b"}})
+    (line,) = [r for r in caplog.records if getattr(r, "event", None) == "access"]
+    dropped = line.__dict__["dropped"]
+    assert "tools.2 (namespace)" in dropped
+    assert "include: reasoning.encrypted_content" in dropped
+    assert {"client_metadata", "prompt_cache_key", "metadata"} <= set(dropped)
+
+
+async def test_a_custom_tool_calls_output_goes_back_as_its_tool_result() -> None:
+    provider = Provider(lambda body: httpx.Response(200, json=MESSAGE_WITH_TOOLS))
+    history = [
+        *CODEX_BODY["input"],
+        {"type": "custom_tool_call", "call_id": "toolu_01P", "name": "apply_patch",
+         "input": "*** Begin Patch"},
+        {"type": "custom_tool_call_output", "call_id": "toolu_01P", "output": "Done!"},
+    ]  # fmt: skip
+    async with client(provider_app(provider, "anthropic")) as c:
+        r = await c.post("/v1/responses", json={**CODEX_BODY, "input": history, "stream": False})
+    assert r.status_code == 200, r.text
+    assistant, result = provider.bodies[0]["messages"][1:]
+    assert assistant["content"] == [
+        {"type": "tool_use", "id": "toolu_01P", "name": "apply_patch",
+         "input": {"input": "*** Begin Patch"}}
+    ]  # fmt: skip
+    assert result["content"][0]["type"] == "tool_result"
+    assert result["content"][0]["tool_use_id"] == "toolu_01P"
+
+
+@pytest.mark.parametrize(
+    ("upstream", "kind", "body"),
+    [
+        ("anthropic_thinking.sse", "anthropic", {"input": "What is 27 * 453?"}),
+        ("anthropic_tool_use.sse", "anthropic", {"input": "Paris?", "tools": [WEATHER]}),
+        ("openai_tool_calls.sse", "openai", {"input": "Paris?", "tools": [WEATHER]}),
+    ],
+)
+async def test_a_providers_golden_stream_becomes_the_golden_responses_events(
+    upstream: str, kind: str, body: dict[str, Any]
+) -> None:
+    provider = Provider(sse_file(upstream))
+    async with client(provider_app(provider, kind)) as c:
+        r = await c.post("/v1/responses", json={**body, "stream": True})
+    events = conforming_events(r.text)
+    shape = [[e["type"], e.get("output_index")] for e in events]
+    name = upstream.replace(".sse", ".responses.json")
+    assert shape == golden(name)["events"], json.dumps(shape)
+    final = events[-1]["response"]
+    assert timeless(final["output"]) == golden(name)["output"]
+    assert final["usage"] == golden(name)["usage"]
+
+
+async def test_anthropics_signed_thinking_comes_back_to_it_and_goes_nowhere_else() -> None:
+    provider = Provider(sse_file("anthropic_thinking.sse"))
+    async with client(provider_app(provider, "anthropic")) as c:
+        r = await c.post("/v1/responses", json={"input": "What is 27 * 453?", "stream": True})
+    output = conforming_events(r.text)[-1]["response"]["output"]
+    reasoning = [item for item in output if item["type"] == "reasoning"]
+    assert reasoning[0]["summary"][0]["text"].startswith("Let me solve this")
+    assert all(item["encrypted_content"].startswith("tt1:") for item in reasoning)
+    history = [{"role": "user", "content": "What is 27 * 453?"}, *output,
+               {"role": "user", "content": "And doubled?"}]  # fmt: skip
+
+    back = Provider(lambda body: httpx.Response(200, json=MESSAGE_WITH_TOOLS))
+    async with client(provider_app(back, "anthropic")) as c:
+        r = await c.post("/v1/responses", json={"input": history})
+    assert r.status_code == 200, r.text
+    blocks = back.bodies[0]["messages"][1]["content"]
+    assert blocks[0] == {
+        "type": "thinking",
+        "thinking": reasoning[0]["summary"][0]["text"],
+        "signature": "EqQBCgIYAhIMGoldenSignatureA",
+    }
+    assert blocks[1] == {"type": "redacted_thinking", "data": "EmwKAhgBEgyGoldenRedacted"}
+
+    elsewhere = Provider(lambda body: httpx.Response(200, json=golden("openai_completion.json")))
+    async with client(provider_app(elsewhere, "openai")) as c:
+        r = await c.post("/v1/responses", json={"input": history})
+    assert r.status_code == 200, r.text
+    assert "EqQBCgIYAhIMGoldenSignatureA" not in json.dumps(elsewhere.bodies[0])
+
+
+async def test_a_provider_error_after_the_start_is_an_error_event_then_response_failed() -> None:
+    raw = (GOLDEN / "anthropic_tool_use.sse").read_text()
+    cut = raw[: raw.index("event: content_block_stop")]
+    overloaded = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    cut += f"event: error\ndata: {json.dumps(overloaded)}\n\n"
+    provider = Provider(
+        lambda body: httpx.Response(200, text=cut, headers={"content-type": "text/event-stream"})
+    )
+    async with client(provider_app(provider, "anthropic")) as c:
+        r = await c.post("/v1/responses", json={"input": "hi", "stream": True})
+    events = conforming_events(r.text)
+    assert [e["type"] for e in events[-2:]] == ["error", "response.failed"]
+    assert events[-1]["response"]["status"] == "failed"
+    assert events[-1]["response"]["error"]["message"]
+
+
+# --- in front of an OpenAI-compatible server: translated -----------------------------
+
+
+async def test_to_a_chat_completions_server_the_request_is_translated_field_by_field() -> None:
+    provider = Provider(lambda body: httpx.Response(200, json=golden("openai_completion.json")))
+    body = {
+        "model": "gpt-4o-mini",
+        "instructions": "Be brief.",
+        "input": [
+            {"role": "user", "content": [
+                {"type": "input_text", "text": "What is here?"},
+                {"type": "input_image", "image_url": "https://example.com/a.png", "detail": "low"},
+            ]},
+        ],
+        "tools": [WEATHER],
+        "tool_choice": {"type": "function", "name": "get_weather"},
+        "parallel_tool_calls": False,
+        "text": {"format": {"type": "json_schema", "name": "plan", "schema": PLAN, "strict": True}},
+        "reasoning": {"effort": "low"},
+        "max_output_tokens": 50,
+        "temperature": 0.5,
+        "top_p": 0.9,
+    }  # fmt: skip
+    async with client(provider_app(provider, "openai")) as c:
+        r = await c.post("/v1/responses", json=body)
+    assert r.status_code == 200, r.text
+    conforming_response(r.json())
+    assert provider.bodies == [golden("responses_to_chat.json")]
+
+
+# --- passed through to a service that serves Responses itself ----------------------
+
+UPSTREAM_RESPONSE = {
+    "id": "resp_upstream",
+    "object": "response",
+    "created_at": 1700000000,
+    "status": "completed",
+    "model": "gpt-5-mini-2025-08-07",
+    "output": [
+        {"type": "message", "id": "msg_up", "status": "completed", "role": "assistant",
+         "content": [{"type": "output_text", "text": "Hi!", "annotations": []}]},
+    ],
+    "usage": {"input_tokens": 1000, "input_tokens_details": {"cached_tokens": 400},
+              "output_tokens": 200, "output_tokens_details": {"reasoning_tokens": 150},
+              "total_tokens": 1200},
+}  # fmt: skip
+
+
+def openai_service(
+    answer: Callable[[httpx.Request], httpx.Response], **changes: object
+) -> Starlette:
+    settings = Settings(
+        provider="openai",
+        openai_api_key=PROVIDER_KEY,
+        model="gpt-5-mini",
+        models=("gpt-5-mini", "text-embedding-3-small"),
+        api_keys=(CLIENT_KEY,),
+        max_retries=0,
+    )
+    return create_app(settings.replace(**changes), transport=httpx.MockTransport(answer))
+
+
+async def test_to_api_openai_com_the_body_passes_through_stateless_and_is_accounted() -> None:
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=UPSTREAM_RESPONSE)
+
+    body = {**CODEX_BODY, "model": "gpt-5-mini", "stream": False}
+    async with client(openai_service(answer)) as c:
+        r = await c.post("/v1/responses", json=body)
+        report = (await c.get("/usage")).json()
+    assert r.status_code == 200, r.text
+    assert r.json() == UPSTREAM_RESPONSE
+    assert str(seen[0].url) == "https://api.openai.com/v1/responses"
+    assert seen[0].headers["authorization"] == f"Bearer {PROVIDER_KEY}"
+    sent = json.loads(seen[0].content)
+    assert sent == {**body, "store": False}  # namespace tools and include kept for OpenAI
+    cost = (600 * 0.25 + 400 * 0.025 + 200 * 2.00) / 1e6
+    totals = report["by_model"]["gpt-5-mini-2025-08-07"]
+    assert (totals["input_tokens"], totals["output_tokens"]) == (1000, 200)
+    assert math.isclose(report["cost_usd"], cost)
+
+
+async def test_a_passed_through_stream_is_reframed_and_settled_from_its_last_event() -> None:
+    started = {**UPSTREAM_RESPONSE, "status": "in_progress", "output": [], "usage": None}
+    created = {"type": "response.created", "sequence_number": 0, "response": started}
+    delta = {"type": "response.output_text.delta", "sequence_number": 1, "item_id": "msg_up",
+             "output_index": 0, "content_index": 0, "delta": "Hi!"}  # fmt: skip
+    done = {"type": "response.completed", "sequence_number": 2, "response": UPSTREAM_RESPONSE}
+    # One event's JSON over two data: lines, as SSE allows: re-framed as one.
+    lines = [json.dumps(e, indent=1).replace("\n", "\ndata: ") for e in (created, delta, done)]
+    raw = "".join(
+        f"event: {e['type']}\ndata: {line}\n\n"
+        for e, line in zip((created, delta, done), lines, strict=True)
+    )
+    answer = lambda request: httpx.Response(  # noqa: E731
+        200, text=raw, headers={"content-type": "text/event-stream"}
+    )
+    async with client(openai_service(answer)) as c:
+        r = await c.post("/v1/responses", json={"input": "hi", "stream": True})
+        report = (await c.get("/usage")).json()
+    blocks = r.text.strip().split("\n\n")
+    assert len(blocks) == 3 and all(len(b.split("\n")) == 2 for b in blocks)
+    assert [json.loads(b.split("\n")[1][6:]) for b in blocks] == [created, delta, done]
+    assert report["by_model"]["gpt-5-mini-2025-08-07"]["output_tokens"] == 200
+
+
+async def test_openai_responses_off_translates_even_for_api_openai_com() -> None:
+    seen: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        return httpx.Response(200, json=golden("openai_completion.json"))
+
+    async with client(openai_service(answer, openai_responses="off")) as c:
+        r = await c.post("/v1/responses", json={"input": "hi"})
+    assert r.status_code == 200, r.text
+    assert seen == ["/v1/chat/completions"]
+    conforming_response(r.json())
+
+
+async def test_a_passed_through_providers_error_keeps_its_status_and_body() -> None:
+    error = {"error": {"message": "Unsupported parameter: 'foo'", "type": "invalid_request_error",
+                       "param": "foo", "code": "unsupported_parameter"}}  # fmt: skip
+    answer = lambda request: httpx.Response(400, json=error)  # noqa: E731
+    async with client(openai_service(answer)) as c:
+        r = await c.post("/v1/responses", json={"input": "hi", "foo": 1})
+    assert r.status_code == 400
+    assert r.json()["error"]["message"].endswith("Unsupported parameter: 'foo'")
+
+
+# --- embeddings ---------------------------------------------------------------------
+
+
+async def test_echo_embeddings_are_deterministic_unit_vectors_of_the_asked_size() -> None:
+    texts = ["the cat sat", "the cat sat", "a dog ran far"]
+    async with client(echo_app()) as c:
+        r = await c.post(
+            "/v1/embeddings",
+            json={"model": "text-embedding-3-small", "input": texts, "dimensions": 64},
+        )
+        default = await c.post("/v1/embeddings", json={"model": "echo", "input": "x"})
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert data["object"] == "list" and data["model"] == "text-embedding-3-small"
+    vectors = [d["embedding"] for d in data["data"]]
+    assert [d["index"] for d in data["data"]] == [0, 1, 2]
+    assert all(d["object"] == "embedding" for d in data["data"])
+    assert all(len(v) == 64 and math.isclose(sum(x * x for x in v), 1.0) for v in vectors)
+    assert vectors[0] == vectors[1] != vectors[2]
+    assert data["usage"] == {"prompt_tokens": 10, "total_tokens": 10}
+    assert len(default.json()["data"][0]["embedding"]) == openai_embeddings.ECHO_DIMENSIONS
+
+
+async def test_texts_sharing_words_have_closer_echo_embeddings() -> None:
+    async with client(echo_app()) as c:
+        r = await c.post(
+            "/v1/embeddings",
+            json={"model": "echo", "input": ["red apple pie", "red apple tart", "tax law"]},
+        )
+    pie, tart, law = (d["embedding"] for d in r.json()["data"])
+
+    def dot(x: list[float], y: list[float]) -> float:
+        return sum(p * q for p, q in zip(x, y, strict=True))
+
+    assert dot(pie, tart) > dot(pie, law)
+
+
+async def test_base64_embeddings_are_the_float32_vectors_the_sdks_decode() -> None:
+    async with client(echo_app()) as c:
+        floats = await c.post("/v1/embeddings", json={"model": "echo", "input": "hello world"})
+        packed = await c.post(
+            "/v1/embeddings",
+            json={"model": "echo", "input": "hello world", "encoding_format": "base64"},
+        )
+    raw = base64.b64decode(packed.json()["data"][0]["embedding"])
+    decoded = struct.unpack(f"<{len(raw) // 4}f", raw)
+    expected = floats.json()["data"][0]["embedding"]
+    assert all(math.isclose(x, y, rel_tol=1e-6) for x, y in zip(decoded, expected, strict=True))
+
+
+async def test_token_id_inputs_are_embedded_as_one_or_many() -> None:
+    async with client(echo_app()) as c:
+        one = await c.post("/v1/embeddings", json={"model": "echo", "input": [1, 2, 3]})
+        many = await c.post("/v1/embeddings", json={"model": "echo", "input": [[1, 2], [3]]})
+    assert len(one.json()["data"]) == 1 and one.json()["usage"]["prompt_tokens"] == 3
+    assert len(many.json()["data"]) == 2
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"input": ""},
+        {"input": []},
+        {"input": [""]},
+        {"input": "x", "dimensions": 0},
+        {"input": "x", "encoding_format": "int8"},
+        {"input": [1, "a"]},
+        {"input": ["x"] * 2049},
+    ],
+)
+async def test_a_malformed_embeddings_request_is_a_422(body: dict[str, Any]) -> None:
+    async with client(echo_app()) as c:
+        r = await c.post("/v1/embeddings", json={"model": "echo", **body})
+    assert r.status_code == 422, r.text
+
+
+async def test_embeddings_pass_through_to_an_openai_server_and_are_priced() -> None:
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={
+            "object": "list", "model": "text-embedding-3-small",
+            "data": [{"object": "embedding", "index": 0, "embedding": [0.6, 0.8]}],
+            "usage": {"prompt_tokens": 5000, "total_tokens": 5000},
+        })  # fmt: skip
+
+    body = {"model": "text-embedding-3-small", "input": "hi", "dimensions": 2, "user": "u1"}
+    async with client(openai_service(answer)) as c:
+        r = await c.post("/v1/embeddings", json=body)
+        report = (await c.get("/usage")).json()
+    assert r.status_code == 200, r.text
+    assert r.json()["data"][0]["embedding"] == [0.6, 0.8]
+    assert str(seen[0].url) == "https://api.openai.com/v1/embeddings"
+    assert json.loads(seen[0].content) == body
+    assert report["by_model"]["text-embedding-3-small"]["input_tokens"] == 5000
+    assert math.isclose(report["cost_usd"], 5000 * 0.02 / 1e6)
+
+
+async def test_anthropic_has_no_embeddings_and_says_so() -> None:
+    provider = Provider(lambda body: httpx.Response(500))
+    async with client(provider_app(provider, "anthropic")) as c:
+        r = await c.post("/v1/embeddings", json={"input": "hi"})
+    assert r.status_code == 400
+    assert "no embeddings endpoint" in r.json()["error"]["message"]
+    assert provider.bodies == []
+
+
+async def test_embeddings_and_responses_obey_the_keys_model_allowlist_and_token_limit() -> None:
+    async with client(echo_app(models=("echo",))) as c:
+        r = await c.post("/v1/embeddings", json={"model": "text-embedding-3-small", "input": "x"})
+        assert r.status_code == 403 and r.json()["error"]["type"] == "model_not_allowed"
+        r = await c.post("/v1/responses", json={"model": "gpt-4o", "input": "x"})
+        assert r.status_code == 403
+    async with client(echo_app(token_limit=Rate(20, 60))) as c:
+        r = await c.post("/v1/responses", json={"input": "x", "max_output_tokens": 100})
+        assert r.status_code == 429, r.text
+        r = await c.post("/v1/embeddings", json={"model": "echo", "input": "x " * 200})
+        assert r.status_code == 429, r.text
+        r = await c.post("/v1/embeddings", json={"model": "echo", "input": "x"})
+        assert r.status_code == 200, r.text
+
+
+async def test_models_retrieve_answers_for_an_allowed_model_and_404s_in_openais_shape() -> None:
+    async with client(echo_app()) as c:
+        found = await c.get("/v1/models/text-embedding-3-small")
+        missing = await c.get("/v1/models/gpt-9")
+    assert found.json() == {
+        "id": "text-embedding-3-small", "object": "model", "created": 0, "owned_by": "echo"
+    }  # fmt: skip
+    assert missing.status_code == 404
+    assert set(missing.json()["error"]) >= {"message", "type", "code", "param"}

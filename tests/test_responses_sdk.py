@@ -1,0 +1,238 @@
+"""The official `openai` SDK's `responses`, `embeddings` and `models` against the real
+service: on echo, in front of a fake Anthropic server, of a fake OpenAI-compatible
+server (Responses translated to Chat Completions) and of a fake OpenAI that serves
+Responses itself (passed through). The fake's answers are steered by `mock:`
+directives in the prompt, and the body it got is read back from it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai.types.responses import FunctionToolParam
+from pydantic import BaseModel
+
+from tests.conftest import CLIENT_KEY, PROVIDER_KEY, Process, start_mock, start_service
+from tests.test_responses import conforming_events, conforming_response
+
+
+class Plan(BaseModel):
+    city: str
+    days: int
+
+
+WEATHER: FunctionToolParam = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather for a place",
+    "parameters": {
+        "type": "object",
+        "properties": {"location": {"type": "string"}},
+        "required": ["location"],
+        "additionalProperties": False,
+    },
+    "strict": True,
+}
+
+
+@dataclass
+class Served:
+    url: str
+    kind: str
+    model: str
+    mock: Process | None
+    process: Process
+    sdk: openai.OpenAI
+
+    def client(self) -> openai.OpenAI:
+        return self.sdk
+
+    def sent(self) -> dict[str, Any]:
+        """What the fake provider got last: its protocol, path and body."""
+        assert self.mock is not None
+        last: dict[str, Any] = httpx.get(self.mock.url + "/_last", timeout=5).json()
+        return last
+
+    def mock_says(self, **options: Any) -> str:
+        """A prompt's first line steering the fake provider (echo has none)."""
+        return "mock:" + json.dumps(options) + "\n" if self.mock else ""
+
+
+KINDS = {
+    "echo": ("echo", {"LLM_PROVIDER": "echo"}),
+    "anthropic": ("claude-haiku-4-5", {"LLM_PROVIDER": "anthropic",
+                                       "ANTHROPIC_API_KEY": PROVIDER_KEY}),
+    "openai-chat": ("gpt-4o-mini", {"LLM_PROVIDER": "openai", "OPENAI_API_KEY": PROVIDER_KEY}),
+    "openai-responses": ("gpt-5-mini", {"LLM_PROVIDER": "openai", "OPENAI_API_KEY": PROVIDER_KEY,
+                                        "OPENAI_RESPONSES": "on"}),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=list(KINDS))
+def served(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
+    tmp = tmp_path_factory.mktemp(request.param)
+    model, env = KINDS[request.param]
+    mock = None
+    if request.param != "echo":
+        mock = start_mock(tmp)
+        base = {"ANTHROPIC_BASE_URL": mock.url} if "ANTHROPIC_API_KEY" in env else {
+            "OPENAI_BASE_URL": mock.url + "/v1"}  # fmt: skip
+        env = {**env, **base}
+    embedding = "text-embedding-3-small"
+    service = start_service(
+        tmp,
+        {**env, "API_KEYS": CLIENT_KEY, "LLM_MODEL": model, "LLM_MODELS": f"{model},{embedding}"},
+    )
+    sdk = openai.OpenAI(base_url=service.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
+    yield Served(service.url, request.param, model, mock, service, sdk)
+    sdk.close()
+    service.stop()
+    if mock is not None:
+        mock.stop()
+
+
+def test_responses_create_answers_text_with_usage(served: Served) -> None:
+    response = served.client().responses.create(
+        model=served.model, input="hello there", instructions="Be brief."
+    )
+    assert response.status == "completed"
+    assert response.output_text == "hello there"
+    assert response.usage is not None and response.usage.output_tokens == 2
+    if served.kind != "openai-responses":  # else it is the provider's own, relayed
+        conforming_response(response.model_dump(mode="json", exclude_unset=True))
+    if served.kind == "openai-responses":
+        sent = served.sent()
+        assert sent["protocol"] == "responses" and sent["body"]["store"] is False
+    elif served.kind == "openai-chat":
+        assert served.sent()["body"]["messages"][0] == {"role": "system", "content": "Be brief."}
+
+
+def test_the_sdks_stream_helpers_see_every_delta_and_the_final_response(served: Served) -> None:
+    deltas: list[str] = []
+    types: list[str] = []
+    with served.client().responses.stream(
+        model=served.model, input=served.mock_says(text="one two three") + "one two three"
+    ) as stream:
+        for event in stream:
+            types.append(event.type)
+            if event.type == "response.output_text.delta":
+                deltas.append(event.delta)
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text == "one two three"
+    assert types[0] == "response.created" and types[-1] == "response.completed"
+    assert final.status == "completed" and final.usage is not None
+
+
+def test_the_raw_stream_conforms_event_by_event(served: Served) -> None:
+    body = {"model": served.model, "input": "a b c", "stream": True, "tools": [WEATHER],
+            "tool_choice": "none"}  # fmt: skip
+    with httpx.stream(
+        "POST", served.url + "/v1/responses", json=body,
+        headers={"authorization": f"Bearer {CLIENT_KEY}"}, timeout=10,
+    ) as r:  # fmt: skip
+        assert r.status_code == 200
+        text = r.read().decode()
+    if served.kind == "openai-responses":  # the provider's own events, relayed
+        assert text.count("event: ") == text.count("\n\n") and "[DONE]" not in text
+        return
+    events = conforming_events(text)
+    assert events[-1]["type"] == "response.completed"
+
+
+def test_a_function_call_round_trip(served: Served) -> None:
+    client = served.client()
+    prompt = served.mock_says(tool_call={"name": "get_weather", "arguments": {"location": "Paris"}})
+    first = client.responses.create(
+        model=served.model, input=prompt + "Weather in Paris?", tools=[WEATHER]
+    )
+    calls = [item for item in first.output if item.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "get_weather"
+    assert "location" in json.loads(calls[0].arguments)
+    history: list[Any] = [
+        {"role": "user", "content": "Weather in Paris?"},
+        *[item.model_dump(exclude_none=True) for item in first.output],
+        {"type": "function_call_output", "call_id": calls[0].call_id, "output": "sunny 21C"},
+    ]
+    second = client.responses.create(model=served.model, input=history, tools=[WEATHER])
+    assert second.status == "completed"
+    if served.kind == "echo":
+        assert second.output_text == "sunny 21C"
+    elif served.kind == "anthropic":
+        turns = served.sent()["body"]["messages"]
+        assert turns[-1]["content"][0]["type"] == "tool_result"
+        assert turns[-1]["content"][0]["tool_use_id"] == calls[0].call_id
+    elif served.kind == "openai-chat":
+        turns = served.sent()["body"]["messages"]
+        assert turns[-1] == {"role": "tool", "tool_call_id": calls[0].call_id,
+                             "content": "sunny 21C"}  # fmt: skip
+    else:
+        assert served.sent()["body"]["input"][-1]["output"] == "sunny 21C"
+
+
+def test_structured_output_parses_into_a_pydantic_model(served: Served) -> None:
+    prompt = served.mock_says(text='{"city": "Paris", "days": 3}')
+    parsed = served.client().responses.parse(
+        model=served.model, input=prompt + "Plan a trip to Paris", text_format=Plan
+    )
+    assert isinstance(parsed.output_parsed, Plan)
+    if served.mock is not None:
+        assert parsed.output_parsed == Plan(city="Paris", days=3)
+
+
+def test_embeddings_create_with_the_sdks_default_base64(served: Served) -> None:
+    client = served.client()
+    if served.kind == "anthropic":
+        with pytest.raises(openai.BadRequestError, match="no embeddings endpoint"):
+            client.embeddings.create(model="text-embedding-3-small", input="hi")
+        return
+    result = client.embeddings.create(
+        model="text-embedding-3-small", input=["the cat sat", "a dog ran"]
+    )
+    assert [d.index for d in result.data] == [0, 1]
+    assert all(isinstance(x, float) for x in result.data[0].embedding)
+    assert result.data[0].embedding != result.data[1].embedding
+    assert result.usage.prompt_tokens > 0
+    if served.mock is not None:
+        sent = served.sent()
+        assert sent.get("embeddings") and sent["body"]["model"] == "text-embedding-3-small"
+
+
+def test_models_retrieve_finds_an_allowed_model_and_404s_otherwise(served: Served) -> None:
+    client = served.client()
+    assert client.models.retrieve(served.model).id == served.model
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-9-nonexistent")
+
+
+def test_stored_state_is_a_400_that_says_to_send_the_whole_input(served: Served) -> None:
+    with pytest.raises(openai.BadRequestError, match="send the whole input") as caught:
+        served.client().responses.create(
+            model=served.model, input="hi", previous_response_id="resp_123"
+        )
+    assert caught.value.body["param"] == "previous_response_id"  # type: ignore[index]
+
+
+def test_the_access_line_has_the_key_model_tokens_and_cost(served: Served) -> None:
+    client = served.client()
+    client.responses.create(
+        model=served.model, input="count me", extra_headers={"x-request-id": "resp-line"}
+    )
+    line = served.process.access_lines("resp-line")["resp-line"]
+    assert line["route"] == "/v1/responses" and line["status"] == 200
+    assert line["key"] and line["input_tokens"] > 0 and line["output_tokens"] == 2
+    if served.kind == "anthropic":
+        return
+    client.embeddings.create(
+        model="text-embedding-3-small", input="count me too",
+        extra_headers={"x-request-id": "embed-line"},
+    )  # fmt: skip
+    embed = served.process.access_lines("embed-line")["embed-line"]
+    assert embed["route"] == "/v1/embeddings" and embed["model"] == "text-embedding-3-small"
+    assert embed["input_tokens"] > 0 and embed["cost_usd"] is not None
