@@ -1,6 +1,7 @@
 """The app's own cost, with no network: the app called in process.
 
-    uv run python bench/inprocess.py [--stream] [-n 5000] [--rounds 5]
+    uv run python bench/inprocess.py [--route complete|chat|responses] [--stream]
+        [-n 5000] [--rounds 5]
 
 The OpenAI provider answers from a fake transport under the shared httpx client (a
 canned answer, or a stream of `--tokens` events, one a read as over a socket), so what
@@ -155,8 +156,22 @@ async def call(app: Any, path: str, body: bytes) -> list[Message]:
     return sent
 
 
-async def measure(app: Any, path: str, requests: int, rounds: int) -> float:
-    body = json.dumps({"prompt": "Write one haiku about Nairobi."}).encode()
+PROMPT = "Write one haiku about Nairobi."
+ROUTES: dict[str, tuple[str, dict[str, Any]]] = {  # a route, and its body
+    "complete": ("/complete", {"prompt": PROMPT}),
+    "chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": PROMPT}]}),
+    "responses": ("/v1/responses", {"input": PROMPT}),
+}
+
+
+def route(name: str, stream: bool) -> tuple[str, bytes]:
+    path, body = ROUTES[name]
+    if name == "complete":
+        return ("/stream" if stream else path), json.dumps(body).encode()
+    return path, json.dumps({**body, "stream": stream}).encode()
+
+
+async def measure(app: Any, path: str, body: bytes, requests: int, rounds: int) -> float:
     sent = await call(app, path, body)
     assert sent[0]["status"] == 200, sent
     best = float("inf")
@@ -170,12 +185,18 @@ async def measure(app: Any, path: str, requests: int, rounds: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stream", action="store_true", help="POST /stream, not /complete")
+    parser.add_argument(
+        "--route",
+        choices=list(ROUTES),
+        default="complete",
+        help="/complete (and /stream), /v1/chat/completions or /v1/responses",
+    )
+    parser.add_argument("--stream", action="store_true", help="a stream (/stream for complete)")
     parser.add_argument("--tokens", type=int, default=50, help="tokens in each answer")
     parser.add_argument("-n", "--requests", type=int, default=5000, help="requests a round")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    path = "/stream" if args.stream else "/complete"
+    path, body = route(args.route, args.stream)
     import server
 
     app = server.create_app(transport=FakeProvider(args.tokens))
@@ -183,8 +204,10 @@ def main() -> None:
     for handler in logging.getLogger("text_tool").handlers:
         if isinstance(handler, logging.StreamHandler):
             handler.setStream(open(os.devnull, "w"))  # noqa: SIM115 - for the life of the process
-    us = uvloop.run(measure(app, path, args.requests, args.rounds))
-    print(f"{path}: {us:.1f} us of CPU a request (best of {args.rounds} rounds of {args.requests})")
+    us = uvloop.run(measure(app, path, body, args.requests, args.rounds))
+    shown = path + (" stream" if args.stream else "")
+    rounds = f"best of {args.rounds} rounds of {args.requests}"
+    print(f"{shown}: {us:.1f} us of CPU a request ({rounds})")
 
 
 if __name__ == "__main__":
