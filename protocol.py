@@ -13,6 +13,10 @@ of the connection, for a connection that sends nothing) is answered 408, or just
 closed. One timer a second per server looks at every connection, rather than one
 timer a request. uvicorn's own "Invalid HTTP request" 400 gets the error shape too.
 (The overrides are few on purpose: each is a Python call a request, about 1 us.)
+
+An HTTP/1.0 client cannot read chunked encoding, which uvicorn uses for any answer
+without a Content-Length (a stream): its answer is delimited by the connection's
+close instead, as HTTP/1.0 does.
 """
 
 from __future__ import annotations
@@ -88,6 +92,8 @@ class BoundedHttpTools(HttpToolsProtocol):
             self._refuse(431, "headers_too_large", self._too_large())
             return
         super().on_headers_complete()
+        if self.scope["http_version"] == "1.0":
+            _close_delimited(self.cycle)
 
     def _head_size(self) -> int:
         return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
@@ -134,6 +140,28 @@ class BoundedHttpTools(HttpToolsProtocol):
                 self.loop.call_later(LINGER_S, self.transport.close)
             else:
                 self.transport.close()
+
+
+def _close_delimited(cycle: Any) -> None:
+    """The cycle's answer without chunked encoding: its body as it comes, then the
+    connection closed (uvicorn keeps no HTTP/1.0 connection alive)."""
+    send = cycle.send
+
+    async def send_unchunked(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            framed = any(
+                name.lower() in (b"content-length", b"transfer-encoding")
+                for name, _ in message.get("headers", ())
+            )
+            if not framed and cycle.scope["method"] != "HEAD":
+                cycle.chunked_encoding = False  # uvicorn adds no Transfer-Encoding then
+                cycle.expected_content_length = 1 << 62  # and counts none down
+                cycle.close_delimited = True
+        elif getattr(cycle, "close_delimited", False) and not message.get("more_body", False):
+            cycle.expected_content_length = len(message.get("body", b""))  # the end
+        await send(message)
+
+    cycle.send = send_unchunked
 
 
 def _sweep(state: ServerState, loop: asyncio.AbstractEventLoop, every_s: float) -> None:

@@ -296,3 +296,33 @@ async def test_an_empty_x_api_key_does_not_hide_a_bearer_token(guarded: Process)
             headers={"X-API-Key": "", "Authorization": f"Bearer {CLIENT_KEY}"},
         )
     assert r.status_code == 200
+
+
+def raw_post(port: int, version: bytes, path: bytes, body: bytes) -> tuple[list[bytes], bytes]:
+    """A POST over a raw socket, read to the close: the answer's head lines and body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        send(sock, b"POST " + path + b" HTTP/" + version + b"\r\nHost: x\r\n"
+             b"Content-Type: application/json\r\nX-API-Key: " + CLIENT_KEY.encode() + b"\r\n"
+             b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+             + body)  # fmt: skip
+        got = answer(sock)
+    head, _, rest = got.partition(b"\r\n\r\n")
+    return head.lower().split(b"\r\n"), rest
+
+
+def test_an_http_10_stream_is_delimited_by_the_close_not_chunked(guarded: Process) -> None:
+    body = json.dumps({"prompt": "one two three", "model": "gpt-4o-mini"}).encode()
+    head, rest = raw_post(guarded.port, b"1.0", b"/stream", body)
+    assert head[0].startswith(b"http/1.1 200")
+    assert [line for line in head if line.startswith(b"connection:")] == [b"connection: close"]
+    assert not any(line.startswith(b"transfer-encoding:") for line in head)
+    assert rest.startswith(b"data: ") and rest.endswith(b"data: [DONE]\n\n")
+    # HTTP/1.1 keeps chunked encoding, and no Connection header of ours
+    head, rest = raw_post(guarded.port, b"1.1", b"/stream", body)
+    assert b"transfer-encoding: chunked" in head
+    assert [line for line in head if line.startswith(b"connection:")] == [b"connection: close"]
+    assert rest.endswith(b"0\r\n\r\n")
+    # a whole answer to an HTTP/1.0 client keeps its Content-Length
+    head, rest = raw_post(guarded.port, b"1.0", b"/complete", body)
+    assert any(line.startswith(b"content-length:") for line in head)
+    assert json.loads(rest)["text"] == "one two three"
