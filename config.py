@@ -43,6 +43,7 @@ _PERIODS = {
     "hours": 3600,
 }
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*([a-z]+)\s*$")
+_ORIGIN = re.compile(r"^https?://[^/\s]+$")  # a scheme and a host[:port], no path
 
 
 class SettingsError(ValueError):
@@ -104,6 +105,7 @@ class Settings:
     transport: str = "aiohttp"
     rate_limit_store: str = "memory"
     rate_limit_store_fail: str = "open"
+    cors_origins: tuple[str, ...] = ()  # the origins of pages that may call it
     provider_was_defaulted: bool = False
 
     def __post_init__(self) -> None:
@@ -171,6 +173,11 @@ class Settings:
             raise SettingsError(
                 f"OPENAI_RESPONSES: {self.openai_responses!r} is not auto, on or off"
             )
+        for origin in self.cors_origins:
+            if origin != "*" and not _ORIGIN.match(origin):
+                raise SettingsError(
+                    f"CORS_ORIGINS: {origin!r} is not an origin like https://app.example.com"
+                )
         if self.log_format not in ("json", "text"):
             raise SettingsError(f"LOG_FORMAT: {self.log_format!r} is not json or text")
         if self.max_response_bytes < 1024:
@@ -287,6 +294,7 @@ class Settings:
             transport=get("LLM_TRANSPORT", "aiohttp").lower(),
             rate_limit_store=get("RATE_LIMIT_STORE", "memory"),
             rate_limit_store_fail=get("RATE_LIMIT_STORE_FAIL", "open").lower(),
+            cors_origins=_split(get("CORS_ORIGINS")),
         )
 
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -251,6 +252,7 @@ def create_app(
                 metrics=metrics_,
                 known_paths=frozenset(path for path, _, _ in table),
             ),
+            *_cors(settings),
             Middleware(AuthMiddleware, keys=keys),
             Middleware(
                 RateLimitMiddleware,
@@ -288,6 +290,29 @@ def create_app(
     app.state.store = store
     app.state.ready = True  # a mounted app gets no lifespan: it is ready when made
     return app
+
+
+# What a page may read of an answer beside its body.
+EXPOSED = ["X-Request-ID", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset",
+           "Retry-After"]  # fmt: skip
+
+
+def _cors(settings: Settings) -> list[Middleware]:
+    """Starlette's CORS middleware for CORS_ORIGINS, outside the keys: a browser's
+    preflight carries no key, and an answer refused for its key still needs the
+    headers for the page to read why."""
+    if not settings.cors_origins:
+        return []
+    return [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "HEAD", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=EXPOSED,
+            max_age=600,
+        )
+    ]
 
 
 def _stores(
