@@ -3,13 +3,22 @@
 Keys are held as SHA-256 digests and looked up by digest, so the lookup time says
 nothing about how much of a guess was right, and a keys file can hold digests only.
 The caller's identity travels downstream in `scope["text_tool.auth"]`.
+
+The keys file is read again when its modification time changes (looked at, at most,
+every KEYS_CHECK_S, on a request's way in: a mounted app has no task of its own to do
+it) and on SIGHUP: a removed key is refused from its next request, a request already
+admitted (an open stream) goes on, and the counters of a key are kept, as they are by
+its name. A file that no longer reads keeps the previous keys, with one line logged.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
+import time
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +30,7 @@ from errors import error_response, relative_path
 AUTH = "text_tool.auth"
 PUBLIC_PATHS = frozenset({"/", "/health", "/ready", "/metrics", "/openapi.json", "/docs"})
 PUBLIC_PREFIXES = ("/docs/",)  # the Swagger UI page's own assets
+KEYS_CHECK_S = 2.0
 _FILE_FIELDS = {"name", "key", "rate_limit", "models", "token_limit", "budget_usd", "budget_period"}
 
 
@@ -46,8 +56,21 @@ def default_name(key_digest: bytes) -> str:
 
 
 class KeyRing:
-    def __init__(self, keys: Iterable[ApiKey] = ()) -> None:
+    def __init__(
+        self,
+        keys: Iterable[ApiKey] = (),
+        *,
+        settings: Settings | None = None,
+        logger: logging.Logger | None = None,
+    ) -> None:
         self._by_digest = {key.digest: key for key in keys}
+        self.loaded_at = time.time()
+        # What reloads need: the settings naming the file, and where to say how it went.
+        self._settings = settings if settings and settings.api_keys_file else None
+        self._logger = logger or logging.getLogger("text_tool")
+        self._stamp = self._file_stamp()
+        self._next_check = time.monotonic() + KEYS_CHECK_S
+        self.on_reload: list[Callable[[KeyRing], None]] = []
 
     def __len__(self) -> int:
         return len(self._by_digest)
@@ -56,25 +79,75 @@ class KeyRing:
         return [key.name for key in self._by_digest.values()]
 
     def lookup(self, presented: str) -> ApiKey | None:
+        if self._settings is not None and time.monotonic() >= self._next_check:
+            self._check()
         if not presented:
             return None
         return self._by_digest.get(digest(presented))
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> KeyRing:
+    def from_settings(cls, settings: Settings, logger: logging.Logger | None = None) -> KeyRing:
         """`API_KEYS` and `API_KEYS_FILE` together; a key in both takes the file's settings."""
-        keys: dict[bytes, ApiKey] = {}
-        for plain in settings.api_keys:
-            d = digest(plain)
-            keys[d] = ApiKey(name=default_name(d), digest=d)
-        if settings.api_keys_file is not None:
-            for key in _read_keys_file(settings):
-                keys[key.digest] = key
-        names = [key.name for key in keys.values()]
-        duplicates = sorted({name for name in names if names.count(name) > 1})
-        if duplicates:
-            raise SettingsError(f"API_KEYS_FILE: key names must be unique: {', '.join(duplicates)}")
-        return cls(keys.values())
+        return cls(_keys(settings).values(), settings=settings, logger=logger)
+
+    # --- reloads ------------------------------------------------------------------
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        if self._settings is None or self._settings.api_keys_file is None:
+            return None
+        try:
+            stat = os.stat(self._settings.api_keys_file)
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_size
+
+    def _check(self) -> None:
+        self._next_check = time.monotonic() + KEYS_CHECK_S
+        stamp = self._file_stamp()
+        if stamp != self._stamp:
+            self._stamp = stamp  # one attempt (and one line) a change of the file
+            self.reload("the keys file changed")
+
+    def reload(self, reason: str = "SIGHUP") -> bool:
+        """Read the keys again; False (and the previous keys kept) if they do not read."""
+        if self._settings is None:
+            return False
+        self._stamp = self._file_stamp()
+        try:
+            fresh = _keys(self._settings)
+        except SettingsError as exc:
+            self._logger.error(
+                "keys not reloaded; the previous keys stay",
+                extra={"event": "keys_reload_failed", "reason": reason, "error": str(exc)},
+            )
+            return False
+        before = {key.name for key in self._by_digest.values()}
+        self._by_digest = {key.digest: key for key in fresh.values()}
+        self.loaded_at = time.time()
+        after = set(self.names())
+        self._logger.info(
+            "keys reloaded",
+            extra={"event": "keys_reloaded", "reason": reason, "keys": len(after),
+                   "added": sorted(after - before), "removed": sorted(before - after)},
+        )  # fmt: skip
+        for listener in self.on_reload:
+            listener(self)
+        return True
+
+
+def _keys(settings: Settings) -> dict[bytes, ApiKey]:
+    keys: dict[bytes, ApiKey] = {}
+    for plain in settings.api_keys:
+        d = digest(plain)
+        keys[d] = ApiKey(name=default_name(d), digest=d)
+    if settings.api_keys_file is not None:
+        for key in _read_keys_file(settings):
+            keys[key.digest] = key
+    names = [key.name for key in keys.values()]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise SettingsError(f"API_KEYS_FILE: key names must be unique: {', '.join(duplicates)}")
+    return keys
 
 
 def _read_keys_file(settings: Settings) -> list[ApiKey]:

@@ -123,6 +123,9 @@ class Metrics:
         self.store_up = Gauge(
             "text_tool_rate_limit_store_up", "1 while the shared store answers", value=1.0
         )
+        self.keys_loaded = Gauge(
+            "text_tool_keys_loaded_timestamp_seconds", "When the API keys were last loaded"
+        )
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -130,9 +133,13 @@ class Metrics:
         """What prometheus-client's registry asks a collector for at each scrape."""
         for metric in (
             self.requests, self.duration, self.ttft, self.provider, self.tokens, self.cost,
-            self.limited, self.in_flight, self.open_streams, self.store_up,
+            self.limited, self.in_flight, self.open_streams, self.store_up, self.keys_loaded,
         ):  # fmt: skip
             yield metric.family()
+
+    def name_keys(self, names: Iterable[str]) -> None:
+        """The keys labelled by name (after a reload of the keys file); any other is "other"."""
+        self.keys = frozenset(names)
 
     def _model(self, model: Any) -> str:
         return model if model in self.models else OTHER

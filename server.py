@@ -20,6 +20,7 @@ import gc
 import logging
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -126,7 +127,9 @@ async def ready(request: Request) -> Response:
             return error_response(
                 request.scope, 503, "store_unavailable", "the rate-limit store is unreachable"
             )
-    return JSONResponse({"status": "ready", "rate_limit_store": shown})
+    keys: KeyRing = state.keys
+    loaded = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(keys.loaded_at))
+    return JSONResponse({"status": "ready", "rate_limit_store": shown, "keys_loaded_at": loaded})
 
 
 async def usage(request: Request) -> Response:
@@ -182,9 +185,11 @@ def create_app(
     settings = settings if settings is not None else Settings.from_env()
     logger = get_logger(settings.log_format)
     client = llm.SharedClient(settings, transport)
-    keys = KeyRing.from_settings(settings)
+    keys = KeyRing.from_settings(settings, logger)
     limiter, quotas, usage_store, store = _stores(settings, logger)
     metrics_ = Metrics(models=settings.models, keys=keys.names())
+    metrics_.keys_loaded.set_function(lambda: keys.loaded_at)
+    keys.on_reload.append(lambda ring: metrics_.name_keys(ring.names()))
     if store is not None:
         metrics_.store_up.set_function(lambda: 1.0 if store.healthy else 0.0)
     chain = llm.make_chain(
@@ -198,7 +203,7 @@ def create_app(
         if owns_process:
             tune_gc()
             tune_logging()
-            survive_sighup(logger)
+            survive_sighup(logger, keys.reload)
         app.state.ready = True
         try:
             yield
@@ -388,13 +393,16 @@ def tune_gc() -> None:
     gc.set_threshold(20_000, 50, 50)
 
 
-def survive_sighup(logger: logging.Logger) -> None:
+def survive_sighup(logger: logging.Logger, reload: Callable[[], object]) -> None:
     """SIGHUP's default is to end the process at once, streams cut with no final event
     and no usage totals written; a closed terminal or a careless `kill -HUP` sends it.
-    Here it is logged, and the service goes on."""
+    Here it reloads the keys file, as daemons do, and the service goes on."""
 
     def hangup() -> None:
-        logger.warning("SIGHUP received; the service goes on", extra={"event": "sighup"})
+        logger.warning(
+            "SIGHUP received; keys reloaded, the service goes on", extra={"event": "sighup"}
+        )
+        reload()
 
     # Not where signals cannot be handled (another thread's loop, or Windows).
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
