@@ -614,23 +614,27 @@ class EchoProvider(Provider):
             if isinstance(p, chat.Text)
         )  # fmt: skip
         input_words = sum(len(m.text().split()) for m in request.messages)
-        yield chat.Start(chat.new_id(), request.model)
+        # What it will say is made before it starts: a schema it cannot follow is a 400,
+        # not a stream cut after its first event.
         tool = _tool_to_call(request, last)
+        form = request.response_format
         if tool is not None:
-            arguments = jsonio.dumps(_example(tool, prompt)).decode()
-            pieces = [arguments[i : i + 16] for i in range(0, len(arguments), 16)]
+            made = jsonio.dumps(_example(tool, prompt)).decode()
+        elif form is not None:
+            schema = form.schema if form.kind == "json_schema" else None
+            made = jsonio.dumps(
+                _example_of(schema, prompt) if schema is not None else {"echo": prompt}
+            ).decode()
+        yield chat.Start(chat.new_id(), request.model)
+        if tool is not None:
+            pieces = [made[i : i + 16] for i in range(0, len(made), 16)]
             yield chat.ToolCallStart(0, chat.new_id("call_"), tool.name)
             for piece in pieces:
                 yield chat.ToolCallDelta(0, piece)
             yield chat.End("tool_calls", Usage(input_tokens=input_words, output_tokens=len(pieces)))
             return
-        form = request.response_format
         if form is not None:
-            schema = form.schema if form.kind == "json_schema" else None
-            text = jsonio.dumps(
-                _example_of(schema, prompt) if schema is not None else {"echo": prompt}
-            ).decode()
-            words = [text[i : i + 16] for i in range(0, len(text), 16)]
+            words = [made[i : i + 16] for i in range(0, len(made), 16)]
             for word in words:
                 yield chat.TextDelta(word)
             yield chat.End("stop", Usage(input_tokens=input_words, output_tokens=len(words)))

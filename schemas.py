@@ -42,17 +42,29 @@ def example(schema: Any, hint: str = "echo") -> Any:
         return _Example(schema, hint or "echo").make(schema, 0)
     except SchemaError:
         raise
+    except RecursionError:
+        raise SchemaError("it nests too deep") from None
     except (TypeError, AttributeError, ValueError) as exc:
         # A keyword of the wrong kind ("properties": 5): the schema is malformed.
         raise SchemaError(f"it is not a well-formed JSON Schema ({exc})") from None
 
 
+_KINDS = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
+
+
 class _Example:
     MAX_DEPTH = 8  # a recursive schema ends with its shortest instance here
+    # What one example may take, whatever the schema asks (minItems 1000 eight deep, a
+    # required field that is itself): past these, the schema is refused.
+    MOST_DEPTH = 32
+    MOST_VALUES = 10_000
+    MOST_CHARS = 1_000_000
 
     def __init__(self, root: Mapping[str, Any], hint: str) -> None:
         self.root = root
         self.hint = hint
+        self.values = 0
+        self.chars = 0
 
     def resolve(self, schema: Mapping[str, Any]) -> Mapping[str, Any]:
         seen = 0
@@ -75,6 +87,9 @@ class _Example:
         return schema
 
     def make(self, schema: Any, depth: int) -> Any:
+        self.values += 1
+        if depth > self.MOST_DEPTH or self.values > self.MOST_VALUES:
+            raise SchemaError("its smallest instance is too large (does it require itself?)")
         if schema is True or not isinstance(schema, Mapping):
             return self.hint
         schema = self.resolve(schema)
@@ -108,7 +123,8 @@ class _Example:
             kind = (
                 "object" if "properties" in schema else "array" if "items" in schema else "string"
             )
-        return getattr(self, "_" + kind, self._string)(schema, depth)
+        make = getattr(self, "_" + kind) if kind in _KINDS else self._string
+        return make(schema, depth)
 
     def _object(self, schema: Mapping[str, Any], depth: int) -> dict[str, Any]:
         properties = schema.get("properties") or {}
@@ -127,6 +143,8 @@ class _Example:
         count = max(
             int(schema.get("minItems") or 0), len(prefix), 1 if depth < self.MAX_DEPTH else 0
         )
+        if count > self.MOST_VALUES:
+            raise SchemaError(f"minItems {count} is more than an example may take")
         if isinstance(schema.get("maxItems"), int):
             count = min(count, schema["maxItems"])
         made = [self.make(p, depth + 1) for p in prefix[:count]]
@@ -140,9 +158,14 @@ class _Example:
         low = schema.get("minLength")
         high = schema.get("maxLength")
         if isinstance(low, int) and len(text) < low:
+            if low > self.MOST_CHARS:
+                raise SchemaError(f"minLength {low} is more than an example may take")
             text = (text * (low // max(len(text), 1) + 1))[: max(low, 1)]
         if isinstance(high, int) and len(text) > high:
             text = text[:high]
+        self.chars += len(text)
+        if self.chars > self.MOST_CHARS:
+            raise SchemaError("its smallest instance is too large")
         return text
 
     def _number(self, schema: Mapping[str, Any], depth: int) -> float | int:

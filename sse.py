@@ -321,6 +321,8 @@ class EventStream(Response):
                     piece = await anext(self.frames, None)
             except ProviderError as exc:
                 await self._send_error(send, provider_api_error(exc))
+            except ApiError as exc:  # a refusal found after the first frame
+                await self._send_error(send, exc)
             except asyncio.CancelledError:
                 if not (self._left or self._cut) or task.uncancel() > cancelling:
                     raise  # not ours: someone else is cancelling this request

@@ -35,6 +35,7 @@ PATH = "/embeddings"
 ECHO_DIMENSIONS = 256  # echo's vectors unless `dimensions` asks otherwise
 MAX_DIMENSIONS = 8192
 MAX_INPUTS = 2048  # OpenAI's own bound on the items of one request
+ECHO_MOST_NUMBERS = 1_000_000  # echo's answer, whatever inputs x dimensions ask (~20 MB)
 
 PositiveInt = Annotated[int, Field(ge=1, le=MAX_DIMENSIONS), BeforeValidator(admission.integral)]
 TokenIds = list[Annotated[int, Field(ge=0), BeforeValidator(admission.integral)]]
@@ -119,6 +120,13 @@ def echo_answer(
     body: EmbeddingsBody, items: Sequence[str | list[int]], model: str
 ) -> dict[str, Any]:
     dimensions = body.dimensions or ECHO_DIMENSIONS
+    if len(items) * dimensions > ECHO_MOST_NUMBERS:
+        raise ApiError(
+            400, "invalid_request",
+            f"echo makes at most {ECHO_MOST_NUMBERS:,} numbers an answer: "
+            "fewer inputs or fewer dimensions",
+            param="dimensions",
+        )  # fmt: skip
     tokens = sum(len(_words(item)) for item in items)
     return {
         "object": "list",

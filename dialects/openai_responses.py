@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import AsyncGenerator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
@@ -104,11 +104,28 @@ class ResponsesBody(BaseModel):
 class Decoded:
     """A Responses body read into `chat`, and what of it no other format carries."""
 
-    def __init__(self, request: chat.Request, lost: list[tuple[str, str]]) -> None:
+    def __init__(
+        self,
+        request: chat.Request,
+        lost: list[tuple[str, str]],
+        refused: ApiError | None = None,
+    ) -> None:
         self.request = request
         self.lost = lost
+        self.refused = refused  # what made the body untranslatable, if anything did
+
+    @classmethod
+    def only_passed_through(
+        cls, raw: bytes, model: str, rid: str | None, error: ApiError
+    ) -> Decoded:
+        """A body this module cannot read, for a provider that reads it itself (OpenAI
+        knows its own new fields better than we do): counted by its length."""
+        text = raw.decode("utf-8", "replace")
+        return cls(chat.user_text(text, model=model, request_id=rid), [], refused=error)
 
     def refusal(self, provider: str) -> ApiError | None:
+        if self.refused is not None:
+            return self.refused
         if not self.lost:
             return None
         param, what = self.lost[0]
@@ -145,6 +162,7 @@ def decode_request(body: ResponsesBody, model: str, rid: str | None) -> Decoded:
     for i, item in enumerate(items):
         _item(item, f"input.{i}", messages, calls, lost)
     tools = _tools(body.tools or [], lost, dropped)
+    choice, tools = _tool_choice(body.tool_choice, body.parallel_tool_calls, tools, lost)
     text = body.text or TextParam()
     if text.verbosity:
         dropped.append("text.verbosity")
@@ -159,7 +177,7 @@ def decode_request(body: ResponsesBody, model: str, rid: str | None) -> Decoded:
         temperature=body.temperature,
         top_p=body.top_p,
         tools=tuple(tools),
-        tool_choice=_tool_choice(body.tool_choice, body.parallel_tool_calls) if tools else None,
+        tool_choice=choice,
         response_format=_format(text.format),
         reasoning=reasoning,
         user=body.user,
@@ -175,6 +193,8 @@ def _tools(
     tools: list[chat.Tool] = []
     for i, tool in enumerate(raw):
         kind, name, where = tool.get("type"), tool.get("name"), f"tools.{i}"
+        if kind in ("function", "custom") and any(t.name == name for t in tools):
+            raise bad(f"{where}.name", f"another tool is named {name!r}")
         description = tool.get("description")
         if description is not None and not isinstance(description, str):
             raise bad(f"{where}.description", "must be a string")
@@ -192,7 +212,7 @@ def _tools(
             tools.append(chat.Tool(name, description, kind="custom"))
         elif not isinstance(kind, str):
             raise bad(f"{where}.type", "a tool needs a type")
-        elif kind in BUILT_IN or kind.startswith("web_search"):
+        elif _built_in(kind):
             lost.append((where, f"the built-in tool {kind!r}"))
         else:  # a namespace of tools, say: only a Responses service runs it
             dropped.append(f"{where} ({kind})")
@@ -302,18 +322,46 @@ def _parts(content: Any, where: str, lost: list[tuple[str, str]]) -> list[chat.P
     return parts
 
 
-def _tool_choice(raw: Any, parallel_calls: bool | None) -> chat.ToolChoice | None:
+def _tool_choice(
+    raw: Any, parallel_calls: bool | None, tools: list[chat.Tool], lost: list[tuple[str, str]]
+) -> tuple[chat.ToolChoice | None, list[chat.Tool]]:
+    """The choice, and the tools it leaves (`allowed_tools` narrows them); a choice
+    without tools is dropped, as Chat's is."""
     parallel = parallel_calls is not False
+    names = {tool.name for tool in tools}
+    choice: chat.ToolChoice | None = None
     if raw is None:
-        return None if parallel else chat.ToolChoice("auto", parallel=False)
-    if raw in ("auto", "none", "required"):
-        return chat.ToolChoice(raw, parallel=parallel)
-    if isinstance(raw, dict):
-        if raw.get("type") in ("function", "custom") and isinstance(raw.get("name"), str):
-            return chat.ToolChoice("tool", raw["name"], parallel=parallel)
-        if raw.get("type") == "allowed_tools" and raw.get("mode") in ("auto", "required"):
-            return chat.ToolChoice(raw["mode"], parallel=parallel)
-    raise bad("tool_choice", "must be auto, none, required or a named function")
+        choice = None if parallel else chat.ToolChoice("auto", parallel=False)
+    elif raw in ("auto", "none", "required"):
+        choice = chat.ToolChoice(raw, parallel=parallel)
+    elif isinstance(raw, dict) and raw.get("type") in ("function", "custom"):
+        if not isinstance(raw.get("name"), str) or raw["name"] not in names:
+            raise bad("tool_choice.name", f"no tool is named {raw.get('name')!r}")
+        choice = chat.ToolChoice("tool", raw["name"], parallel=parallel)
+    elif isinstance(raw, dict) and raw.get("type") == "allowed_tools":
+        listed = raw.get("tools")
+        if raw.get("mode") not in ("auto", "required"):
+            raise bad("tool_choice.mode", "must be auto or required")
+        if (
+            not isinstance(listed, list)
+            or not listed
+            or not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in listed)
+        ):
+            raise bad("tool_choice.tools", "must list the allowed tools by name")
+        allowed = {t["name"] for t in listed}
+        if allowed - names:
+            raise bad("tool_choice.tools", f"no tool is named {sorted(allowed - names)[0]!r}")
+        tools = [tool for tool in tools if tool.name in allowed]
+        choice = chat.ToolChoice(raw["mode"], parallel=parallel)
+    elif isinstance(raw, dict) and isinstance(raw.get("type"), str) and _built_in(raw["type"]):
+        lost.append(("tool_choice", f"a choice of the built-in tool {raw['type']!r}"))
+    else:
+        raise bad("tool_choice", "must be auto, none, required, a named tool or allowed_tools")
+    return (choice if tools else None), tools
+
+
+def _built_in(kind: str) -> bool:
+    return kind in BUILT_IN or kind.startswith("web_search")
 
 
 def _format(form: Mapping[str, Any] | None) -> chat.ResponseFormat | None:
@@ -398,6 +446,23 @@ def usage_of(data: Any) -> Usage | None:
     )
 
 
+def _tool_shown(tool: chat.Tool) -> dict[str, Any]:
+    if tool.kind == "custom":
+        return {"type": "custom", "name": tool.name, "description": tool.description}
+    return {"type": "function", "name": tool.name, "description": tool.description,
+            "parameters": dict(tool.parameters), "strict": tool.strict}  # fmt: skip
+
+
+def _choice_shown(request: chat.Request) -> str | dict[str, Any]:
+    choice = request.tool_choice
+    if choice is None:
+        return "auto"
+    if choice.mode != "tool":
+        return choice.mode
+    kinds = {tool.name: tool.kind for tool in request.tools}
+    return {"type": kinds.get(str(choice.name), "function"), "name": choice.name}
+
+
 class Echo:
     """The response object's echo of the request's settings, and its ids."""
 
@@ -416,7 +481,7 @@ class Echo:
             shown = {"type": "json_schema", "name": form.name or "answer",
                      "description": asked.get("description"),
                      "schema": dict(form.schema or {}), "strict": bool(form.strict)}  # fmt: skip
-        choice = body.tool_choice if body.tool_choice is not None else "auto"
+        choice = _choice_shown(request)
         self.settings: dict[str, Any] = {
             "instructions": body.instructions,
             "max_output_tokens": body.max_output_tokens,
@@ -434,19 +499,9 @@ class Echo:
             "presence_penalty": 0.0,
             "frequency_penalty": 0.0,
             "top_logprobs": 0,
-            "text": {"format": shown},
+            "text": {"format": shown, "verbosity": body.text.verbosity if body.text else None},
             "tool_choice": choice,
-            "tools": [
-                {
-                    "type": "function",
-                    "name": t.name,
-                    "description": t.description,
-                    "parameters": dict(t.parameters),
-                    "strict": t.strict,
-                }
-                for t in request.tools
-                if t.kind == "function"
-            ],
+            "tools": [_tool_shown(t) for t in request.tools],
             "truncation": "disabled",
             "max_tool_calls": None,
             "service_tier": "default",
@@ -487,41 +542,6 @@ def _status(end_reason: str) -> tuple[str, str | None]:
     return "completed", None
 
 
-def _output(parts: Iterable[chat.Part], echo: Echo) -> list[dict[str, Any]]:
-    """Output items in Responses' order: reasoning, the message (one per run of text),
-    then the calls."""
-    reasoning, message, calls = [], [], []
-    for part in parts:
-        if isinstance(part, chat.Reasoning):
-            item: dict[str, Any] = {
-                "type": "reasoning",
-                "id": chat.new_id("rs_"),
-                "summary": [{"type": "summary_text", "text": part.text}] if part.text else [],
-            }
-            wrapped = _wrap(part)
-            if wrapped is not None:
-                item["encrypted_content"] = wrapped
-            reasoning.append(item)
-        elif isinstance(part, chat.Text) and part.text:
-            message.append({"type": "output_text", "text": part.text, "annotations": []})
-        elif isinstance(part, chat.Refusal):
-            message.append({"type": "refusal", "refusal": part.text})
-        elif isinstance(part, chat.ToolCall):
-            calls.append(_call_item(part.id, part.name, part.arguments, echo, "completed"))
-    out = reasoning
-    if message:
-        out.append(
-            {
-                "type": "message",
-                "id": chat.new_id("msg_"),
-                "status": "completed",
-                "role": "assistant",
-                "content": message,
-            }
-        )
-    return out + calls
-
-
 def _call_item(call_id: str, name: str, arguments: str, echo: Echo, status: str) -> dict[str, Any]:
     if name in echo.custom:  # a freeform tool: its one string argument is its input
         try:
@@ -529,31 +549,21 @@ def _call_item(call_id: str, name: str, arguments: str, echo: Echo, status: str)
         except ValueError:
             value = {"input": arguments}
         text = value.get("input", "") if isinstance(value, dict) else str(value)
-        return {
-            "type": "custom_tool_call",
-            "id": chat.new_id("ctc_"),
-            "call_id": call_id,
-            "name": name,
-            "input": str(text),
-            "status": status,
-        }
-    return {
-        "type": "function_call",
-        "id": chat.new_id("fc_"),
-        "call_id": call_id,
-        "name": name,
-        "arguments": arguments,
-        "status": status,
-    }
+        return {"type": "custom_tool_call", "id": chat.new_id("ctc_"), "call_id": call_id,
+                "name": name, "input": str(text), "status": status}  # fmt: skip
+    return {"type": "function_call", "id": chat.new_id("fc_"), "call_id": call_id, "name": name,
+            "arguments": arguments, "status": status}  # fmt: skip
 
 
 def encode_response(completion: chat.Completion, echo: Echo) -> dict[str, Any]:
-    status, incomplete = _status(completion.finish_reason)
-    if completion.model:
-        echo.settings["model"] = completion.model
-    return echo.response(
-        status, _output(completion.parts, echo), completion.usage, incomplete=incomplete
-    )
+    """The whole answer: the response object its stream would end with, so that the
+    two are one thing (items in the order they came, ids made once)."""
+    encoder = StreamEncoder(echo)
+    for event in chat.events_of(completion):
+        if isinstance(event, chat.End):
+            return encoder.final(event)
+        encoder.frames(event)
+    raise AssertionError("events_of ends with End")
 
 
 def _event(data: dict[str, Any]) -> bytes:
@@ -561,9 +571,11 @@ def _event(data: dict[str, Any]) -> bytes:
 
 
 class StreamEncoder:
-    """`chat` events as Responses' event sequence, each with the next sequence_number.
-    The items are the same as the whole answer's: `response.completed` carries the
-    response object a non-streamed call returns."""
+    """`chat` events as Responses' event sequence, each with the next sequence_number:
+    output items in the order they come (reasoning, one message per run of text or
+    refusal, function calls), each added, streamed and done. Calls stay open together
+    until the next text or the end, since a provider may interleave their arguments.
+    `response.completed` carries the response object a non-streamed call returns."""
 
     ping = sse.PING
 
@@ -572,11 +584,13 @@ class StreamEncoder:
         self.sequence = 0
         self.started = False
         self.output: list[dict[str, Any]] = []
-        self.open: dict[str, Any] | None = None  # the item being streamed
+        self.open: dict[str, Any] | None = None  # the message or reasoning being streamed
         self.text: list[str] = []
         self.part = "output_text"  # the open message's part: output_text or refusal
         self._around: tuple[str, bytes] | None = None  # an item id, its delta's fields
-        self.calls: dict[int, dict[str, Any]] = {}  # chat's call index -> its item
+        # chat's call index -> [its item, its output index, its argument pieces...]
+        self.calls: dict[int, list[Any]] = {}
+        self._final: dict[str, Any] = {}
 
     def _emit(self, kind: str, **fields: Any) -> bytes:
         data = {"type": kind, "sequence_number": self.sequence, **fields}
@@ -588,32 +602,18 @@ class StreamEncoder:
             return []
         self.started = True
         response = self.echo.response("in_progress", [])
-        return [
-            self._emit("response.created", response=response),
-            self._emit("response.in_progress", response=response),
-        ]
+        return [self._emit("response.created", response=response),
+                self._emit("response.in_progress", response=response)]  # fmt: skip
 
-    def _add(self, item: dict[str, Any]) -> list[bytes]:
-        out = self._close()
-        self.open = item
+    def _add(self, item: dict[str, Any], empty: dict[str, Any]) -> bytes:
         self.output.append(item)
-        return [
-            *out,
-            self._emit(
-                "response.output_item.added",
-                output_index=len(self.output) - 1,
-                item={**item, **self._empty(item)},
-            ),
-        ]
+        return self._emit("response.output_item.added", output_index=len(self.output) - 1,
+                          item={**item, **empty})  # fmt: skip
 
-    @staticmethod
-    def _empty(item: dict[str, Any]) -> dict[str, Any]:
-        kind = item["type"]
-        if kind == "message":
-            return {"content": [], "status": "in_progress"}
-        if kind == "reasoning":
-            return {"summary": []}
-        return {"status": "in_progress"}
+    def _open(self, item: dict[str, Any], empty: dict[str, Any]) -> list[bytes]:
+        out = [*self._close(), *self._close_calls()]
+        self.open = item
+        return [*out, self._add(item, empty)]
 
     _DELTA = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta"'
 
@@ -633,11 +633,10 @@ class StreamEncoder:
     def _at(self, kind: str, **fields: Any) -> bytes:
         """An event of the open item's, at its place in the output."""
         assert self.open is not None
-        return self._emit(
-            kind, item_id=self.open["id"], output_index=len(self.output) - 1, **fields
-        )
+        return self._emit(kind, item_id=self.open["id"], output_index=len(self.output) - 1,
+                          **fields)  # fmt: skip
 
-    def _close(self) -> list[bytes]:
+    def _close(self, status: str = "completed") -> list[bytes]:
         item = self.open
         if item is None:
             return []
@@ -654,30 +653,34 @@ class StreamEncoder:
                 out.append(self._at("response.output_text.done", content_index=0, text=text,
                                     logprobs=[]))  # fmt: skip
             item["content"] = [part]
+            item["status"] = status
             out.append(self._at("response.content_part.done", content_index=0, part=part))
-        elif item["type"] == "reasoning":
-            if text:  # its summary part was added with its first text
-                part = {"type": "summary_text", "text": text}
-                item["summary"] = [part]
-                out += [
-                    self._at("response.reasoning_summary_text.done", summary_index=0, text=text),
-                    self._at("response.reasoning_summary_part.done", summary_index=0, part=part),
-                ]
-        elif item["type"] == "function_call":
-            item["arguments"] = text or "{}"
-            item["status"] = "completed"
-            out.append(
-                self._at("response.function_call_arguments.done", arguments=item["arguments"])
-            )
-        else:  # a custom tool call: its input, whole once its JSON is (OpenAI's events)
-            item.update(_call_item(item["call_id"], item["name"], text, self.echo, "completed"),
-                        id=item["id"])  # fmt: skip
-            out += [
-                self._at("response.custom_tool_call_input.delta", delta=item["input"]),
-                self._at("response.custom_tool_call_input.done", input=item["input"]),
-            ]
+        elif text:  # reasoning: its summary part was added with its first text
+            part = {"type": "summary_text", "text": text}
+            item["summary"] = [part]
+            out.append(self._at("response.reasoning_summary_text.done", summary_index=0, text=text))
+            out.append(self._at("response.reasoning_summary_part.done", summary_index=0, part=part))
         self.open = None
         out.append(self._emit("response.output_item.done", output_index=index, item=item))
+        return out
+
+    def _close_calls(self, status: str = "completed") -> list[bytes]:
+        out: list[bytes] = []
+        for item, index, *pieces in self.calls.values():
+            fields = {"item_id": item["id"], "output_index": index}
+            if item["type"] == "function_call":
+                item.update(arguments="".join(pieces) or "{}", status=status)
+                out.append(self._emit("response.function_call_arguments.done", **fields,
+                                      name=item["name"], arguments=item["arguments"]))  # fmt: skip
+            else:  # a custom tool call: its input, whole once its JSON is (OpenAI's events)
+                made = _call_item(item["call_id"], item["name"], "".join(pieces), self.echo, status)
+                item.update(input=made["input"], status=status)
+                out += [self._emit("response.custom_tool_call_input.delta", **fields,
+                                   delta=item["input"]),
+                        self._emit("response.custom_tool_call_input.done", **fields,
+                                   input=item["input"])]  # fmt: skip
+            out.append(self._emit("response.output_item.done", output_index=index, item=item))
+        self.calls = {}
         return out
 
     def frames(self, event: chat.Event) -> list[bytes]:
@@ -687,9 +690,9 @@ class StreamEncoder:
         if isinstance(event, chat.TextDelta | chat.RefusalDelta):
             kind = "refusal" if isinstance(event, chat.RefusalDelta) else "output_text"
             if self.open is None or self.open["type"] != "message" or self.part != kind:
-                message = {"type": "message", "id": chat.new_id("msg_"), "status": "completed",
+                message = {"type": "message", "id": chat.new_id("msg_"), "status": "in_progress",
                            "role": "assistant", "content": []}  # fmt: skip
-                out += self._add(message)
+                out += self._open(message, {})
                 self.part = kind
                 empty = {"type": "refusal", "refusal": ""} if kind == "refusal" else {
                     "type": "output_text", "text": "", "annotations": []}  # fmt: skip
@@ -701,7 +704,8 @@ class StreamEncoder:
                 out.append(self._text_delta(event.text))
         elif isinstance(event, chat.ReasoningDelta):
             if self.open is None or self.open["type"] != "reasoning":
-                out += self._add({"type": "reasoning", "id": chat.new_id("rs_"), "summary": []})
+                reasoning = {"type": "reasoning", "id": chat.new_id("rs_"), "summary": []}
+                out += self._open(reasoning, {})
             if event.text:
                 if not self.text:
                     part = {"type": "summary_text", "text": ""}
@@ -716,45 +720,65 @@ class StreamEncoder:
                 self.open["encrypted_content"] = wrapped
                 out += self._close()
         elif isinstance(event, chat.ToolCallStart):
+            out += self._close()
             item = _call_item(event.id, event.name, "", self.echo, "in_progress")
-            self.calls[event.index] = item
-            out += self._add(item)
+            out.append(self._add(item, {}))
+            self.calls[event.index] = [item, len(self.output) - 1]
         elif isinstance(event, chat.ToolCallDelta):
             call = self.calls.get(event.index)
-            if call is not None and call is self.open:
-                item = call
-                self.text.append(event.arguments)
+            if call is not None:
+                call.append(event.arguments)
+                item, index = call[0], call[1]
                 if item["type"] == "function_call":
-                    out.append(
-                        self._emit(
-                            "response.function_call_arguments.delta",
-                            item_id=item["id"],
-                            output_index=len(self.output) - 1,
-                            delta=event.arguments,
-                        )
-                    )
+                    out.append(self._emit("response.function_call_arguments.delta",
+                                          item_id=item["id"], output_index=index,
+                                          delta=event.arguments))  # fmt: skip
+        return out
+
+    def follow(self, event: dict[str, Any]) -> None:
+        """A provider's own event, relayed: where its response has got to."""
+        number = event.get("sequence_number")
+        if isinstance(number, int) and not isinstance(number, bool):
+            self.sequence = number + 1
+        response = event.get("response")
+        if isinstance(response, dict) and isinstance(response.get("id"), str):
+            self.echo.id = response["id"]
+            self.started = True
+        index, item = event.get("output_index"), event.get("item")
+        if isinstance(index, int) and isinstance(item, dict) and 0 <= index <= len(self.output):
+            self.output[index : index + 1] = [item]
+
+    def final(self, end: chat.End) -> dict[str, Any]:
+        """Close what is open; the response object the answer ends with."""
+        self.finish(end)
+        return self._final
+
+    def finish(self, end: chat.End) -> list[bytes]:
+        status, incomplete = _status(end.finish_reason)
+        # Cut short (max_output_tokens): the item being written is incomplete.
+        item_status = "incomplete" if status == "incomplete" else "completed"
+        out = [*self._start(), *self._close(item_status), *self._close_calls(item_status)]
+        self._final = self.echo.response(status, self.output, end.usage, incomplete=incomplete)
+        kind = "response.completed" if status == "completed" else "response.incomplete"
+        out.append(self._emit(kind, response=self._final))
         return out
 
     def last(self, end: chat.End, model: str, cost: float | None) -> list[bytes]:
-        out = [*self._start(), *self._close()]
-        status, incomplete = _status(end.finish_reason)
-        response = self.echo.response(status, self.output, end.usage, incomplete=incomplete)
-        kind = "response.completed" if status == "completed" else "response.incomplete"
-        out.append(self._emit(kind, response=response))
-        return out
+        return self.finish(end)
 
     def error(self, error: ApiError, scope: Scope) -> bytes:
-        """OpenAI's `error` event has code, message and param at its top; the Open
-        Responses one has them in `error`: it carries both, for either kind of client."""
+        """The items so far (the open ones incomplete, with what they had), then
+        OpenAI's `error` event, which has code, message and param at its top, and the
+        Open Responses one in `error`: it carries both, for either kind of client."""
+        out = [*self._close("incomplete"), *self._close_calls("incomplete")]
         fields = {"code": error.type, "message": error.message, "param": error.param}
         # A failed response's code is one of OpenAI's few.
         code = "rate_limit_exceeded" if error.status == 429 else "server_error"
-        failed = self.echo.response(
-            "failed", self.output, error={"code": code, "message": error.message}
-        )
-        return self._emit("error", **fields, error={"type": error.type, **fields}) + self._emit(
-            "response.failed", response=failed
-        )
+        failed = self.echo.response("failed", self.output,
+                                    error={"code": code, "message": error.message})  # fmt: skip
+        out += [self._emit("error", **fields, error={"type": error.type, **fields}),
+                self._emit("response.failed", response=failed)]  # fmt: skip
+        return b"".join(out)
 
 
 # --- the route -------------------------------------------------------------------------
@@ -766,7 +790,13 @@ async def responses(request: Request) -> Response:
     body = gate.validate(raw, ResponsesBody)
     stateless(body)
     model = gate.choose_model(request, body.model)
-    decoded = decode_request(body, model, request_id(request.scope))
+    rid = request_id(request.scope)
+    try:
+        decoded = decode_request(body, model, rid)
+    except ApiError as exc:
+        if llm.passthrough(llm.of(request).first, WIRE) is None:
+            raise
+        decoded = Decoded.only_passed_through(raw, model, rid, exc)
     call = decoded.request
     ticket = await gate.admit(request, call)
 
@@ -783,7 +813,7 @@ async def responses(request: Request) -> Response:
         if call.dropped:
             admission.note(request, dropped=list(call.dropped))
         translated = chat.with_model(call, model)
-        echo = Echo(body, model, translated)
+        echo = Echo(body, model, translated)  # after the refusal: the body was read
         if body.stream:
             encoder = StreamEncoder(echo)
             frames = sse.relay(ticket, provider.stream(translated), encoder)
@@ -813,13 +843,21 @@ async def _passed_through(
     encoder = StreamEncoder(
         Echo(ResponsesBody.model_validate(data), str(data["model"]), ticket.call)
     )
-    return await sse.respond(request, _relayed(ticket, relay, data, rid, path), encoder)
+    frames = _relayed(ticket, relay, data, rid, path, encoder)
+    return await sse.respond(request, frames, encoder)
 
 
 async def _relayed(
-    ticket: admission.Ticket, relay: llm.HttpProvider, data: dict[str, Any], rid: str, path: str
+    ticket: admission.Ticket,
+    relay: llm.HttpProvider,
+    data: dict[str, Any],
+    rid: str,
+    path: str,
+    encoder: StreamEncoder,
 ) -> AsyncGenerator[bytes, None]:
-    """The provider's events as they come, re-framed, its usage read from its last."""
+    """The provider's events as they come, re-framed, its usage read from its last.
+    The encoder follows them (the response id, the sequence, the items), so that an
+    error of ours after them continues the same response."""
     try:
         async with relay.open_stream(data, rid, path=path) as events:
             async for name, text in events:
@@ -829,6 +867,7 @@ async def _relayed(
                     delta = chat.TextDelta(str(obj.get("delta", "")))
                     if not ticket.counts(delta):
                         raise ProviderError("the provider streamed past max_output_tokens")
+                encoder.follow(obj)
                 if "\n" in text or "\r" in text:
                     yield _event(obj)
                 else:
