@@ -2,15 +2,59 @@
 answers and stream events, to and from `chat`. A route speaks its client's format;
 a provider speaks its own; when the two are the same, the body passes through.
 
-What every format's decoder needs of a provider's JSON is here.
+What every format's decoder shares is here: reading a provider's JSON, the 400 for a
+field, and the decoded request with what of it no other format carries.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from starlette.requests import Request
+
+import admission
+import chat
 import jsonio
-from errors import ProviderError
+from errors import ApiError, ProviderError
+
+
+def bad(param: str, message: str) -> ApiError:
+    """The 400 for one field of a client's body, named in `param`."""
+    return ApiError(400, "invalid_request", f"{param}: {message}", param=param)
+
+
+class Decoded:
+    """A client's body read into `chat`, and what of it no other format can carry:
+    `lost`, (field, what it asks for), each a 400 unless the body passes through; or
+    `refused`, the error that kept the body from being read at all."""
+
+    def __init__(
+        self,
+        request: chat.Request,
+        lost: list[tuple[str, str]],
+        refused: ApiError | None = None,
+    ) -> None:
+        self.request = request
+        self.lost = lost
+        self.refused = refused
+
+    def refusal(self, provider: str) -> ApiError | None:
+        if self.refused is not None:
+            return self.refused
+        if not self.lost:
+            return None
+        param, what = self.lost[0]
+        return bad(param, f"{what} cannot be translated for the {provider} provider")
+
+    def translated(self, request: Request, provider: str, model: str) -> chat.Request:
+        """The request for `provider` (and `model`, a fallback's) through the hub: the
+        400 if it cannot be, what was dropped named in the access line."""
+        refusal = self.refusal(provider)
+        if refusal is not None:
+            raise refusal
+        if self.request.dropped:
+            admission.note(request, dropped=list(self.request.dropped))
+        return chat.with_model(self.request, model)
 
 
 def json_object(data: str | bytes) -> dict[str, Any]:

@@ -42,7 +42,7 @@ import jsonio
 import llm
 import schemas
 import sse
-from dialects import integer, json_object
+from dialects import Decoded, bad, integer, json_object
 from errors import ANTHROPIC_TYPES, ApiError, ProviderError, ProviderUnavailable, request_id
 from jsonio import JSONResponse
 from usage import Usage
@@ -82,10 +82,6 @@ _ID = re.compile(r"^[A-Za-z0-9_-]+$")
 
 def auth_headers(key: str) -> dict[str, str]:
     return {"anthropic-version": VERSION, "x-api-key": key}
-
-
-def bad(param: str, message: str) -> ApiError:
-    return ApiError(400, "invalid_request", f"{param}: {message}", param=param)
 
 
 # --- the request ---------------------------------------------------------------------
@@ -569,21 +565,6 @@ class CountTokensBody(BaseModel):
     tools: list[dict[str, Any]] | None = None
 
 
-class Decoded:
-    """A Messages body read into `chat`; `lost`: (field, what) no other format carries,
-    each a 400 unless the body passes through to an Anthropic-protocol provider."""
-
-    def __init__(self, request: chat.Request, lost: list[tuple[str, str]]) -> None:
-        self.request = request
-        self.lost = lost
-
-    def refusal(self, provider: str) -> ApiError | None:
-        if not self.lost:
-            return None
-        param, what = self.lost[0]
-        return bad(param, f"{what} cannot be translated for the {provider} provider")
-
-
 def decode_request(body: MessagesBody | CountTokensBody, model: str, rid: str | None) -> Decoded:
     lost: list[tuple[str, str]] = []
     dropped = sorted(k for k in (body.model_extra or {}) if k in ADVISORY or k not in _KNOWN)
@@ -944,12 +925,7 @@ async def messages(request: Request) -> Response:
             data = jsonio.loads(raw)
             data["model"] = model
             return await _passed_through(request, ticket, relay, data)
-        refusal = decoded.refusal(provider.name)
-        if refusal is not None:
-            raise refusal
-        if call.dropped:
-            admission.note(request, dropped=list(call.dropped))
-        translated = chat.with_model(call, model)
+        translated = decoded.translated(request, provider.name, model)
         if body.stream:
             encoder = StreamEncoder(model)
             frames = sse.relay(ticket, provider.stream(translated), encoder)

@@ -28,7 +28,7 @@ import chat
 import jsonio
 import llm
 import sse
-from dialects import error_message, integer, json_object
+from dialects import Decoded, bad, error_message, integer, json_object
 from errors import ApiError, ProviderError, error_body, request_id
 from jsonio import JSONResponse
 from usage import Usage
@@ -109,25 +109,6 @@ ADVISORY = frozenset(
         "top_k",
     }
 )
-
-
-def bad(param: str, message: str) -> ApiError:
-    return ApiError(400, "invalid_request", f"{param}: {message}", param=param)
-
-
-class Decoded:
-    """A client's body read into `chat`, and what of it no other format can carry:
-    (field, what it asks for), each a 400 unless the body passes through."""
-
-    def __init__(self, request: chat.Request, lost: list[tuple[str, str]]) -> None:
-        self.request = request
-        self.lost = lost
-
-    def refusal(self, provider: str) -> ApiError | None:
-        if not self.lost:
-            return None
-        param, what = self.lost[0]
-        return bad(param, f"{what} cannot be translated for the {provider} provider")
 
 
 def decode_request(body: ChatCompletionBody, model: str, rid: str | None) -> Decoded:
@@ -777,12 +758,7 @@ async def chat_completions(request: Request) -> Response:
             data = jsonio.loads(raw)
             data["model"] = model
             return await _passed_through(request, ticket, relay, data, include_usage)
-        refusal = decoded.refusal(provider.name)
-        if refusal is not None:
-            raise refusal
-        if call.dropped:
-            admission.note(request, dropped=list(call.dropped))
-        translated = chat.with_model(call, model)
+        translated = decoded.translated(request, provider.name, model)
         if body.stream:
             encoder = StreamEncoder(model, include_usage)
             frames = sse.relay(ticket, provider.stream(translated), encoder)

@@ -36,7 +36,7 @@ import chat
 import jsonio
 import llm
 import sse
-from dialects import integer, json_object
+from dialects import Decoded, bad, integer, json_object
 from errors import ApiError, ProviderError, request_id
 from jsonio import JSONResponse
 from usage import Usage
@@ -51,10 +51,6 @@ BUILT_IN = frozenset(
      "computer", "image_generation", "mcp", "local_shell", "shell"}
 )  # fmt: skip
 _WRAP = "tt1:"  # an encrypted_content of ours: the origin and what it gave
-
-
-def bad(param: str, message: str) -> ApiError:
-    return ApiError(400, "invalid_request", f"{param}: {message}", param=param)
 
 
 class ReasoningParam(BaseModel):
@@ -99,37 +95,6 @@ class ResponsesBody(BaseModel):
     user: str | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
-
-
-class Decoded:
-    """A Responses body read into `chat`, and what of it no other format carries."""
-
-    def __init__(
-        self,
-        request: chat.Request,
-        lost: list[tuple[str, str]],
-        refused: ApiError | None = None,
-    ) -> None:
-        self.request = request
-        self.lost = lost
-        self.refused = refused  # what made the body untranslatable, if anything did
-
-    @classmethod
-    def only_passed_through(
-        cls, raw: bytes, model: str, rid: str | None, error: ApiError
-    ) -> Decoded:
-        """A body this module cannot read, for a provider that reads it itself (OpenAI
-        knows its own new fields better than we do): counted by its length."""
-        text = raw.decode("utf-8", "replace")
-        return cls(chat.user_text(text, model=model, request_id=rid), [], refused=error)
-
-    def refusal(self, provider: str) -> ApiError | None:
-        if self.refused is not None:
-            return self.refused
-        if not self.lost:
-            return None
-        param, what = self.lost[0]
-        return bad(param, f"{what} cannot be translated for the {provider} provider")
 
 
 def stateless(body: ResponsesBody) -> None:
@@ -796,7 +761,10 @@ async def responses(request: Request) -> Response:
     except ApiError as exc:
         if llm.passthrough(llm.of(request).first, WIRE) is None:
             raise
-        decoded = Decoded.only_passed_through(raw, model, rid, exc)
+        # Still fine for a provider that reads the body itself (OpenAI knows its own
+        # new fields better than this module): counted by its length.
+        text = raw.decode("utf-8", "replace")
+        decoded = Decoded(chat.user_text(text, model=model, request_id=rid), [], refused=exc)
     call = decoded.request
     ticket = await gate.admit(request, call)
 
@@ -807,12 +775,7 @@ async def responses(request: Request) -> Response:
             data["model"] = model
             data["store"] = False  # served stateless, and said so
             return await _passed_through(request, ticket, relay, data)
-        refusal = decoded.refusal(provider.name)
-        if refusal is not None:
-            raise refusal
-        if call.dropped:
-            admission.note(request, dropped=list(call.dropped))
-        translated = chat.with_model(call, model)
+        translated = decoded.translated(request, provider.name, model)
         echo = Echo(body, model, translated)  # after the refusal: the body was read
         if body.stream:
             encoder = StreamEncoder(echo)
