@@ -68,8 +68,9 @@ class KeyRing:
         # What reloads need: the settings naming the file, and where to say how it went.
         self._settings = settings if settings and settings.api_keys_file else None
         self._logger = logger or logging.getLogger("text_tool")
-        self._stamp = self._file_stamp()
+        self._stamp = _stamp(self._settings)
         self._next_check = time.monotonic() + KEYS_CHECK_S
+        self.failing: str | None = None  # why the last reload failed, while it does
         self.on_reload: list[Callable[[KeyRing], None]] = []
 
     def __len__(self) -> int:
@@ -88,39 +89,37 @@ class KeyRing:
     @classmethod
     def from_settings(cls, settings: Settings, logger: logging.Logger | None = None) -> KeyRing:
         """`API_KEYS` and `API_KEYS_FILE` together; a key in both takes the file's settings."""
-        return cls(_keys(settings).values(), settings=settings, logger=logger)
+        stamp = _stamp(settings)  # before the read: a change during it is seen next time
+        ring = cls(_keys(settings).values(), settings=settings, logger=logger)
+        ring._stamp = stamp
+        return ring
 
     # --- reloads ------------------------------------------------------------------
 
-    def _file_stamp(self) -> tuple[int, int] | None:
-        if self._settings is None or self._settings.api_keys_file is None:
-            return None
-        try:
-            stat = os.stat(self._settings.api_keys_file)
-        except OSError:
-            return None
-        return stat.st_mtime_ns, stat.st_size
-
     def _check(self) -> None:
         self._next_check = time.monotonic() + KEYS_CHECK_S
-        stamp = self._file_stamp()
-        if stamp != self._stamp:
-            self._stamp = stamp  # one attempt (and one line) a change of the file
-            self.reload("the keys file changed")
+        if _stamp(self._settings) != self._stamp or self.failing is not None:
+            self.reload("the keys file changed")  # or a failed reload, tried again
 
     def reload(self, reason: str = "SIGHUP") -> bool:
-        """Read the keys again; False (and the previous keys kept) if they do not read."""
+        """Read the keys again; False (and the previous keys kept) if they do not read.
+        A failure is logged once for each different error, and tried again at each
+        check, so a file caught half-written is read once it is whole."""
         if self._settings is None:
             return False
-        self._stamp = self._file_stamp()
+        stamp = _stamp(self._settings)
         try:
             fresh = _keys(self._settings)
-        except SettingsError as exc:
-            self._logger.error(
-                "keys not reloaded; the previous keys stay",
-                extra={"event": "keys_reload_failed", "reason": reason, "error": str(exc)},
-            )
+        except Exception as exc:  # a bad file must never fail a request or a signal
+            error = str(exc) if isinstance(exc, SettingsError) else f"{type(exc).__name__}: {exc}"
+            if error != self.failing:
+                self._logger.error(
+                    "keys not reloaded; the previous keys stay",
+                    extra={"event": "keys_reload_failed", "reason": reason, "error": error},
+                )
+            self.failing = error
             return False
+        self._stamp, self.failing = stamp, None
         before = {key.name for key in self._by_digest.values()}
         self._by_digest = {key.digest: key for key in fresh.values()}
         self.loaded_at = time.time()
@@ -133,6 +132,17 @@ class KeyRing:
         for listener in self.on_reload:
             listener(self)
         return True
+
+
+def _stamp(settings: Settings | None) -> tuple[int, int] | None:
+    """The keys file's modification time and size: what says it changed."""
+    if settings is None or settings.api_keys_file is None:
+        return None
+    try:
+        stat = os.stat(settings.api_keys_file)
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
 
 
 def _keys(settings: Settings) -> dict[bytes, ApiKey]:
@@ -155,7 +165,7 @@ def _read_keys_file(settings: Settings) -> list[ApiKey]:
     try:
         with open(path, "rb") as fh:  # type: ignore[arg-type]
             data = tomllib.load(fh)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not TOML, or not UTF-8
         raise SettingsError(f"API_KEYS_FILE: cannot read {path}: {exc}") from None
     entries = data.get("keys", [])
     if not isinstance(entries, list):

@@ -470,11 +470,11 @@ class HttpProvider(Provider):
         with provider_errors():
             return await self._client.get().send(request, stream=True)
 
-    async def _read(self, response: httpx.Response, deadline: float) -> bytes:
-        """A whole answer, bounded: at most `max_response_bytes` once decompressed (so a
-        gzip bomb is cut as it expands), and done by `deadline`, which a trickle of bytes,
-        each within the per-read timeout, would otherwise never reach."""
-        limit = self._bounds.max_response_bytes
+    async def _read(self, response: httpx.Response, deadline: float, scale: int = 1) -> bytes:
+        """A whole answer, bounded: at most `max_response_bytes` (times `scale`) once
+        decompressed (so a gzip bomb is cut as it expands), and done by `deadline`, which
+        a trickle of bytes, each within the per-read timeout, would otherwise never reach."""
+        limit = self._bounds.max_response_bytes * scale
         chunks: list[bytes] = []
         size = 0
         with provider_errors():
@@ -497,7 +497,10 @@ class HttpProvider(Provider):
         *,
         path: str | None = None,
         query: str | None = None,
+        scale: int = 1,
     ) -> dict[str, Any]:
+        """The provider's JSON answer; `scale` raises its size bound, for an endpoint
+        whose answers are big by nature (embeddings)."""
         data, sent = jsonio.dumps(body), self.headers(request_id, extra=headers)
         deadline = time.monotonic() + self._bounds.total_s
         url = self.url(path, query)
@@ -505,7 +508,7 @@ class HttpProvider(Provider):
         async def once() -> bytes:
             response = await self._send(data, sent, url)
             try:
-                raw = await self._read(response, deadline)
+                raw = await self._read(response, deadline, scale)
             finally:
                 await _close(response)
             if response.status_code != 200:

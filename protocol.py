@@ -92,8 +92,9 @@ class BoundedHttpTools(HttpToolsProtocol):
             self._refuse(431, "headers_too_large", self._too_large())
             return
         super().on_headers_complete()
-        if self.scope["http_version"] == "1.0":
-            _close_delimited(self.cycle)
+        cycle = self.cycle  # none made for an upgrade (a WebSocket) uvicorn took on
+        if self.scope["http_version"] == "1.0" and cycle is not None and cycle.scope is self.scope:
+            _close_delimited(cycle)
 
     def _head_size(self) -> int:
         return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)

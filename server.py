@@ -129,7 +129,10 @@ async def ready(request: Request) -> Response:
             )
     keys: KeyRing = state.keys
     loaded = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(keys.loaded_at))
-    return JSONResponse({"status": "ready", "rate_limit_store": shown, "keys_loaded_at": loaded})
+    answer = {"status": "ready", "rate_limit_store": shown, "keys_loaded_at": loaded}
+    if keys.failing is not None:  # still serving the keys loaded before
+        answer["keys_reload_failed"] = keys.failing
+    return JSONResponse(answer)
 
 
 async def usage(request: Request) -> Response:
@@ -399,10 +402,8 @@ def survive_sighup(logger: logging.Logger, reload: Callable[[], object]) -> None
     Here it reloads the keys file, as daemons do, and the service goes on."""
 
     def hangup() -> None:
-        logger.warning(
-            "SIGHUP received; keys reloaded, the service goes on", extra={"event": "sighup"}
-        )
-        reload()
+        logger.warning("SIGHUP received; the service goes on", extra={"event": "sighup"})
+        reload()  # which logs how it went
 
     # Not where signals cannot be handled (another thread's loop, or Windows).
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):

@@ -3,6 +3,7 @@
 To an OpenAI-protocol provider the body passes through (the model mapped, the
 answer relayed); echo answers deterministic unit vectors made from the text, so a
 pipeline can be tried offline; Anthropic has no embeddings endpoint, and says so.
+No fallback provider is tried: its vectors would not be the asked model's.
 The key's limits, reservation, usage and cost apply as to any other call: an
 embedding's cost is its input tokens at the model's input price.
 """
@@ -36,6 +37,9 @@ ECHO_DIMENSIONS = 256  # echo's vectors unless `dimensions` asks otherwise
 MAX_DIMENSIONS = 8192
 MAX_INPUTS = 2048  # OpenAI's own bound on the items of one request
 ECHO_MOST_NUMBERS = 1_000_000  # echo's answer, whatever inputs x dimensions ask (~20 MB)
+# An embeddings answer may be this many times LLM_MAX_RESPONSE_BYTES (64 MiB by
+# default): 2,048 inputs of 3,072 dimensions are 33 MB in base64, the SDKs' default.
+ANSWER_SCALE = 4
 
 PositiveInt = Annotated[int, Field(ge=1, le=MAX_DIMENSIONS), BeforeValidator(admission.integral)]
 TokenIds = list[Annotated[int, Field(ge=0), BeforeValidator(admission.integral)]]
@@ -176,9 +180,12 @@ async def embeddings(request: Request) -> Response:
                 )
             data = jsonio.loads(raw)
             data["model"] = model
-            answer = await gate.call(request, relay.post(data, rid, path=relay.paths[WIRE]))
+            path = relay.paths[WIRE]
+            answer = await gate.call(request, relay.post(data, rid, path=path, scale=ANSWER_SCALE))
         usage = usage_of(answer.get("usage")) or ticket.estimate(0)
         ticket.settle(str(answer.get("model") or model), usage, "stop")
         return JSONResponse(answer)
 
-    return await llm.of(request).run(model, attempt)
+    # No fallback: another provider's vectors (echo's above all) are not this model's,
+    # and would quietly spoil an index built with them. A failure is the client's to see.
+    return await attempt(llm.of(request).first, model)

@@ -132,3 +132,21 @@ async def test_a_changed_file_is_read_without_a_signal_and_a_broken_one_is_not(
         await call(service, "alice")
     failures = [x for x in service.json_lines() if x.get("event") == "keys_reload_failed"]
     assert len(failures) == 1 and "API_KEYS_FILE" in str(failures[0]["error"])
+    async with httpx.AsyncClient(timeout=5) as c:
+        assert "keys_reload_failed" in (await c.get(service.url + "/ready")).json()
+    path.write_bytes(b'[[keys]]\nname = "\xff\xfe"\n')  # not UTF-8: no 500 either
+
+    async def two_failures() -> bool:
+        assert (await call(service, "dave")).status_code == 200
+        failed = [x for x in service.json_lines() if x.get("event") == "keys_reload_failed"]
+        return len(failed) == 2
+
+    await until(two_failures)
+    keys_file(path, alice="100/minute")
+
+    async def recovered() -> bool:
+        return (await call(service, "dave")).status_code == 401
+
+    await until(recovered)
+    async with httpx.AsyncClient(timeout=5) as c:
+        assert "keys_reload_failed" not in (await c.get(service.url + "/ready")).json()

@@ -963,3 +963,10 @@ async def test_echo_embeddings_are_bounded_in_size() -> None:
             "/v1/embeddings", json={"model": "echo", "input": ["a"] * 2048, "dimensions": 8192}
         )
     assert r.status_code == 400 and r.json()["error"]["param"] == "dimensions"
+
+
+async def test_embeddings_never_fall_back_to_another_providers_vectors() -> None:
+    answer = lambda request: httpx.Response(503, json={"error": {"message": "down"}})  # noqa: E731
+    async with client(openai_service(answer, fallback_provider="echo", max_retries=0)) as c:
+        r = await c.post("/v1/embeddings", json={"model": "text-embedding-3-small", "input": "x"})
+    assert r.status_code in (502, 503) and "data" not in r.json()
