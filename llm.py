@@ -506,18 +506,22 @@ class HttpProvider(Provider):
         url = self.url(path, query)
 
         async def once() -> bytes:
-            response = await self._send(data, sent, url)
-            try:
-                raw = await self._read(response, deadline, scale)
-            finally:
-                await _close(response)
-            if response.status_code != 200:
-                error = status_error(response.status_code, response.headers, raw, self._secrets)
-                error.answer = (response.status_code, raw)
-                raise error
-            return raw
+            return await self._whole(await self._send(data, sent, url), deadline, scale)
 
         return json_object(await self._retrying(once))
+
+    async def _whole(self, response: httpx.Response, deadline: float, scale: int = 1) -> bytes:
+        """An answer read whole and closed; the error for it unless it is a 200, with
+        the provider's status and body kept for a client of its own format."""
+        try:
+            raw = await self._read(response, deadline, scale)
+        finally:
+            await _close(response)
+        if response.status_code != 200:
+            error = status_error(response.status_code, response.headers, raw, self._secrets)
+            error.answer = (response.status_code, raw)
+            raise error
+        return raw
 
     @contextlib.asynccontextmanager
     async def open_stream(
@@ -541,17 +545,10 @@ class HttpProvider(Provider):
             kind = response.headers.get("content-type", "")
             if response.status_code == 200 and (not kind or "event-stream" in kind):
                 return response
-            try:
-                raw = await self._read(response, deadline)
-            finally:
-                await _close(response)
-            if response.status_code == 200:
-                raise ProviderError(
-                    f"the provider sent an answer that is not an event stream ({kind or 'no type'})"
-                )
-            error = status_error(response.status_code, response.headers, raw, self._secrets)
-            error.answer = (response.status_code, raw)
-            raise error
+            await self._whole(response, deadline)  # the provider's error, if it is one
+            raise ProviderError(
+                f"the provider sent an answer that is not an event stream ({kind or 'no type'})"
+            )
 
         response = await self._retrying(once)
         bounds = self._bounds
