@@ -31,7 +31,8 @@ AUTH = "text_tool.auth"
 PUBLIC_PATHS = frozenset({"/", "/health", "/ready", "/metrics", "/openapi.json", "/docs"})
 PUBLIC_PREFIXES = ("/docs/",)  # the Swagger UI page's own assets
 KEYS_CHECK_S = 2.0
-_FILE_FIELDS = {"name", "key", "rate_limit", "models", "token_limit", "budget_usd", "budget_period"}
+_FILE_FIELDS = {"name", "key", "rate_limit", "models", "token_limit", "budget_usd", "budget_period",
+                "max_concurrent"}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,7 @@ class ApiKey:
     token_limit: Rate | None = None
     budget_usd: float | None = None
     budget_period: str = "day"
+    max_concurrent: int | None = None  # calls in flight at once
 
 
 def digest(key: str) -> bytes:
@@ -210,6 +212,11 @@ def _key_from_entry(index: int, entry: Any) -> ApiKey:
     period = entry.get("budget_period", "day")
     if period not in ("day", "month"):
         raise SettingsError(f"{where}: budget_period must be day or month (UTC)")
+    concurrent = entry.get("max_concurrent")
+    if concurrent is not None and (
+        isinstance(concurrent, bool) or not isinstance(concurrent, int) or concurrent < 1
+    ):
+        raise SettingsError(f"{where}: max_concurrent must be a whole number, 1 or more")
     models = entry.get("models")
     if models is not None and (
         not isinstance(models, list) or not all(isinstance(m, str) and m for m in models)
@@ -223,6 +230,7 @@ def _key_from_entry(index: int, entry: Any) -> ApiKey:
         token_limit=rates["token_limit"],
         budget_usd=float(budget) if budget is not None else None,
         budget_period=period,
+        max_concurrent=concurrent,
     )
 
 

@@ -96,6 +96,8 @@ class Settings:
     max_header_bytes: int = 64 * 1024
     header_timeout_s: float = 10.0
     max_inflight: int = 2048
+    key_max_concurrent: int | None = None  # calls in flight per key, unless its own says
+    concurrency_lease_s: float = 10.0  # a shared slot outlives a dead replica this long
     max_retries: int = 2
     retry_deadline_s: float = 30.0
     shutdown_grace_s: float = 15.0
@@ -151,6 +153,7 @@ class Settings:
             ("HEADER_TIMEOUT_S", self.header_timeout_s),
             ("LLM_RETRY_DEADLINE_S", self.retry_deadline_s),
             ("SHUTDOWN_GRACE_S", self.shutdown_grace_s),
+            ("CONCURRENCY_LEASE_S", self.concurrency_lease_s),
         ):
             if not (value > 0 and math.isfinite(value)):
                 raise SettingsError(f"{name}: must be a positive number of seconds, got {value}")
@@ -196,6 +199,10 @@ class Settings:
             )
         if self.max_inflight < 1:
             raise SettingsError(f"MAX_INFLIGHT: must be positive, got {self.max_inflight}")
+        if self.key_max_concurrent is not None and self.key_max_concurrent < 1:
+            raise SettingsError(
+                f"KEY_MAX_CONCURRENT: must be positive, got {self.key_max_concurrent}"
+            )
         if self.max_retries < 0:
             raise SettingsError(f"LLM_MAX_RETRIES: must be 0 or more, got {self.max_retries}")
 
@@ -257,6 +264,9 @@ class Settings:
         keys_file = get("API_KEYS_FILE")
         if keys_file and not Path(keys_file).is_file():
             raise SettingsError(f"API_KEYS_FILE: {keys_file} is not a readable file")
+        key_max_concurrent = None
+        if get("KEY_MAX_CONCURRENT"):
+            key_max_concurrent = int(number("KEY_MAX_CONCURRENT", "", int))
         prices_file = get("PRICES_FILE")
         if prices_file and not Path(prices_file).is_file():
             raise SettingsError(f"PRICES_FILE: {prices_file} is not a readable file")
@@ -285,6 +295,8 @@ class Settings:
             max_header_bytes=int(number("MAX_HEADER_BYTES", str(64 * 1024), int)),
             header_timeout_s=number("HEADER_TIMEOUT_S", "10", float),
             max_inflight=int(number("MAX_INFLIGHT", "2048", int)),
+            key_max_concurrent=key_max_concurrent,
+            concurrency_lease_s=number("CONCURRENCY_LEASE_S", "10", float),
             max_retries=int(number("LLM_MAX_RETRIES", "2", int)),
             retry_deadline_s=number("LLM_RETRY_DEADLINE_S", "30", float),
             shutdown_grace_s=number("SHUTDOWN_GRACE_S", "15", float),

@@ -97,7 +97,8 @@ _ERRORS = {
     "413": "Body over MAX_BODY_BYTES (body_too_large)",
     "415": "Not application/json (unsupported_media_type)",
     "422": "Schema violation (invalid_request), with the fields",
-    "429": "Over the key's limit, or the provider's (rate_limit_exceeded); see Retry-After",
+    "429": "Over the key's request, token or concurrency limit or budget, or the provider's "
+    "limit (rate_limit_exceeded, concurrency_limit_exceeded, budget_exceeded); see Retry-After",
     "500": "Internal error, logged with the request id",
     "502": "Provider error or unreadable provider answer (upstream_error)",
     "504": "Provider too slow (upstream_timeout)",

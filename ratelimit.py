@@ -1,10 +1,11 @@
-"""Per-key rate limits: an exact sliding window, in memory, behind a small interface.
+"""Per-key rate limits: an exact sliding window, in memory, behind a small interface;
+and per-key concurrency: at most N calls of a key in flight at once.
 
 "At most N requests in any window of W seconds": each key keeps the times of the
 requests it was admitted in the last W seconds (never more than N), so a decision
 is exact, and the wait until a slot frees is the oldest of them plus W. Every
 decision is made without an `await`, so concurrent requests cannot slip in between
-a count and its update.
+a count and its update. The same holds for the count of a key's calls in flight.
 """
 
 from __future__ import annotations
@@ -127,6 +128,99 @@ def limit_headers(decision: Decision) -> list[tuple[bytes, bytes]]:
 def describe(rate: Rate) -> str:
     unit = {1: "1 second", 60: "1 minute", 3600: "1 hour"}.get(rate.window_s)
     return f"{rate.count} per {unit or f'{rate.window_s} seconds'}"
+
+
+class Lease(Protocol):
+    """One of a key's slots for calls in flight, held until the call ends."""
+
+    def release(self) -> None: ...
+
+
+class Slots(Protocol):
+    async def take(self, key: str, limit: int) -> Lease | None: ...
+
+
+class MemorySlots:
+    """The calls of each key in flight in this process; a key with none is forgotten."""
+
+    def __init__(self) -> None:
+        self.held: dict[str, int] = {}
+
+    async def take(self, key: str, limit: int) -> Lease | None:
+        return self.grab(key, limit)
+
+    def grab(self, key: str, limit: int) -> MemoryLease | None:
+        count = self.held.get(key, 0)
+        if count >= limit:
+            return None
+        self.held[key] = count + 1
+        return MemoryLease(self, key)
+
+    def free(self, key: str) -> None:
+        count = self.held[key] - 1
+        if count:
+            self.held[key] = count
+        else:
+            del self.held[key]
+
+
+class MemoryLease:
+    __slots__ = ("slots", "key")
+
+    def __init__(self, slots: MemorySlots, key: str) -> None:
+        self.slots: MemorySlots | None = slots
+        self.key = key
+
+    def release(self) -> None:
+        if self.slots is not None:
+            self.slots.free(self.key)
+            self.slots = None
+
+
+class ConcurrencyMiddleware:
+    """At most a key's `max_concurrent` (else `default_limit`) calls of `paths` in
+    flight at once: the slot is taken before the body is read and held until the
+    answer has been sent, a stream's last event included. Past it, 429 at once."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        slots: Slots,
+        default_limit: int | None,
+        paths: frozenset[str],
+    ) -> None:
+        self.app = app
+        self.slots = slots
+        self.default_limit = default_limit
+        self.paths = paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        key: ApiKey | None = scope.get(AUTH) if scope["type"] == "http" else None
+        limit = None if key is None else key.max_concurrent or self.default_limit
+        if limit is None or relative_path(scope) not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        assert key is not None
+        try:
+            lease = await self.slots.take(key.name, limit)
+        except (StoreUnavailable, StoreBusy) as exc:
+            await store_error_response(scope, exc)(scope, receive, send)
+            return
+        if lease is None:
+            response = error_response(
+                scope,
+                429,
+                "concurrency_limit_exceeded",
+                f"{limit} calls of this key are in flight; retry when one ends",
+                headers={"Retry-After": "1"},
+            )
+            await response(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            lease.release()
 
 
 class RateLimitMiddleware:

@@ -5,6 +5,11 @@ The sliding window is decided inside Redis by one Lua script per check (loaded o
 then called by its SHA), on Redis's own clock, so replicas with skewed clocks still
 agree and exactly N requests are admitted in any window across all of them.
 
+A key's slots for calls in flight are leases in a sorted set per key, scored by
+when they lapse (on Redis's clock): taken by a script that first drops the lapsed,
+renewed by the replica that holds them every third of `CONCURRENCY_LEASE_S`, removed
+when the call ends. A replica that dies stops renewing, so its slots free themselves.
+
 Token limits and budgets are reserved and settled by two more scripts, and usage is
 counted in a hash per key. When Redis cannot be reached the service keeps serving on
 this replica's in-memory limiter, quotas and usage (`RATE_LIMIT_STORE_FAIL=open`, the
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -28,7 +34,7 @@ from typing import Any, TypeVar
 from auth import ApiKey
 from config import Rate
 from quotas import Hold, Quotas, period_bucket
-from ratelimit import Decision, MemoryLimiter, StoreBusy, StoreUnavailable
+from ratelimit import Decision, Lease, MemoryLimiter, MemorySlots, StoreBusy, StoreUnavailable
 from usage import Usage, UsageBook
 
 T = TypeVar("T")
@@ -213,6 +219,101 @@ class RedisLimiter:
             reset_s=reset_s,
             retry_after_s=0.0 if allowed else reset_s,
         )
+
+
+# KEYS[1]: the key's leases (member -> when it lapses, ms); ARGV: limit, lease ms, member.
+TAKE_SLOT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[2]))
+return 1
+"""
+
+# KEYS[1]: the key's leases; ARGV: lease ms, then the members this replica holds.
+# A lease that lapsed meanwhile (Redis was away) is not brought back: XX.
+RENEW_SLOTS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local until_ = now + tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', until_, ARGV[i]) end
+redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[1]))
+return 1
+"""
+
+
+class RedisSlots:
+    """Each key's calls in flight counted in Redis across replicas, as leases this
+    replica renews while it holds them; this replica's own memory while Redis is away."""
+
+    def __init__(
+        self, store: SharedStore, local: MemorySlots, *, lease_s: float, prefix: str = PREFIX
+    ) -> None:
+        self.store = store
+        self.local = local
+        self.lease_ms = max(1000, int(lease_s * 1000))
+        self._take: Any = store.redis.register_script(TAKE_SLOT)
+        self._renew: Any = store.redis.register_script(RENEW_SLOTS)
+        self._prefix = prefix + "inflight:"
+        self.held: dict[str, set[str]] = {}  # Redis key -> the members this replica holds
+        self._renewing: asyncio.Task[None] | None = None
+
+    async def take(self, key: str, limit: int) -> Lease | None:
+        name, member = self._prefix + key, uuid.uuid4().hex
+
+        async def shared() -> Lease | None:
+            if not await self._take(keys=[name], args=[limit, self.lease_ms, member]):
+                return None
+            self.held.setdefault(name, set()).add(member)
+            if self._renewing is None:
+                self._renewing = asyncio.ensure_future(self._renew_while_held())
+            return RedisLease(self, name, member)
+
+        return await self.store.call(shared, lambda: self.local.grab(key, limit))
+
+    def free(self, name: str, member: str) -> None:
+        members = self.held.get(name)
+        if members is not None:
+            members.discard(member)
+            if not members:
+                del self.held[name]
+        script = self.store.redis.zrem
+        self.store.later(lambda: script(name, member))
+
+    async def _renew_while_held(self) -> None:
+        try:
+            while self.held:
+                await asyncio.sleep(self.lease_ms / 3000)
+                for name, members in list(self.held.items()):
+                    renew = functools.partial(
+                        self._renew, keys=[name], args=[self.lease_ms, *members]
+                    )
+                    with contextlib.suppress(StoreUnavailable, StoreBusy):
+                        await self.store.call(renew, lambda: None, wait=True)
+        finally:
+            self._renewing = None
+
+    async def aclose(self) -> None:
+        if self._renewing is not None:
+            self._renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewing
+
+
+class RedisLease:
+    __slots__ = ("slots", "name", "member")
+
+    def __init__(self, slots: RedisSlots, name: str, member: str) -> None:
+        self.slots: RedisSlots | None = slots
+        self.name = name
+        self.member = member
+
+    def release(self) -> None:
+        if self.slots is not None:
+            self.slots.free(self.name, self.member)
+            self.slots = None
 
 
 # KEYS: the key's token times (zset), its token amounts (hash), its spend this period.

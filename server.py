@@ -47,14 +47,17 @@ from logs import get_logger
 from metrics import Metrics
 from quotas import Quotas
 from ratelimit import (
+    ConcurrencyMiddleware,
     Limiter,
     MemoryLimiter,
+    MemorySlots,
     RateLimitMiddleware,
+    Slots,
     StoreBusy,
     StoreUnavailable,
     store_error_response,
 )
-from redis_store import RedisLimiter, RedisQuotas, RedisUsage, SharedStore
+from redis_store import RedisLimiter, RedisQuotas, RedisSlots, RedisUsage, SharedStore
 from requestlog import CALL, RequestContextMiddleware
 from usage import PriceTable, UsageBook
 
@@ -189,7 +192,7 @@ def create_app(
     logger = get_logger(settings.log_format)
     client = llm.SharedClient(settings, transport)
     keys = KeyRing.from_settings(settings, logger)
-    limiter, quotas, usage_store, store = _stores(settings, logger)
+    limiter, slots, quotas, usage_store, store = _stores(settings, logger)
     metrics_ = Metrics(models=settings.models, keys=keys.names())
     metrics_.keys_loaded.set_function(lambda: keys.loaded_at)
     keys.on_reload.append(lambda ring: metrics_.name_keys(ring.names()))
@@ -216,6 +219,8 @@ def create_app(
                     asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             app.state.ready = False
             await client.aclose()
+            if isinstance(slots, RedisSlots):
+                await slots.aclose()
             if store is not None:
                 await store.aclose()
             logger.info("usage totals", extra={"event": "usage_totals", "keys": usage_store.all()})
@@ -263,6 +268,12 @@ def create_app(
             *_cors(settings),
             Middleware(AuthMiddleware, keys=keys),
             Middleware(
+                ConcurrencyMiddleware,
+                slots=slots,
+                default_limit=settings.key_max_concurrent,
+                paths=PROVIDER_CALLS,
+            ),
+            Middleware(
                 RateLimitMiddleware,
                 limiter=limiter,
                 default_rate=settings.rate_limit,
@@ -300,6 +311,11 @@ def create_app(
     return app
 
 
+# The routes whose calls count against a key's max_concurrent: those that hold a
+# provider call open (counting tokens is quick, and has its own allowance).
+PROVIDER_CALLS = frozenset({"/complete", "/stream", "/v1/chat/completions", "/v1/responses",
+                            "/v1/embeddings", "/v1/messages"})  # fmt: skip
+
 # What a page may read of an answer beside its body.
 EXPOSED = ["X-Request-ID", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset",
            "Retry-After"]  # fmt: skip
@@ -325,12 +341,12 @@ def _cors(settings: Settings) -> list[Middleware]:
 
 def _stores(
     settings: Settings, logger: logging.Logger
-) -> tuple[Limiter, QuotaStore, UsageStore, SharedStore | None]:
-    """Limits, quotas and usage in this process's memory, or shared through Redis."""
+) -> tuple[Limiter, Slots, QuotaStore, UsageStore, SharedStore | None]:
+    """Limits, slots, quotas and usage in this process's memory, or shared through Redis."""
     limiter, quotas = MemoryLimiter(), Quotas(default_token_limit=settings.token_limit)
-    usage_book = UsageBook()
+    slots, usage_book = MemorySlots(), UsageBook()
     if settings.rate_limit_store == "memory":
-        return limiter, quotas, usage_book, None
+        return limiter, slots, quotas, usage_book, None
     store = SharedStore(
         settings.rate_limit_store,
         fail_open=settings.rate_limit_store_fail == "open",
@@ -338,6 +354,7 @@ def _stores(
     )
     return (
         RedisLimiter(store, limiter),
+        RedisSlots(store, slots, lease_s=settings.concurrency_lease_s),
         RedisQuotas(store, quotas),
         RedisUsage(store, usage_book),
         store,

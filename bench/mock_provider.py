@@ -7,7 +7,7 @@ never the bottleneck of a benchmark, and a real process for end-to-end tests.
 
 Routes: POST /v1/chat/completions (OpenAI), POST /v1/responses (OpenAI's Responses),
 POST /v1/embeddings (OpenAI), POST /v1/messages (Anthropic),
-GET /_stats (streams open, finished, aborted by the client; requests served),
+GET /_stats (streams open, the most open at once, finished, aborted by the client; requests served),
 POST /_reset, GET /_last (the last request's body and headers).
 
 Behaviour per request, from `x-mock-*` headers (for direct calls) or from a first
@@ -74,6 +74,7 @@ class Stats:
         self.requests = 0
         self.failed: dict[str, int] = {}
         self.open = 0
+        self.peak = 0  # the most streams open at once
         self.finished = 0
         self.aborted = 0
         self.last: dict[str, Any] = {}
@@ -82,6 +83,7 @@ class Stats:
         return {
             "requests": self.requests,
             "open": self.open,
+            "peak": self.peak,
             "finished": self.finished,
             "aborted": self.aborted,
         }
@@ -288,6 +290,7 @@ class MockProvider:
             return
 
         self.stats.open += 1
+        self.stats.peak = max(self.stats.peak, self.stats.open)
         try:
             if await _sleep(options["ttft_ms"], gone):
                 self.stats.aborted += 1
