@@ -12,7 +12,8 @@ import importlib.util
 import math
 import os
 import re
-from collections.abc import Mapping
+import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,6 +71,103 @@ class Rate:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DeploymentSpec:
+    """One deployment of the LLM_DEPLOYMENTS file: a provider at a base URL with its
+    key, the models it serves (each under its upstream name), its weight among the
+    deployments of a model, and its priority (a higher one is tried only when every
+    deployment of a lower one failed or is cooling down)."""
+
+    name: str
+    provider: str
+    base_url: str
+    api_key: str = field(default="", repr=False)
+    models: tuple[tuple[str, str], ...]  # (the name callers use, the name upstream)
+    weight: float = 1.0
+    priority: int = 0
+
+
+_DEPLOYMENT_FIELDS = {"name", "provider", "base_url", "api_key", "api_key_env", "models",
+                      "weight", "priority"}  # fmt: skip
+
+
+def read_deployments(path: Path, environ: Callable[[str], str]) -> tuple[DeploymentSpec, ...]:
+    """The LLM_DEPLOYMENTS file, every mistake in it a SettingsError naming the entry."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except (OSError, ValueError) as exc:
+        raise SettingsError(f"LLM_DEPLOYMENTS: cannot read {path}: {exc}") from None
+    entries = data.get("deployments")
+    if not isinstance(entries, list) or not entries:
+        raise SettingsError("LLM_DEPLOYMENTS: expected one or more [[deployments]] tables")
+    specs = [_deployment(i, entry, environ) for i, entry in enumerate(entries)]
+    names = [spec.name for spec in specs]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise SettingsError(f"LLM_DEPLOYMENTS: names must be unique: {', '.join(duplicates)}")
+    return tuple(specs)
+
+
+def _deployment(index: int, entry: object, environ: Callable[[str], str]) -> DeploymentSpec:
+    where = f"LLM_DEPLOYMENTS: deployments[{index}]"
+    if not isinstance(entry, Mapping):
+        raise SettingsError(f"{where}: expected a table")
+    unknown = set(entry) - _DEPLOYMENT_FIELDS
+    if unknown:
+        raise SettingsError(f"{where}: unknown fields {', '.join(sorted(unknown))}")
+    name = entry.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._:-]{1,64}", name):
+        raise SettingsError(f"{where}: 'name' is required: 1-64 of A-Z a-z 0-9 . _ : -")
+    where = f"LLM_DEPLOYMENTS: {name}"
+    provider = entry.get("provider")
+    if provider not in PROVIDERS:
+        raise SettingsError(f"{where}: 'provider' must be one of {', '.join(PROVIDERS)}")
+    default_base = {"openai": OPENAI_BASE_URL, "anthropic": ANTHROPIC_BASE_URL}.get(provider, "")
+    base = entry.get("base_url", default_base)
+    if not isinstance(base, str) or (provider != "echo" and not re.match(r"^https?://", base)):
+        raise SettingsError(f"{where}: 'base_url' must be an http:// or https:// URL")
+    key = entry.get("api_key", "")
+    if "api_key_env" in entry:
+        variable = entry["api_key_env"]
+        if "api_key" in entry or not isinstance(variable, str):
+            raise SettingsError(f"{where}: give 'api_key' or 'api_key_env' (a variable's name)")
+        key = environ(variable)
+        if not key:
+            raise SettingsError(f"{where}: the environment variable {variable} is not set")
+    if not isinstance(key, str):
+        raise SettingsError(f"{where}: 'api_key' must be a string")
+    if not key and (provider == "anthropic" or base.rstrip("/") == OPENAI_BASE_URL):
+        raise SettingsError(f"{where}: 'api_key' or 'api_key_env' is required for {base}")
+    raw_models = entry.get("models")
+    if isinstance(raw_models, list):
+        raw_models = {model: model for model in raw_models}
+    if not (
+        isinstance(raw_models, Mapping)
+        and raw_models
+        and all(isinstance(k, str) and k and isinstance(v, str) and v
+                for k, v in raw_models.items())
+    ):  # fmt: skip
+        raise SettingsError(
+            f"{where}: 'models' must list model names, or map each to its upstream name"
+        )
+    weight = entry.get("weight", 1)
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight > 0:
+        raise SettingsError(f"{where}: 'weight' must be a positive number")
+    priority = entry.get("priority", 0)
+    if isinstance(priority, bool) or not isinstance(priority, int) or priority < 0:
+        raise SettingsError(f"{where}: 'priority' must be a whole number, 0 or more")
+    return DeploymentSpec(
+        name=name,
+        provider=provider,
+        base_url=base.rstrip("/"),
+        api_key=key,
+        models=tuple(raw_models.items()),
+        weight=float(weight),
+        priority=priority,
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
 class Settings:
     """Everything the service reads from its environment, typed and validated."""
 
@@ -78,6 +176,7 @@ class Settings:
     models: tuple[str, ...] = ()
     fallback_provider: str = ""
     fallback_model: str = ""
+    deployments: tuple[DeploymentSpec, ...] = ()  # LLM_DEPLOYMENTS; none: the provider above
     openai_api_key: str = field(default="", repr=False)
     openai_base_url: str = OPENAI_BASE_URL
     openai_responses: str = "auto"  # does the OpenAI provider serve /responses itself?
@@ -120,6 +219,8 @@ class Settings:
                 f"LLM_FALLBACK_PROVIDER: {self.fallback_provider!r} is not one of "
                 f"{', '.join(PROVIDERS)}"
             )
+        if self.deployments:
+            self._check_deployments()
         if self.fallback_model and not self.fallback_provider:
             object.__setattr__(self, "fallback_provider", self.provider)
         if self.fallback_provider and not self.fallback_model:
@@ -131,7 +232,7 @@ class Settings:
         elif self.model not in self.models:
             object.__setattr__(self, "models", (self.model, *self.models))
         for setting, kind in (
-            ("LLM_PROVIDER", self.provider),
+            ("LLM_PROVIDER", "" if self.deployments else self.provider),
             ("LLM_FALLBACK_PROVIDER", self.fallback_provider),
         ):
             if kind == "anthropic" and not self.anthropic_api_key:
@@ -206,14 +307,35 @@ class Settings:
         if self.max_retries < 0:
             raise SettingsError(f"LLM_MAX_RETRIES: must be 0 or more, got {self.max_retries}")
 
+    def _check_deployments(self) -> None:
+        if self.fallback_provider or self.fallback_model:
+            raise SettingsError(
+                "LLM_FALLBACK_PROVIDER: with LLM_DEPLOYMENTS, a fallback is a deployment "
+                "with a higher priority"
+            )
+        served = list(dict.fromkeys(m for d in self.deployments for m, _ in d.models))
+        object.__setattr__(self, "provider", self.deployments[0].provider)
+        if not self.model:
+            object.__setattr__(self, "model", served[0])
+        if not self.models:
+            object.__setattr__(self, "models", tuple(served))
+        unserved = [m for m in (self.model, *self.models) if m not in served]
+        if unserved:
+            raise SettingsError(
+                f"LLM_MODELS: no deployment of LLM_DEPLOYMENTS serves {', '.join(unserved)}"
+            )
+
+    def serves_responses(self, base_url: str) -> bool:
+        """Whether a Responses body passes through to an OpenAI provider at `base_url`:
+        by default only api.openai.com serves it; most OpenAI-compatible servers speak
+        only Chat Completions, so to them it is translated."""
+        if self.openai_responses == "auto":
+            return base_url.rstrip("/") == OPENAI_BASE_URL
+        return self.openai_responses == "on"
+
     @property
     def openai_serves_responses(self) -> bool:
-        """Whether a Responses body passes through to the OpenAI provider: by default
-        only api.openai.com serves it; most OpenAI-compatible servers speak only Chat
-        Completions, so to them it is translated."""
-        if self.openai_responses == "auto":
-            return self.openai_base_url.rstrip("/") == OPENAI_BASE_URL
-        return self.openai_responses == "on"
+        return self.serves_responses(self.openai_base_url)
 
     def replace(self, **changes: object) -> Settings:
         """A copy with some fields changed (tests use it to vary one setting)."""
@@ -267,6 +389,9 @@ class Settings:
         key_max_concurrent = None
         if get("KEY_MAX_CONCURRENT"):
             key_max_concurrent = int(number("KEY_MAX_CONCURRENT", "", int))
+        deployments: tuple[DeploymentSpec, ...] = ()
+        if get("LLM_DEPLOYMENTS"):
+            deployments = read_deployments(Path(get("LLM_DEPLOYMENTS")), get)
         prices_file = get("PRICES_FILE")
         if prices_file and not Path(prices_file).is_file():
             raise SettingsError(f"PRICES_FILE: {prices_file} is not a readable file")
@@ -277,6 +402,7 @@ class Settings:
             models=_split(get("LLM_MODELS")),
             fallback_provider=get("LLM_FALLBACK_PROVIDER").lower(),
             fallback_model=get("LLM_FALLBACK_MODEL"),
+            deployments=deployments,
             openai_api_key=openai_key,
             openai_base_url=(openai_base or OPENAI_BASE_URL).rstrip("/"),
             openai_responses=get("OPENAI_RESPONSES", "auto").lower(),

@@ -51,6 +51,7 @@ from errors import (
     ProviderTimeout,
     ProviderUnavailable,
 )
+from requestlog import CALL
 from sse import StreamStalled, StreamTooLarge, sse_events
 from usage import Usage
 
@@ -323,6 +324,7 @@ class Provider:
 
     name: str
     wire: str | None = None  # the dialect it speaks, when a client's body can pass through
+    inflight: int = 0  # calls open with it, a stream's until it is closed
 
     async def complete(self, request: chat.Request) -> chat.Completion:
         return await chat.gather(self.stream(request))
@@ -467,8 +469,17 @@ class HttpProvider(Provider):
             "POST", url or self._url, headers=headers, stream=httpx.ByteStream(data)
         )
         request.read()  # what transports send: the body, already whole
-        with provider_errors():
-            return await self._client.get().send(request, stream=True)
+        self.inflight += 1  # until `_done`
+        try:
+            with provider_errors():
+                return await self._client.get().send(request, stream=True)
+        except BaseException:
+            self.inflight -= 1
+            raise
+
+    async def _done(self, response: httpx.Response) -> None:
+        self.inflight -= 1
+        await _close(response)
 
     async def _read(self, response: httpx.Response, deadline: float, scale: int = 1) -> bytes:
         """A whole answer, bounded: at most `max_response_bytes` (times `scale`) once
@@ -516,7 +527,7 @@ class HttpProvider(Provider):
         try:
             raw = await self._read(response, deadline, scale)
         finally:
-            await _close(response)
+            await self._done(response)
         if response.status_code != 200:
             error = status_error(response.status_code, response.headers, raw, self._secrets)
             error.answer = (response.status_code, raw)
@@ -562,7 +573,7 @@ class HttpProvider(Provider):
         except StreamStalled as exc:
             raise ProviderTimeout(f"the provider did not answer in time: {exc}") from None
         finally:
-            await _close(response)
+            await self._done(response)
 
 
 _CLOSED = httpx.ByteStream(b"")
@@ -674,40 +685,188 @@ def _example_of(schema: Any, prompt: str) -> Any:
         raise ApiError(400, "invalid_request", f"the schema cannot be used: {exc}") from None
 
 
-# --- the providers of an app ---------------------------------------------------------
+# --- the providers of an app: deployments -------------------------------------------
 
 
-class Chain:
-    """The provider, and a fallback (another provider, or only another model) for a
-    call the first failed before its answer began, after its own retries. A request
-    the first refused as invalid is not tried again elsewhere: it is the request that
-    is wrong. The answer names the model that served."""
+# The longest a deployment is cooled down for: a provider's Retry-After, or a growing
+# interval (1 s, 2 s, 4 s... after failures in a row), never more than this.
+MOST_COOLING_S = 60.0
+
+
+class Deployment:
+    """One provider at one address, with the models it serves (each under its upstream
+    name; `*`: any model, under `rename` or its own name), its weight and priority,
+    and its health: cooled down after a failure before the first byte of an answer,
+    so calls go elsewhere until it has had time to come back."""
 
     def __init__(
-        self, first: Provider, second: Provider | None = None, second_model: str = ""
+        self,
+        name: str,
+        provider: Provider,
+        models: Mapping[str, str],
+        *,
+        weight: float = 1.0,
+        priority: int = 0,
+        cools: bool = True,
     ) -> None:
-        self.first = first
-        self.second = second
-        self.second_model = second_model
-        self.name = first.name
+        self.name = name
+        self.provider = provider
+        self.models = dict(models)
+        self.weight = weight
+        self.priority = priority
+        self.cools = cools  # the single provider of the settings (and its fallback) do not
+        self.cooling_until = 0.0
+        self.calls = 0  # begun here
+        self.failed_calls = 0  # of them, failed before the answer began
+        self.failures = 0  # in a row
+        self.current = 0.0  # smooth weighted round robin, among equally loaded ones
+        self.last_error = ""
 
-    async def run(self, model: str, attempt: Callable[[Provider, str], Awaitable[T]]) -> T:
-        """`attempt(provider, model)` with the first, then with the fallback."""
-        try:
-            return await attempt(self.first, model)
-        except ProviderError as exc:
-            if self.second is None or isinstance(exc, ProviderBadRequest):
-                raise
-            logger.warning(
-                "provider failed; trying the fallback",
-                extra={"event": "provider_fallback", "error": str(exc), "model": self.second_model},
-            )
-        return await attempt(self.second, self.second_model)
+    def upstream(self, model: str) -> str | None:
+        """The model's name upstream, or None: not served here."""
+        name = self.models.get(model, self.models.get("*"))
+        return None if name is None else name or model
 
-    async def complete(self, request: chat.Request) -> chat.Completion:
-        return await self.run(
-            request.model, lambda p, m: p.complete(dataclasses.replace(request, model=m))
+    def cooling_s(self, now: float) -> float:
+        return max(0.0, self.cooling_until - now)
+
+    def failed(self, exc: ProviderError, now: float) -> None:
+        self.failed_calls += 1
+        self.failures += 1
+        self.last_error = str(exc)[:200]
+        if not self.cools or isinstance(exc, ProviderTimeout):
+            return  # a timeout may be a slow answer, not a sick deployment
+        wait = exc.retry_after_s if isinstance(exc, ProviderRateLimited) else None
+        if wait is None:
+            wait = 2.0 ** min(self.failures - 1, 8)
+        self.cooling_until = now + min(wait, MOST_COOLING_S)
+
+    def served(self) -> None:
+        self.failures, self.cooling_until = 0, 0.0
+
+    def state(self, now: float) -> dict[str, Any]:
+        """What /ready shows of it."""
+        cooling = self.cooling_s(now)
+        shown: dict[str, Any] = {
+            "name": self.name,
+            "provider": self.provider.name,
+            "state": "cooling" if cooling else "up",
+            "in_flight": self.provider.inflight,
+            "weight": self.weight,
+            "priority": self.priority,
+            "calls": self.calls,
+            "failed_calls": self.failed_calls,
+        }
+        if cooling:
+            shown["cooling_s"] = round(cooling, 1)
+        if self.failures:
+            shown["failures_in_a_row"] = self.failures
+            shown["last_error"] = self.last_error
+        return shown
+
+
+class Deployments:
+    """The app's providers: for each call, the healthy deployment of its model with the
+    fewest calls in flight relative to its weight (equally loaded ones taken in turn,
+    by weight); on a failure before the answer began, the next, until every one has
+    been tried or the retry deadline passed. A request the provider refused as invalid
+    is not tried again elsewhere: it is the request that is wrong. A deployment of a
+    higher priority is tried only when none of the lowest is left; every one cooling
+    down is a 503 with Retry-After until the first is back. The answer names the model
+    that served."""
+
+    def __init__(self, deployments: Iterable[Deployment], *, deadline_s: float = 30.0) -> None:
+        self.all = sorted(deployments, key=lambda d: d.priority)
+        self.deadline_s = deadline_s
+        self.name = self.all[0].provider.name  # what /v1/models says owns the models
+
+    def first(self, model: str) -> tuple[Provider, str]:
+        """The provider a call of `model` goes to first when all are well, and the
+        model's name there: what decides whether a client's body could pass through."""
+        for d in self.all:
+            upstream = d.upstream(model)
+            if upstream is not None:
+                return d.provider, upstream
+        return self.all[0].provider, model
+
+    async def run(
+        self,
+        model: str,
+        attempt: Callable[[Provider, str], Awaitable[T]],
+        *,
+        fallback: bool = True,
+        noted: dict[str, Any] | None = None,
+    ) -> T:
+        """`attempt(provider, upstream model)` on one deployment after another, as above;
+        `fallback=False`: only those of the first priority. `noted`: the call's fields
+        for the access line, where the deployment that served is written."""
+        candidates = [d for d in self.all if d.upstream(model) is not None]
+        if not fallback and candidates:
+            candidates = [d for d in candidates if d.priority == candidates[0].priority]
+        started = time.monotonic()
+        last: ProviderError | None = None
+        while True:
+            now = time.monotonic()
+            pick = self._pick(candidates, now)
+            if pick is None:
+                break
+            candidates.remove(pick)
+            if last is not None:
+                logger.warning(
+                    "deployment failed; trying the next",
+                    extra={"event": "provider_fallback", "error": str(last),
+                           "deployment": pick.name, "model": pick.upstream(model)},
+                )  # fmt: skip
+            if noted is not None:
+                noted["deployment"] = pick.name
+            pick.calls += 1
+            try:
+                result = await attempt(pick.provider, pick.upstream(model) or model)
+            except ProviderError as exc:
+                if isinstance(exc, ProviderBadRequest):
+                    raise
+                pick.failed(exc, time.monotonic())
+                last = exc
+                if time.monotonic() - started > self.deadline_s:
+                    raise
+                continue
+            pick.served()
+            return result
+        if last is not None:
+            raise last
+        raise self._all_cooling(model)
+
+    def _pick(self, candidates: list[Deployment], now: float) -> Deployment | None:
+        ready = [d for d in candidates if not d.cooling_s(now)]
+        if not ready:
+            return None
+        ready = [d for d in ready if d.priority == ready[0].priority]
+        least = min(d.provider.inflight / d.weight for d in ready)
+        even = [d for d in ready if d.provider.inflight / d.weight == least]
+        if len(even) == 1:
+            return even[0]
+        total = 0.0
+        for d in even:  # nginx's smooth weighted round robin
+            d.current += d.weight
+            total += d.weight
+        chosen = max(even, key=lambda d: d.current)
+        chosen.current -= total
+        return chosen
+
+    def _all_cooling(self, model: str) -> ApiError:
+        now = time.monotonic()
+        waits = [d.cooling_s(now) for d in self.all if d.upstream(model) is not None]
+        wait = max(1, math.ceil(min(waits, default=1.0)))
+        return ApiError(
+            503,
+            "upstream_unavailable",
+            f"every deployment of {model} is cooling down after failing; retry in {wait} s",
+            headers={"Retry-After": str(wait)},
         )
+
+    def states(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        return [d.state(now) for d in self.all]
 
 
 def passthrough(provider: Provider, wire: str) -> HttpProvider | None:
@@ -715,31 +874,70 @@ def passthrough(provider: Provider, wire: str) -> HttpProvider | None:
     return provider if isinstance(provider, HttpProvider) and wire in provider.paths else None
 
 
-def make_chain(settings: Settings, client: SharedClient, codecs: Mapping[str, Codec]) -> Chain:
-    """The app's providers, from its settings; `codecs` by provider kind ("openai",
-    "anthropic"): the dialect each speaks."""
-    first = _make(settings.provider, settings, client, codecs)
+def make_deployments(
+    settings: Settings, client: SharedClient, codecs: Mapping[str, Codec]
+) -> Deployments:
+    """The app's providers, from its settings: the LLM_DEPLOYMENTS file's, or the one
+    provider (and its fallback, as a deployment of a higher priority that serves every
+    model under LLM_FALLBACK_MODEL); `codecs` by provider kind ("openai", "anthropic")."""
+    if settings.deployments:
+        made = [
+            Deployment(
+                spec.name,
+                _make(
+                    spec.provider, settings, client, codecs, spec.base_url, spec.api_key, retries=0
+                ),  # the next deployment is the retry
+                dict(spec.models),
+                weight=spec.weight,
+                priority=spec.priority,
+            )  # fmt: skip
+            for spec in settings.deployments
+        ]
+        return Deployments(made, deadline_s=settings.retry_deadline_s)
+    kind = settings.provider
+    base, key = _address(kind, settings)
+    first = Deployment(
+        kind, _make(kind, settings, client, codecs, base, key), {"*": ""}, cools=False
+    )
     if not settings.fallback_provider:
-        return Chain(first)
-    second = _make(settings.fallback_provider, settings, client, codecs)
-    return Chain(first, second, settings.fallback_model)
+        return Deployments([first], deadline_s=math.inf)
+    kind = settings.fallback_provider
+    base, key = _address(kind, settings)
+    second = Deployment(
+        "fallback-" + kind,
+        _make(kind, settings, client, codecs, base, key),
+        {"*": settings.fallback_model},
+        priority=1,
+        cools=False,
+    )
+    return Deployments([first, second], deadline_s=math.inf)
+
+
+def _address(kind: str, settings: Settings) -> tuple[str, str]:
+    if kind == "openai":
+        return settings.openai_base_url, settings.openai_api_key
+    if kind == "anthropic":
+        return settings.anthropic_base_url, settings.anthropic_api_key
+    return "", ""
 
 
 def _make(
-    kind: str, settings: Settings, client: SharedClient, codecs: Mapping[str, Codec]
+    kind: str,
+    settings: Settings,
+    client: SharedClient,
+    codecs: Mapping[str, Codec],
+    base: str,
+    key: str,
+    *,
+    retries: int | None = None,
 ) -> Provider:
     if kind == "echo":
         return EchoProvider()
-    base, key = (
-        (settings.openai_base_url, settings.openai_api_key)
-        if kind == "openai"
-        else (settings.anthropic_base_url, settings.anthropic_api_key)
-    )
     codec = codecs[kind]
     also: dict[str, str] = {}
     if kind == "openai":
         also["openai_embeddings"] = "/embeddings"  # what every OpenAI-protocol server serves
-        if settings.openai_serves_responses:
+        if settings.serves_responses(base):
             also["openai_responses"] = "/responses"
     return HttpProvider(
         client,
@@ -748,7 +946,10 @@ def _make(
         url=base + codec.PATH,
         headers=codec.auth_headers(key),
         secret=key,
-        retry=RetryPolicy(retries=settings.max_retries, deadline_s=settings.retry_deadline_s),
+        retry=RetryPolicy(
+            retries=settings.max_retries if retries is None else retries,
+            deadline_s=settings.retry_deadline_s,
+        ),
         bounds=Bounds(
             max_response_bytes=settings.max_response_bytes,
             total_s=settings.total_timeout_s,
@@ -758,7 +959,19 @@ def _make(
     )
 
 
-def of(request: Any) -> Chain:
-    """The app's providers (`app.state.chain`)."""
-    providers: Chain = request.app.state.chain
+def of(request: Any) -> Deployments:
+    """The app's providers (`app.state.deployments`)."""
+    providers: Deployments = request.app.state.deployments
     return providers
+
+
+async def serve(
+    request: Any,
+    model: str,
+    attempt: Callable[[Provider, str], Awaitable[T]],
+    *,
+    fallback: bool = True,
+) -> T:
+    """A route's call of `attempt` on the app's deployments (`Deployments.run`), the one
+    that served named in the request's access line."""
+    return await of(request).run(model, attempt, fallback=fallback, noted=request.scope.get(CALL))

@@ -126,6 +126,8 @@ class Metrics:
         self.keys_loaded = Gauge(
             "text_tool_keys_loaded_timestamp_seconds", "When the API keys were last loaded"
         )
+        # The state of each deployment (llm.Deployment.state), read at each scrape.
+        self.deployments: Callable[[], Iterable[Mapping[str, Any]]] = lambda: ()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -136,6 +138,28 @@ class Metrics:
             self.limited, self.in_flight, self.open_streams, self.store_up, self.keys_loaded,
         ):  # fmt: skip
             yield metric.family()
+        yield from self._deployment_families()
+
+    def _deployment_families(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "text_tool_deployment_up", "0 while the deployment cools down after failing",
+            labels=["deployment"],
+        )  # fmt: skip
+        in_flight = GaugeMetricFamily(
+            "text_tool_deployment_in_flight", "Calls open with the deployment",
+            labels=["deployment"],
+        )  # fmt: skip
+        calls = CounterMetricFamily(
+            "text_tool_deployment_calls", "Calls begun on the deployment; failed: before the "
+            "answer began", labels=["deployment", "outcome"],
+        )  # fmt: skip
+        for state in self.deployments():
+            name = str(state["name"])
+            up.add_metric([name], 0.0 if state["state"] == "cooling" else 1.0)
+            in_flight.add_metric([name], state["in_flight"])
+            calls.add_metric([name, "failed"], state["failed_calls"])
+            calls.add_metric([name, "other"], state["calls"] - state["failed_calls"])
+        yield from (up, in_flight, calls)
 
     def name_keys(self, names: Iterable[str]) -> None:
         """The keys labelled by name (after a reload of the keys file); any other is "other"."""

@@ -132,9 +132,14 @@ async def ready(request: Request) -> Response:
             )
     keys: KeyRing = state.keys
     loaded = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(keys.loaded_at))
-    answer = {"status": "ready", "rate_limit_store": shown, "keys_loaded_at": loaded}
+    answer: dict[str, Any] = {
+        "status": "ready",
+        "rate_limit_store": shown,
+        "keys_loaded_at": loaded,
+    }
     if keys.failing is not None:  # still serving the keys loaded before
         answer["keys_reload_failed"] = keys.failing
+    answer["deployments"] = llm.of(request).states()
     return JSONResponse(answer)
 
 
@@ -198,9 +203,10 @@ def create_app(
     keys.on_reload.append(lambda ring: metrics_.name_keys(ring.names()))
     if store is not None:
         metrics_.store_up.set_function(lambda: 1.0 if store.healthy else 0.0)
-    chain = llm.make_chain(
+    deployments = llm.make_deployments(
         settings, client, {"openai": openai_chat, "anthropic": anthropic_messages}
     )
+    metrics_.deployments = deployments.states
     _announce(settings, keys, logger)
 
     @contextlib.asynccontextmanager
@@ -298,7 +304,7 @@ def create_app(
         usage=usage_store,
         inflight=Inflight(settings.max_inflight),
     )
-    app.state.chain = chain
+    app.state.deployments = deployments
     app.state.streams = sse.Streams(
         ping_s=settings.ping_interval_s,
         grace_s=settings.shutdown_grace_s,
@@ -376,6 +382,8 @@ def _announce(settings: Settings, keys: KeyRing, logger: logging.Logger) -> None
         "keys": len(keys),
         "rate_limit": str(settings.rate_limit),
     }
+    if settings.deployments:
+        fields["deployments"] = [spec.name for spec in settings.deployments]
     if not len(keys):
         logger.warning(
             "no API keys configured (API_KEYS, API_KEYS_FILE): every protected route answers 401",

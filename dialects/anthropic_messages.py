@@ -934,7 +934,7 @@ async def messages(request: Request) -> Response:
         ticket.settle(completion.model, completion.usage, completion.finish_reason)
         return JSONResponse(encode_response(completion))
 
-    return await llm.of(request).run(call.model, attempt)
+    return await llm.serve(request, call.model, attempt)
 
 
 def verbatim(exc: ProviderError) -> Response | None:
@@ -1028,10 +1028,11 @@ async def count_tokens(request: Request) -> Response:
     raw = await gate.read_body(request)
     body = gate.validate(raw, CountTokensBody)
     model = gate.choose_model(request, body.model)
-    relay = llm.passthrough(llm.of(request).first, WIRE)
+    provider, upstream = llm.of(request).first(model)
+    relay = llm.passthrough(provider, WIRE)
     if relay is not None:
         data = jsonio.loads(raw)
-        data["model"] = model
+        data["model"] = upstream
         rid = request_id(request.scope)
         try:
             answer = await gate.call(

@@ -767,7 +767,7 @@ async def chat_completions(request: Request) -> Response:
         ticket.settle(completion.model, completion.usage, completion.finish_reason)
         return JSONResponse(encode_response(completion))
 
-    return await llm.of(request).run(call.model, attempt)
+    return await llm.serve(request, call.model, attempt)
 
 
 async def _passed_through(

@@ -188,4 +188,4 @@ async def embeddings(request: Request) -> Response:
 
     # No fallback: another provider's vectors (echo's above all) are not this model's,
     # and would quietly spoil an index built with them. A failure is the client's to see.
-    return await attempt(llm.of(request).first, model)
+    return await llm.serve(request, model, attempt, fallback=False)

@@ -759,7 +759,7 @@ async def responses(request: Request) -> Response:
     try:
         decoded = decode_request(body, model, rid)
     except ApiError as exc:
-        if llm.passthrough(llm.of(request).first, WIRE) is None:
+        if llm.passthrough(llm.of(request).first(model)[0], WIRE) is None:
             raise
         # Still fine for a provider that reads the body itself (OpenAI knows its own
         # new fields better than this module): counted by its length.
@@ -785,7 +785,7 @@ async def responses(request: Request) -> Response:
         ticket.settle(completion.model, completion.usage, completion.finish_reason)
         return JSONResponse(encode_response(completion, echo))
 
-    return await llm.of(request).run(call.model, attempt)
+    return await llm.serve(request, call.model, attempt)
 
 
 async def _passed_through(

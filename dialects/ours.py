@@ -130,7 +130,11 @@ async def _admitted(request: Request) -> tuple[admission.Ticket, chat.Request]:
 
 async def complete(request: Request) -> Response:
     ticket, call = await _admitted(request)
-    completion = await admission.of(request).call(request, llm.of(request).complete(call))
+    completion = await llm.serve(
+        request,
+        call.model,
+        lambda p, m: admission.of(request).call(request, p.complete(chat.with_model(call, m))),
+    )
     cost = ticket.settle(completion.model, completion.usage, completion.finish_reason)
     return JSONResponse(encode_response(completion, cost))
 
@@ -143,4 +147,4 @@ async def stream(request: Request) -> Response:
         events = provider.stream(chat.with_model(call, model))
         return await sse.respond(request, sse.relay(ticket, events, encoder), encoder)
 
-    return await llm.of(request).run(call.model, attempt)
+    return await llm.serve(request, call.model, attempt)

@@ -108,12 +108,12 @@ class Process:
         self._log_file.close()
 
 
-def start_mock(tmp_path: Path, *extra: str) -> Process:
-    port = free_port()
+def start_mock(tmp_path: Path, *extra: str, port: int | None = None) -> Process:
+    port = port or free_port()
     proc = Process(
         [sys.executable, str(ROOT / "bench" / "mock_provider.py"), "--port", str(port), *extra],
         dict(os.environ),
-        tmp_path / f"mock-{port}.log",
+        tmp_path / f"mock-{port}-{time.monotonic_ns()}.log",
         port,
     )
     proc.wait_ready("/_stats")

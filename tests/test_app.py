@@ -335,7 +335,7 @@ async def test_an_unexpected_exception_is_a_500_in_the_error_shape() -> None:
             raise RuntimeError("a bug, with a secret " + PROVIDER_KEY)
 
     app = openai_app(openai_answer)
-    app.state.chain = llm.Chain(Broken())
+    app.state.deployments = llm.Deployments([llm.Deployment("broken", Broken(), {"*": ""})])
     async with client(app) as c:
         r = await c.post("/complete", json={"prompt": "hi"})
     assert r.status_code == 500

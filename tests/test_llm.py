@@ -72,8 +72,8 @@ def mocked(settings: Settings) -> llm.SharedClient:
 CODECS: dict[str, llm.Codec] = {"openai": openai_chat, "anthropic": anthropic_messages}
 
 
-def chain(settings: Settings) -> llm.Chain:
-    return llm.make_chain(settings, mocked(settings), CODECS)
+def deployments(settings: Settings) -> llm.Deployments:
+    return llm.make_deployments(settings, mocked(settings), CODECS)
 
 
 def provider(kind: str, retries: int = 0, **changes: object) -> llm.Provider:
@@ -82,7 +82,7 @@ def provider(kind: str, retries: int = 0, **changes: object) -> llm.Provider:
         if kind == "openai"
         else Settings(provider="anthropic", anthropic_api_key=PROVIDER_KEY, max_retries=retries)
     ).replace(**changes)
-    return chain(settings).first
+    return deployments(settings).all[0].provider
 
 
 def quick_retries(kind: str = "openai", **policy: float) -> llm.HttpProvider:
@@ -554,7 +554,7 @@ def test_backoff_is_jittered_exponential_and_honours_retry_after() -> None:
     assert policy.delay(0, llm.ProviderTimeout("x")) is None
 
 
-def fallback_to_anthropic() -> llm.Chain:
+def fallback_to_anthropic() -> llm.Deployments:
     settings = Settings(
         provider="openai",
         openai_api_key=PROVIDER_KEY,
@@ -562,7 +562,11 @@ def fallback_to_anthropic() -> llm.Chain:
         fallback_provider="anthropic",
         max_retries=0,
     )
-    return chain(settings)
+    return deployments(settings)
+
+
+async def complete(pool: llm.Deployments, call: chat.Request) -> chat.Completion:
+    return await pool.run(call.model, lambda p, m: p.complete(chat.with_model(call, m)))
 
 
 ANTHROPIC_OK = {
@@ -578,7 +582,7 @@ ANTHROPIC_OK = {
 async def test_the_fallback_serves_when_the_first_provider_fails_before_its_answer() -> None:
     respx.post(OPENAI).respond(503)
     second = respx.post(ANTHROPIC).respond(200, json=ANTHROPIC_OK)
-    result = await fallback_to_anthropic().complete(request())
+    result = await complete(fallback_to_anthropic(), request())
     assert result.text == "from the fallback"
     assert result.model == "claude-haiku-4-5-20251001"  # the answer names who served
     assert json.loads(second.calls.last.request.content)["model"] == "claude-haiku-4-5"
@@ -604,7 +608,7 @@ async def test_a_request_the_provider_refused_as_invalid_does_not_fall_back() ->
     respx.post(OPENAI).respond(400, json={"error": {"message": "context too long"}})
     second = respx.post(ANTHROPIC).respond(200, json=ANTHROPIC_OK)
     with pytest.raises(llm.ProviderBadRequest):
-        await fallback_to_anthropic().complete(request())
+        await complete(fallback_to_anthropic(), request())
     assert second.call_count == 0
 
 

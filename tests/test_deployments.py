@@ -1,0 +1,336 @@
+"""Several deployments of a model (LLM_DEPLOYMENTS): the choice by load and weight,
+cooling down what failed, moving on, 503 when every one cools; the file's checks; and
+on real processes, two mock providers, one of them killed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncGenerator
+from pathlib import Path
+
+import httpx
+import pytest
+
+import chat
+import llm
+from config import Settings, SettingsError
+from errors import ApiError, ProviderError
+from tests.conftest import (
+    AUTH_HEADERS,
+    CLIENT_KEY,
+    PROVIDER_KEY,
+    Process,
+    start_mock,
+    start_service,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+class Fake(llm.Provider):
+    """A provider whose failures the test scripts: each call takes the next of `fails`
+    (an exception, or None for an answer)."""
+
+    def __init__(self, name: str, *fails: ProviderError | None) -> None:
+        self.name = name
+        self.fails = list(fails)
+        self.calls: list[str] = []
+
+    async def answer(self, model: str) -> str:
+        self.calls.append(model)
+        failure = self.fails.pop(0) if self.fails else None
+        if failure is not None:
+            raise failure
+        return f"{self.name}:{model}"
+
+    async def stream(self, request: chat.Request) -> AsyncGenerator[chat.Event, None]:
+        raise NotImplementedError
+        yield
+
+
+def pool(*deployments: llm.Deployment) -> llm.Deployments:
+    return llm.Deployments(deployments, deadline_s=30)
+
+
+async def call(deployments: llm.Deployments, model: str = "m") -> str:
+    return await deployments.run(model, lambda p, m: p.answer(m))  # type: ignore[attr-defined]
+
+
+async def test_equally_loaded_deployments_take_calls_in_proportion_to_their_weights() -> None:
+    a, b = Fake("a"), Fake("b")
+    deployments = pool(
+        llm.Deployment("a", a, {"m": "up-a"}, weight=1),
+        llm.Deployment("b", b, {"m": "up-b"}, weight=3),
+    )
+    answers = [await call(deployments) for _ in range(400)]
+    assert Counter(answers) == {"a:up-a": 100, "b:up-b": 300}
+    # Smoothly interleaved, not in runs: never more than three of b in a row.
+    assert "b:up-b," * 4 not in ",".join(answers) + ","
+
+
+async def test_the_deployment_with_fewest_calls_in_flight_for_its_weight_is_chosen() -> None:
+    a, b = Fake("a"), Fake("b")
+    deployments = pool(
+        llm.Deployment("a", a, {"m": ""}, weight=1), llm.Deployment("b", b, {"m": ""}, weight=4)
+    )
+    a.inflight, b.inflight = 1, 3  # 1.0 against 0.75
+    assert await call(deployments) == "b:m"
+    a.inflight, b.inflight = 1, 5  # 1.0 against 1.25
+    assert await call(deployments) == "a:m"
+
+
+async def test_a_failure_before_the_answer_cools_the_deployment_and_the_call_moves_on() -> None:
+    a = Fake("a", llm.ProviderUnavailable("HTTP 503"))
+    b = Fake("b")
+    first, second = llm.Deployment("a", a, {"m": ""}), llm.Deployment("b", b, {"m": ""})
+    deployments = pool(first, second)
+    noted: dict[str, object] = {}
+    answer = await deployments.run("m", lambda p, m: p.answer(m), noted=noted)  # type: ignore[attr-defined]
+    assert answer == "b:m" and noted == {"deployment": "b"}
+    assert len(a.calls) == 1
+    now = time.monotonic()
+    assert first.state(now)["state"] == "cooling" and 0 < first.cooling_s(now) <= 1
+    # While a cools, every call goes to b, whatever the weights say.
+    assert [await call(deployments) for _ in range(5)] == ["b:m"] * 5
+    assert len(a.calls) == 1
+    assert [d["name"] for d in deployments.states() if d["state"] == "cooling"] == ["a"]
+
+
+async def test_cooling_honours_retry_after_and_otherwise_grows() -> None:
+    limited = llm.ProviderRateLimited("HTTP 429", retry_after_s=7)
+    deployment = llm.Deployment("a", Fake("a"), {"*": ""})
+    deployment.failed(limited, now=100)
+    assert deployment.cooling_s(100) == 7
+    waits = []
+    for _ in range(4):
+        deployment.failed(llm.ProviderUnavailable("down"), now=100)
+        waits.append(deployment.cooling_s(100))
+    assert waits == [2, 4, 8, 16]  # the fifth failure in a row: 2**4
+    deployment.served()
+    assert deployment.cooling_s(100) == 0 and deployment.failures == 0
+    # A timeout may be a slow answer: it moves the call on but cools nothing.
+    deployment.failed(llm.ProviderTimeout("slow"), now=100)
+    assert deployment.cooling_s(100) == 0
+
+
+async def test_when_every_deployment_cools_the_answer_is_503_with_retry_after() -> None:
+    a = Fake("a", llm.ProviderRateLimited("HTTP 429", retry_after_s=3))
+    b = Fake("b", llm.ProviderUnavailable("refused"))
+    deployments = pool(llm.Deployment("a", a, {"m": ""}), llm.Deployment("b", b, {"m": ""}))
+    with pytest.raises(llm.ProviderUnavailable):  # the last deployment's own failure
+        await call(deployments)
+    with pytest.raises(ApiError) as refused:
+        await call(deployments)
+    assert refused.value.status == 503 and refused.value.type == "upstream_unavailable"
+    assert refused.value.headers == {"Retry-After": "1"}  # b's 1 s, a's 3 s
+    assert (len(a.calls), len(b.calls)) == (1, 1)
+
+
+async def test_an_invalid_request_is_not_tried_on_another_deployment() -> None:
+    a, b = Fake("a", llm.ProviderBadRequest("context too long")), Fake("b")
+    deployments = pool(llm.Deployment("a", a, {"m": ""}), llm.Deployment("b", b, {"m": ""}))
+    with pytest.raises(llm.ProviderBadRequest):
+        await call(deployments)
+    assert b.calls == [] and deployments.all[0].cooling_s(0) == 0
+
+
+async def test_a_higher_priority_serves_only_when_the_lowest_are_gone() -> None:
+    a, spare = Fake("a", llm.ProviderUnavailable("down")), Fake("spare")
+    deployments = pool(
+        llm.Deployment("spare", spare, {"m": "spare-model"}, weight=100, priority=1),
+        llm.Deployment("a", a, {"m": ""}),
+    )
+    assert await call(deployments) == "spare:spare-model"
+    with pytest.raises(ApiError):  # without fallback, only the first priority
+        await deployments.run("m", lambda p, m: p.answer(m), fallback=False)  # type: ignore[attr-defined]
+
+
+async def test_a_model_goes_only_to_the_deployments_that_serve_it() -> None:
+    a, b = Fake("a"), Fake("b")
+    deployments = pool(llm.Deployment("a", a, {"x": ""}), llm.Deployment("b", b, {"y": "why"}))
+    assert await call(deployments, "x") == "a:x"
+    assert await call(deployments, "y") == "b:why"
+    assert deployments.first("y") == (b, "why")
+
+
+# --- the file --------------------------------------------------------------------------
+
+
+def settings_with(tmp_path: Path, text: str, **environ: str) -> Settings:
+    path = tmp_path / "deployments.toml"
+    path.write_text(text)
+    return Settings.from_env(environ={"LLM_DEPLOYMENTS": str(path), **environ}, env_file=None)
+
+
+TWO = """
+[[deployments]]
+name = "vllm-a"
+provider = "openai"
+base_url = "http://10.0.0.5:8000/v1/"
+models = { "llama" = "meta-llama/Llama-3.1-8B-Instruct" }
+weight = 2
+
+[[deployments]]
+name = "claude"
+provider = "anthropic"
+api_key_env = "TEAM_ANTHROPIC_KEY"
+models = ["claude-haiku-4-5", "llama"]
+priority = 1
+"""
+
+
+def test_the_deployments_file_sets_the_models_and_reads_keys_from_named_variables(
+    tmp_path: Path,
+) -> None:
+    settings = settings_with(tmp_path, TWO, TEAM_ANTHROPIC_KEY="sk-ant-team")
+    first, second = settings.deployments
+    assert (first.base_url, first.weight, first.api_key) == ("http://10.0.0.5:8000/v1", 2.0, "")
+    assert first.models == (("llama", "meta-llama/Llama-3.1-8B-Instruct"),)
+    assert (second.api_key, second.priority, second.base_url) == (
+        "sk-ant-team", 1, "https://api.anthropic.com"
+    )  # fmt: skip
+    assert settings.models == ("llama", "claude-haiku-4-5") and settings.model == "llama"
+    assert "sk-ant-team" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "message"),
+    [
+        (TWO, {}, "TEAM_ANTHROPIC_KEY is not set"),
+        ("[[deployments]]\nname = 'a'\nprovider = 'gemini'\nmodels = ['m']\n", {}, "provider"),
+        ("[[deployments]]\nname = 'a'\nprovider = 'openai'\nmodels = ['m']\n", {}, "api_key"),
+        ("[[deployments]]\nname = 'a'\nprovider = 'echo'\nmodels = []\n", {}, "models"),
+        ("[[deployments]]\nname = 'a'\nprovider = 'echo'\nmodels = ['m']\nweight = 0\n", {},
+         "weight"),
+        ("[[deployments]]\nname = 'a'\nprovider = 'echo'\nmodels = ['m']\nkey = 'x'\n", {},
+         "unknown fields key"),
+        ("[[deployments]]\nname = 'a'\nprovider = 'echo'\nmodels = ['m']\n" * 2, {}, "unique"),
+        ("[[deployments]]\nname = 'a'\nprovider = 'echo'\nmodels = ['m']\n",
+         {"LLM_MODELS": "m,other"}, "no deployment of LLM_DEPLOYMENTS serves other"),
+        ("[[deployments]]\nname = 'a'\nprovider = 'echo'\nmodels = ['m']\n",
+         {"LLM_FALLBACK_PROVIDER": "echo"}, "higher priority"),
+        ("deployments = [", {}, "cannot read"),
+    ],
+)  # fmt: skip
+def test_a_bad_deployments_file_is_a_named_setting_error(
+    tmp_path: Path, text: str, environ: dict[str, str], message: str
+) -> None:
+    with pytest.raises(SettingsError, match=message):
+        settings_with(tmp_path, text, **environ)
+
+
+# --- on real processes --------------------------------------------------------------------
+
+
+async def test_two_mock_providers_share_calls_by_weight_and_a_dead_one_is_skipped(
+    tmp_path: Path,
+) -> None:
+    a, b = start_mock(tmp_path), start_mock(tmp_path)
+    path = tmp_path / "deployments.toml"
+    path.write_text(
+        f"""
+[[deployments]]
+name = "box-a"
+provider = "openai"
+base_url = "{a.url}/v1"
+api_key_env = "BOX_KEY"
+models = {{ "team-model" = "upstream-a" }}
+
+[[deployments]]
+name = "box-b"
+provider = "openai"
+base_url = "{b.url}/v1"
+api_key_env = "BOX_KEY"
+models = {{ "team-model" = "upstream-b" }}
+weight = 3
+"""
+    )
+    service = start_service(
+        tmp_path, {"API_KEYS": CLIENT_KEY, "LLM_DEPLOYMENTS": str(path), "BOX_KEY": PROVIDER_KEY,
+                   "RATE_LIMIT": "100000/minute"}
+    )  # fmt: skip
+    try:
+        async with httpx.AsyncClient(base_url=service.url, timeout=30, headers=AUTH_HEADERS) as c:
+
+            async def complete() -> httpx.Response:
+                return await c.post("/complete", json={"prompt": "hi", "model": "team-model"})
+
+            served = [await complete() for _ in range(40)]
+            assert {r.status_code for r in served} == {200}
+            assert Counter(r.json()["model"] for r in served) == {
+                "upstream-a": 10,
+                "upstream-b": 30,
+            }
+            rids = [r.headers["x-request-id"] for r in served]
+            lines = service.access_lines(*rids)
+            assert Counter(lines[rid]["deployment"] for rid in rids) == {"box-a": 10, "box-b": 30}
+
+            # A body passed through goes with the model's upstream name.
+            chat_ = await c.post(
+                "/v1/chat/completions",
+                json={"model": "team-model", "messages": [{"role": "user", "content": "hi"}]},
+            )
+            assert chat_.json()["model"] in ("upstream-a", "upstream-b")
+
+            b.stop()  # b's connections are refused from here on
+            after = [await complete() for _ in range(6)]
+            assert [r.status_code for r in after] == [200] * 6
+            assert {r.json()["model"] for r in after} == {"upstream-a"}
+            ready = (await c.get("/ready")).json()["deployments"]
+            states = {d["name"]: d for d in ready}
+            assert states["box-b"]["state"] == "cooling" and states["box-a"]["state"] == "up"
+            assert states["box-b"]["failed_calls"] == 1  # tried once, then skipped while cooling
+            assert "could not connect" in states["box-b"]["last_error"]
+            scrape = (await c.get("/metrics")).text
+            assert 'text_tool_deployment_up{deployment="box-b"} 0.0' in scrape
+            assert (
+                'text_tool_deployment_calls_total{deployment="box-b",outcome="failed"} 1.0'
+                in scrape
+            )
+
+            a.stop()
+            gone = await complete()  # a fails too: its own error
+            assert gone.status_code == 502
+            cooling = await complete()  # both cooling: 503 until the first is back
+            assert cooling.status_code == 503
+            assert cooling.json()["error"]["type"] == "upstream_unavailable"
+            assert int(cooling.headers["retry-after"]) >= 1
+            # A stream meets the same rule, before any 200.
+            async with c.stream("POST", "/stream", json={"prompt": "hi"}) as streamed:
+                assert streamed.status_code == 503
+    finally:
+        service.stop()
+        a.stop()
+        b.stop()
+    assert "sk-test-" not in service.output()
+
+
+async def test_a_dead_deployment_comes_back_once_its_cooling_is_over(tmp_path: Path) -> None:
+    mock = start_mock(tmp_path)
+    port = mock.port
+    mock.stop()
+    path = tmp_path / "deployments.toml"
+    path.write_text(
+        f'[[deployments]]\nname = "only"\nprovider = "openai"\nbase_url = "{mock.url}/v1"\n'
+        'models = ["m"]\n'
+    )
+    service = start_service(tmp_path, {"API_KEYS": CLIENT_KEY, "LLM_DEPLOYMENTS": str(path)})
+    revived: Process | None = None
+    try:
+        async with httpx.AsyncClient(base_url=service.url, timeout=30, headers=AUTH_HEADERS) as c:
+            assert (await c.post("/complete", json={"prompt": "hi"})).status_code == 502
+            refused = await c.post("/complete", json={"prompt": "hi"})
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            revived = start_mock(tmp_path, port=port)
+            deadline = asyncio.get_running_loop().time() + 10
+            while (answer := await c.post("/complete", json={"prompt": "hi"})).status_code != 200:
+                assert answer.status_code == 503
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.2)
+            assert (await c.get("/ready")).json()["deployments"][0]["state"] == "up"
+    finally:
+        service.stop()
+        if revived is not None:
+            revived.stop()
