@@ -17,9 +17,12 @@ RUN apt-get update \
     && pip install "uv==0.13.9"
 WORKDIR /app
 COPY pyproject.toml uv.lock ./
-# Optional extras: --build-arg EXTRAS=redis for a Redis rate-limit store (+6 MB).
+# Optional extras, space-separated: --build-arg EXTRAS="redis otel" for a Redis
+# rate-limit store (+6 MB) and OpenTelemetry traces over OTLP/HTTP.
 ARG EXTRAS=""
-RUN uv sync --frozen --no-dev --no-install-project ${EXTRAS:+--extra "$EXTRAS"} --python python3 \
+# hadolint ignore=SC2086
+RUN extras=""; for extra in $EXTRAS; do extras="$extras --extra $extra"; done \
+    && uv sync --frozen --no-dev --no-install-project $extras --python python3 \
     && find /app/.venv -name "*.so" -exec strip --strip-unneeded {} + \
     && find /app/.venv \( -name "*.pyx" -o -name "*.pxd" -o -name "*.pyi" \) -delete
 

@@ -228,6 +228,7 @@ class Admission:
         provider call."""
         key = caller(request)
         ticket = Ticket(self, request, call)
+        note(request, call=call)  # for a trace's span (tracing.py); never logged as a whole
         if key is not None and self.quotas.applies(key):
             input_tokens = chat.input_estimate(call)
             most = call.max_tokens or UNSET_MAX_TOKENS
@@ -290,6 +291,8 @@ class Ticket:
         self.sent = 0  # deltas relayed so far
         self.settled = False
         self.started = time.perf_counter()
+        # The answer's text, only for a trace that records content.
+        self.text: list[str] | None = [] if admission.settings.otel_capture_content else None
 
     def counts(self, delta: chat.Delta) -> bool:
         """Count a delta about to be relayed; False once the stream is past its cap,
@@ -302,6 +305,8 @@ class Ticket:
             )
             return False
         self.sent += 1
+        if self.text is not None and isinstance(delta, chat.TextDelta):
+            self.text.append(delta.text)
         return True
 
     def settle(self, model: str, usage: Usage, finish_reason: str) -> float | None:
@@ -326,7 +331,15 @@ class Ticket:
             finish_reason=finish_reason,
             provider_ms=since_ms(self.started),
         )
+        if self.text is not None:
+            note(request, output_text="".join(self.text))
         return cost
+
+    def finish(self, completion: chat.Completion) -> float | None:
+        """`settle` for a whole answer."""
+        if self.text is not None:
+            self.text.append(completion.text)
+        return self.settle(completion.model, completion.usage, completion.finish_reason)
 
     def close(self) -> None:
         if not self.settled and self.sent:

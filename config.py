@@ -207,6 +207,9 @@ class Settings:
     rate_limit_store: str = "memory"
     rate_limit_store_fail: str = "open"
     cors_origins: tuple[str, ...] = ()  # the origins of pages that may call it
+    otel_endpoint: str = ""  # OTLP/HTTP base URL; none: no traces, no OpenTelemetry loaded
+    otel_service: str = "text-tool"
+    otel_capture_content: bool = False  # prompt and completion text in the spans
     provider_was_defaulted: bool = False
 
     def __post_init__(self) -> None:
@@ -281,6 +284,15 @@ class Settings:
             if origin != "*" and not _ORIGIN.match(origin):
                 raise SettingsError(
                     f"CORS_ORIGINS: {origin!r} is not an origin like https://app.example.com"
+                )
+        if self.otel_endpoint:
+            if not re.match(r"^https?://[^/\s]+", self.otel_endpoint):
+                raise SettingsError(
+                    f"OTEL_EXPORTER_OTLP_ENDPOINT: {self.otel_endpoint!r} is not an http(s) URL"
+                )
+            if importlib.util.find_spec("opentelemetry.exporter.otlp.proto.http") is None:
+                raise SettingsError(
+                    "OTEL_EXPORTER_OTLP_ENDPOINT: traces need the otel extra (uv sync --extra otel)"
                 )
         if self.log_format not in ("json", "text"):
             raise SettingsError(f"LOG_FORMAT: {self.log_format!r} is not json or text")
@@ -433,7 +445,21 @@ class Settings:
             rate_limit_store=get("RATE_LIMIT_STORE", "memory"),
             rate_limit_store_fail=get("RATE_LIMIT_STORE_FAIL", "open").lower(),
             cors_origins=_split(get("CORS_ORIGINS")),
+            otel_endpoint=get("OTEL_EXPORTER_OTLP_ENDPOINT"),
+            otel_service=get("OTEL_SERVICE_NAME") or "text-tool",
+            otel_capture_content=_flag(
+                "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT",
+                get("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "false"),
+            ),
         )
+
+
+def _flag(name: str, value: str) -> bool:
+    if value.lower() in ("true", "1", "yes", "on"):
+        return True
+    if value.lower() in ("false", "0", "no", "off", ""):
+        return False
+    raise SettingsError(f"{name}: {value!r} is not true or false")
 
 
 def _split(value: str) -> tuple[str, ...]:

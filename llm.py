@@ -30,6 +30,7 @@ from collections.abc import (
     Iterator,
     Mapping,
 )
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -57,6 +58,10 @@ from usage import Usage
 
 logger = logging.getLogger("text_tool")
 T = TypeVar("T")
+
+# The trace of the call being served (`traceparent`, `tracestate`), for the provider's
+# request: set by tracing.py while it serves one, when traces are on.
+TRACE_HEADERS: ContextVar[Mapping[str, str] | None] = ContextVar("trace_headers", default=None)
 
 __all__ = [
     "ProviderBadRequest",
@@ -446,6 +451,9 @@ class HttpProvider(Provider):
         headers["accept"] = accept
         if request_id:
             headers["x-request-id"] = request_id
+        trace = TRACE_HEADERS.get()
+        if trace:
+            headers.update(trace)
         if extra:
             headers.update(extra)
         return headers
@@ -818,7 +826,7 @@ class Deployments:
                            "deployment": pick.name, "model": pick.upstream(model)},
                 )  # fmt: skip
             if noted is not None:
-                noted["deployment"] = pick.name
+                noted["deployment"], noted["provider"] = pick.name, pick.provider.name
             pick.calls += 1
             try:
                 result = await attempt(pick.provider, pick.upstream(model) or model)

@@ -189,10 +189,14 @@ async def on_http_exception(request: Request, exc: Exception) -> Response:
 
 
 def create_app(
-    settings: Settings | None = None, transport: httpx.AsyncBaseTransport | None = None
+    settings: Settings | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+    *,
+    tracer_provider: Any = None,
 ) -> Starlette:
     """The service as an ASGI app. `settings` default to the environment; `transport`
-    replaces the network under the shared httpx client (tests use it)."""
+    replaces the network under the shared httpx client (tests use it); `tracer_provider`
+    (an OpenTelemetry SDK one) takes the spans instead of OTEL_EXPORTER_OTLP_ENDPOINT's."""
     settings = settings if settings is not None else Settings.from_env()
     logger = get_logger(settings.log_format)
     client = llm.SharedClient(settings, transport)
@@ -207,6 +211,7 @@ def create_app(
         settings, client, {"openai": openai_chat, "anthropic": anthropic_messages}
     )
     metrics_.deployments = deployments.states
+    tracing_, tracer_provider = _tracing(settings, tracer_provider)
     _announce(settings, keys, logger)
 
     @contextlib.asynccontextmanager
@@ -225,6 +230,8 @@ def create_app(
                     asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             app.state.ready = False
             await client.aclose()
+            if tracer_provider is not None:
+                tracer_provider.shutdown()  # what is still batched goes out
             if isinstance(slots, RedisSlots):
                 await slots.aclose()
             if store is not None:
@@ -285,6 +292,7 @@ def create_app(
                 default_rate=settings.rate_limit,
                 allowances={"/v1/messages/count_tokens": 10},
             ),
+            *tracing_,
         ],
         exception_handlers={
             ApiError: on_api_error,
@@ -343,6 +351,23 @@ def _cors(settings: Settings) -> list[Middleware]:
             max_age=600,
         )
     ]
+
+
+def _tracing(settings: Settings, provider: Any) -> tuple[list[Middleware], Any]:
+    """A span for each call (tracing.py), innermost: only what was admitted is a call.
+    OpenTelemetry is imported only here, when traces are asked for."""
+    if provider is None and not settings.otel_endpoint:
+        return [], None
+    import tracing
+
+    if provider is None:
+        provider = tracing.tracer_provider(settings)
+    middleware = Middleware(
+        tracing.TracingMiddleware,
+        provider=provider,
+        capture_content=settings.otel_capture_content,
+    )
+    return [middleware], provider
 
 
 def _stores(

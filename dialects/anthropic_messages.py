@@ -931,7 +931,7 @@ async def messages(request: Request) -> Response:
             frames = sse.relay(ticket, provider.stream(translated), encoder)
             return await sse.respond(request, frames, encoder)
         completion = await gate.call(request, provider.complete(translated))
-        ticket.settle(completion.model, completion.usage, completion.finish_reason)
+        ticket.finish(completion)
         return JSONResponse(encode_response(completion))
 
     return await llm.serve(request, call.model, attempt)

@@ -135,7 +135,7 @@ async def complete(request: Request) -> Response:
         call.model,
         lambda p, m: admission.of(request).call(request, p.complete(chat.with_model(call, m))),
     )
-    cost = ticket.settle(completion.model, completion.usage, completion.finish_reason)
+    cost = ticket.finish(completion)
     return JSONResponse(encode_response(completion, cost))
 
 

@@ -88,7 +88,7 @@ async def test_a_failure_before_the_answer_cools_the_deployment_and_the_call_mov
     deployments = pool(first, second)
     noted: dict[str, object] = {}
     answer = await deployments.run("m", lambda p, m: p.answer(m), noted=noted)  # type: ignore[attr-defined]
-    assert answer == "b:m" and noted == {"deployment": "b"}
+    assert answer == "b:m" and noted == {"deployment": "b", "provider": "b"}
     assert len(a.calls) == 1
     now = time.monotonic()
     assert first.state(now)["state"] == "cooling" and 0 < first.cooling_s(now) <= 1
