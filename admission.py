@@ -232,7 +232,9 @@ class Admission:
         if key is not None and self.quotas.applies(key):
             input_tokens = chat.input_estimate(call)
             most = call.max_tokens or UNSET_MAX_TOKENS
-            price = self.prices.price(call.model)
+            price = self.prices.price(call.model) or self.prices.price(
+                self.settings.upstream_names.get(call.model, call.model)
+            )
             cost = (
                 0.0 if price is None else (input_tokens * price.input + most * price.output) / 1e6
             )
@@ -317,6 +319,8 @@ class Ticket:
         self.settled = True
         admission, request = self.admission, self.request
         cost = admission.prices.cost(model, usage)
+        if cost is None and model != self.model:  # priced by the name the caller used
+            cost = admission.prices.cost(self.model, usage)
         reservation = request.scope.get(RESERVATION)
         if reservation is not None:
             reservation.settle(usage.input_tokens + usage.output_tokens, cost)
@@ -331,7 +335,7 @@ class Ticket:
             finish_reason=finish_reason,
             provider_ms=since_ms(self.started),
         )
-        if self.text is not None:
+        if self.text:  # none from an answer passed through whole
             note(request, output_text="".join(self.text))
         return cost
 

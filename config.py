@@ -8,6 +8,7 @@ entry point turns that into one line on stderr instead of a traceback at first r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import math
 import os
@@ -151,7 +152,11 @@ def _deployment(index: int, entry: object, environ: Callable[[str], str]) -> Dep
             f"{where}: 'models' must list model names, or map each to its upstream name"
         )
     weight = entry.get("weight", 1)
-    if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight > 0:
+    if (
+        isinstance(weight, bool)
+        or not isinstance(weight, int | float)
+        or not (weight > 0 and math.isfinite(weight))
+    ):
         raise SettingsError(f"{where}: 'weight' must be a positive number")
     priority = entry.get("priority", 0)
     if isinstance(priority, bool) or not isinstance(priority, int) or priority < 0:
@@ -209,6 +214,7 @@ class Settings:
     cors_origins: tuple[str, ...] = ()  # the origins of pages that may call it
     otel_endpoint: str = ""  # OTLP/HTTP base URL; none: no traces, no OpenTelemetry loaded
     otel_service: str = "text-tool"
+    otel_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # a collector's auth
     otel_capture_content: bool = False  # prompt and completion text in the spans
     provider_was_defaulted: bool = False
 
@@ -257,7 +263,6 @@ class Settings:
             ("HEADER_TIMEOUT_S", self.header_timeout_s),
             ("LLM_RETRY_DEADLINE_S", self.retry_deadline_s),
             ("SHUTDOWN_GRACE_S", self.shutdown_grace_s),
-            ("CONCURRENCY_LEASE_S", self.concurrency_lease_s),
         ):
             if not (value > 0 and math.isfinite(value)):
                 raise SettingsError(f"{name}: must be a positive number of seconds, got {value}")
@@ -312,6 +317,10 @@ class Settings:
             )
         if self.max_inflight < 1:
             raise SettingsError(f"MAX_INFLIGHT: must be positive, got {self.max_inflight}")
+        if not (self.concurrency_lease_s >= 1 and math.isfinite(self.concurrency_lease_s)):
+            raise SettingsError(
+                f"CONCURRENCY_LEASE_S: must be 1 second or more, got {self.concurrency_lease_s}"
+            )
         if self.key_max_concurrent is not None and self.key_max_concurrent < 1:
             raise SettingsError(
                 f"KEY_MAX_CONCURRENT: must be positive, got {self.key_max_concurrent}"
@@ -328,7 +337,7 @@ class Settings:
         served = list(dict.fromkeys(m for d in self.deployments for m, _ in d.models))
         object.__setattr__(self, "provider", self.deployments[0].provider)
         if not self.model:
-            object.__setattr__(self, "model", served[0])
+            object.__setattr__(self, "model", self.models[0] if self.models else served[0])
         if not self.models:
             object.__setattr__(self, "models", tuple(served))
         unserved = [m for m in (self.model, *self.models) if m not in served]
@@ -336,6 +345,16 @@ class Settings:
             raise SettingsError(
                 f"LLM_MODELS: no deployment of LLM_DEPLOYMENTS serves {', '.join(unserved)}"
             )
+
+    @functools.cached_property
+    def upstream_names(self) -> dict[str, str]:
+        """Each model callers name, and its name at the first deployment serving it:
+        what prices a call before it is known which deployment serves it."""
+        first: dict[str, str] = {}
+        for spec in sorted(self.deployments, key=lambda d: d.priority):
+            for model, upstream in spec.models:
+                first.setdefault(model, upstream)
+        return first
 
     def serves_responses(self, base_url: str) -> bool:
         """Whether a Responses body passes through to an OpenAI provider at `base_url`:
@@ -447,11 +466,26 @@ class Settings:
             cors_origins=_split(get("CORS_ORIGINS")),
             otel_endpoint=get("OTEL_EXPORTER_OTLP_ENDPOINT"),
             otel_service=get("OTEL_SERVICE_NAME") or "text-tool",
+            otel_headers=_headers("OTEL_EXPORTER_OTLP_HEADERS", get("OTEL_EXPORTER_OTLP_HEADERS")),
             otel_capture_content=_flag(
                 "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT",
                 get("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "false"),
             ),
         )
+
+
+def _headers(name: str, value: str) -> tuple[tuple[str, str], ...]:
+    """`key=value,key2=value2`, as OpenTelemetry's exporters take them (values
+    percent-encoded)."""
+    from urllib.parse import unquote
+
+    pairs = []
+    for item in _split(value):
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip():
+            raise SettingsError(f"{name}: expected key=value pairs separated by commas")
+        pairs.append((key.strip().lower(), unquote(val.strip())))
+    return tuple(pairs)
 
 
 def _flag(name: str, value: str) -> bool:

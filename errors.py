@@ -39,9 +39,11 @@ RESPONSE_HEADERS = "text_tool.response_headers"
 
 class ProviderError(Exception):
     """The provider's answer could not be used. `answer`, for a refusal, is the
-    provider's own status and body, which a passed-through call returns as they are."""
+    provider's own status and body, in the wire format `wire`, which a client of that
+    format gets as they are."""
 
     answer: tuple[int, bytes] | None = None
+    wire: str | None = None
 
 
 class ProviderTimeout(ProviderError):

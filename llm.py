@@ -41,7 +41,7 @@ from httpx_aiohttp import AiohttpTransport
 import chat
 import jsonio
 import schemas
-from config import Settings
+from config import DeploymentSpec, Settings
 from dialects import error_message, json_object
 from errors import (
     ApiError,
@@ -538,7 +538,7 @@ class HttpProvider(Provider):
             await self._done(response)
         if response.status_code != 200:
             error = status_error(response.status_code, response.headers, raw, self._secrets)
-            error.answer = (response.status_code, raw)
+            error.answer, error.wire = (response.status_code, raw), self.wire
             raise error
         return raw
 
@@ -727,8 +727,8 @@ class Deployment:
         self.calls = 0  # begun here
         self.failed_calls = 0  # of them, failed before the answer began
         self.failures = 0  # in a row
+        self.failed_at = -math.inf
         self.current = 0.0  # smooth weighted round robin, among equally loaded ones
-        self.last_error = ""
 
     def upstream(self, model: str) -> str | None:
         """The model's name upstream, or None: not served here."""
@@ -741,7 +741,7 @@ class Deployment:
     def failed(self, exc: ProviderError, now: float) -> None:
         self.failed_calls += 1
         self.failures += 1
-        self.last_error = str(exc)[:200]
+        self.failed_at = now
         if not self.cools or isinstance(exc, ProviderTimeout):
             return  # a timeout may be a slow answer, not a sick deployment
         wait = exc.retry_after_s if isinstance(exc, ProviderRateLimited) else None
@@ -749,8 +749,11 @@ class Deployment:
             wait = 2.0 ** min(self.failures - 1, 8)
         self.cooling_until = now + min(wait, MOST_COOLING_S)
 
-    def served(self) -> None:
-        self.failures, self.cooling_until = 0, 0.0
+    def served(self, began: float) -> None:
+        """A call begun at `began` was answered: the deployment is well again, unless
+        it has failed since (a long call outliving the deployment's death says nothing)."""
+        if began >= self.failed_at:
+            self.failures, self.cooling_until = 0, 0.0
 
     def state(self, now: float) -> dict[str, Any]:
         """What /ready shows of it."""
@@ -767,9 +770,8 @@ class Deployment:
         }
         if cooling:
             shown["cooling_s"] = round(cooling, 1)
-        if self.failures:
+        if self.failures:  # what failed is in the log (provider_fallback), not here: public
             shown["failures_in_a_row"] = self.failures
-            shown["last_error"] = self.last_error
         return shown
 
 
@@ -789,13 +791,13 @@ class Deployments:
         self.name = self.all[0].provider.name  # what /v1/models says owns the models
 
     def first(self, model: str) -> tuple[Provider, str]:
-        """The provider a call of `model` goes to first when all are well, and the
-        model's name there: what decides whether a client's body could pass through."""
-        for d in self.all:
-            upstream = d.upstream(model)
-            if upstream is not None:
-                return d.provider, upstream
-        return self.all[0].provider, model
+        """The provider a call of `model` goes to first (not cooling down, if one is
+        not), and the model's name there: what decides whether a client's body could
+        pass through, and where a token count is asked."""
+        now = time.monotonic()
+        serving = [d for d in self.all if d.upstream(model) is not None] or self.all[:1]
+        d = next((d for d in serving if not d.cooling_s(now)), serving[0])
+        return d.provider, d.upstream(model) or model
 
     async def run(
         self,
@@ -838,7 +840,7 @@ class Deployments:
                 if time.monotonic() - started > self.deadline_s:
                     raise
                 continue
-            pick.served()
+            pick.served(now)
             return result
         if last is not None:
             raise last
@@ -919,6 +921,12 @@ def make_deployments(
         cools=False,
     )
     return Deployments([first, second], deadline_s=math.inf)
+
+
+def _alone(spec: DeploymentSpec, specs: Iterable[DeploymentSpec]) -> bool:
+    """No other deployment serves any of its models."""
+    others = {model for other in specs if other is not spec for model, _ in other.models}
+    return not others & {model for model, _ in spec.models}
 
 
 def _address(kind: str, settings: Settings) -> tuple[str, str]:

@@ -271,7 +271,10 @@ class RedisSlots:
                 self._renewing = asyncio.ensure_future(self._renew_while_held())
             return RedisLease(self, name, member)
 
-        return await self.store.call(shared, lambda: self.local.grab(key, limit))
+        # While Redis is away: this replica's memory, counting the Redis leases it holds.
+        return await self.store.call(
+            shared, lambda: self.local.grab(key, limit - len(self.held.get(name, ())))
+        )
 
     def free(self, name: str, member: str) -> None:
         members = self.held.get(name)

@@ -202,7 +202,8 @@ def create_app(
     client = llm.SharedClient(settings, transport)
     keys = KeyRing.from_settings(settings, logger)
     limiter, slots, quotas, usage_store, store = _stores(settings, logger)
-    metrics_ = Metrics(models=settings.models, keys=keys.names())
+    upstream = settings.upstream_names.values()  # what answers name as their model
+    metrics_ = Metrics(models=[*settings.models, *upstream], keys=keys.names())
     metrics_.keys_loaded.set_function(lambda: keys.loaded_at)
     keys.on_reload.append(lambda ring: metrics_.name_keys(ring.names()))
     if store is not None:
@@ -211,7 +212,7 @@ def create_app(
         settings, client, {"openai": openai_chat, "anthropic": anthropic_messages}
     )
     metrics_.deployments = deployments.states
-    tracing_, tracer_provider = _tracing(settings, tracer_provider)
+    tracing_, own_tracer = _tracing(settings, tracer_provider)
     _announce(settings, keys, logger)
 
     @contextlib.asynccontextmanager
@@ -230,8 +231,8 @@ def create_app(
                     asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             app.state.ready = False
             await client.aclose()
-            if tracer_provider is not None:
-                tracer_provider.shutdown()  # what is still batched goes out
+            if own_tracer is not None:  # what is still batched goes out (not the host's)
+                await asyncio.to_thread(own_tracer.shutdown)
             if isinstance(slots, RedisSlots):
                 await slots.aclose()
             if store is not None:
@@ -354,20 +355,20 @@ def _cors(settings: Settings) -> list[Middleware]:
 
 
 def _tracing(settings: Settings, provider: Any) -> tuple[list[Middleware], Any]:
-    """A span for each call (tracing.py), innermost: only what was admitted is a call.
-    OpenTelemetry is imported only here, when traces are asked for."""
+    """A span for each call (tracing.py), innermost: only what was admitted is a call;
+    and the tracer provider made here, if one was, which the app shuts down. OpenTelemetry
+    is imported only here, when traces are asked for."""
     if provider is None and not settings.otel_endpoint:
         return [], None
     import tracing
 
-    if provider is None:
-        provider = tracing.tracer_provider(settings)
+    own = tracing.tracer_provider(settings) if provider is None else None
     middleware = Middleware(
         tracing.TracingMiddleware,
-        provider=provider,
+        provider=own or provider,
         capture_content=settings.otel_capture_content,
     )
-    return [middleware], provider
+    return [middleware], own
 
 
 def _stores(

@@ -51,7 +51,8 @@ def tracer_provider(settings: Settings) -> TracerProvider:
 
     provider = TracerProvider(resource=Resource.create({"service.name": settings.otel_service}))
     endpoint = settings.otel_endpoint.rstrip("/") + "/v1/traces"  # as the spec builds it
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+    exporter = OTLPSpanExporter(endpoint=endpoint, headers=dict(settings.otel_headers) or None)
+    provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
 
 

@@ -934,14 +934,21 @@ async def messages(request: Request) -> Response:
         ticket.finish(completion)
         return JSONResponse(encode_response(completion))
 
-    return await llm.serve(request, call.model, attempt)
+    try:
+        return await llm.serve(request, call.model, attempt)
+    except ProviderError as exc:
+        # After every deployment was tried: the last one's own refusal, if it is one.
+        response = verbatim(exc)
+        if response is None:
+            raise
+        return response
 
 
 def verbatim(exc: ProviderError) -> Response | None:
-    """A passed-through provider's own refusal, its status and words as they were
+    """A provider's own refusal in this format, its status and words as they were
     (Claude Code's recovery matches on them), but for our own key being refused,
     which is ours to say (a 502)."""
-    if exc.answer is None or exc.answer[0] in (401, 403):
+    if exc.answer is None or exc.wire != WIRE or exc.answer[0] in (401, 403):
         return None
     status, raw = exc.answer
     return Response(raw, status_code=status, media_type="application/json")
@@ -952,23 +959,17 @@ async def _passed_through(
 ) -> Response:
     rid = request_id(request.scope)
     headers, query = forwarded(request), request.url.query or None
-    try:
-        if not data.get("stream"):
-            answer = await admission.of(request).call(
-                request, relay.post(data, rid, headers, query=query)
-            )
-            usage = usage_of(answer.get("usage"))
-            finish = FINISH.get(str(answer.get("stop_reason")), "stop")
-            ticket.settle(str(answer.get("model") or data["model"]), usage, finish)
-            return JSONResponse(answer)
-        encoder = StreamEncoder(str(data["model"]))
-        frames = _relayed(ticket, relay, data, rid, headers, query)
-        return await sse.respond(request, frames, encoder)
-    except ProviderError as exc:
-        response = verbatim(exc)
-        if response is None:
-            raise
-        return response
+    if not data.get("stream"):
+        answer = await admission.of(request).call(
+            request, relay.post(data, rid, headers, query=query)
+        )
+        usage = usage_of(answer.get("usage"))
+        finish = FINISH.get(str(answer.get("stop_reason")), "stop")
+        ticket.settle(str(answer.get("model") or data["model"]), usage, finish)
+        return JSONResponse(answer)
+    encoder = StreamEncoder(str(data["model"]))
+    frames = _relayed(ticket, relay, data, rid, headers, query)
+    return await sse.respond(request, frames, encoder)
 
 
 async def _relayed(

@@ -5,9 +5,10 @@ on real processes, two mock providers, one of them killed."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 
 import httpx
@@ -15,8 +16,9 @@ import pytest
 
 import chat
 import llm
-from config import Settings, SettingsError
+from config import DeploymentSpec, Settings, SettingsError
 from errors import ApiError, ProviderError
+from server import create_app
 from tests.conftest import (
     AUTH_HEADERS,
     CLIENT_KEY,
@@ -108,7 +110,9 @@ async def test_cooling_honours_retry_after_and_otherwise_grows() -> None:
         deployment.failed(llm.ProviderUnavailable("down"), now=100)
         waits.append(deployment.cooling_s(100))
     assert waits == [2, 4, 8, 16]  # the fifth failure in a row: 2**4
-    deployment.served()
+    deployment.served(began=99)  # a call begun before the failure says nothing
+    assert deployment.cooling_s(100) == 16
+    deployment.served(began=101)
     assert deployment.cooling_s(100) == 0 and deployment.failures == 0
     # A timeout may be a slow answer: it moves the call on but cools nothing.
     deployment.failed(llm.ProviderTimeout("slow"), now=100)
@@ -204,6 +208,8 @@ def test_the_deployments_file_sets_the_models_and_reads_keys_from_named_variable
         ("[[deployments]]\nname = 'a'\nprovider = 'echo'\nmodels = []\n", {}, "models"),
         ("[[deployments]]\nname = 'a'\nprovider = 'echo'\nmodels = ['m']\nweight = 0\n", {},
          "weight"),
+        ("[[deployments]]\nname = 'a'\nprovider = 'echo'\nmodels = ['m']\nweight = inf\n", {},
+         "weight"),
         ("[[deployments]]\nname = 'a'\nprovider = 'echo'\nmodels = ['m']\nkey = 'x'\n", {},
          "unknown fields key"),
         ("[[deployments]]\nname = 'a'\nprovider = 'echo'\nmodels = ['m']\n" * 2, {}, "unique"),
@@ -282,7 +288,8 @@ weight = 3
             states = {d["name"]: d for d in ready}
             assert states["box-b"]["state"] == "cooling" and states["box-a"]["state"] == "up"
             assert states["box-b"]["failed_calls"] == 1  # tried once, then skipped while cooling
-            assert "could not connect" in states["box-b"]["last_error"]
+            assert "last_error" not in states["box-b"]  # /ready is public: that is in the log
+            assert "could not connect" in service.output()
             scrape = (await c.get("/metrics")).text
             assert 'text_tool_deployment_up{deployment="box-b"} 0.0' in scrape
             assert (
@@ -334,3 +341,66 @@ async def test_a_dead_deployment_comes_back_once_its_cooling_is_over(tmp_path: P
         service.stop()
         if revived is not None:
             revived.stop()
+
+
+# --- in process, through the routes -------------------------------------------------------
+
+
+def two_anthropic(handler: Callable[[httpx.Request], httpx.Response]) -> httpx.AsyncClient:
+    specs = tuple(
+        DeploymentSpec(name=name, provider="anthropic", base_url=f"http://{name}.test",
+                       api_key=PROVIDER_KEY, models=(("fast", "claude-haiku-4-5"),))
+        for name in ("one", "two")
+    )  # fmt: skip
+    settings = Settings(deployments=specs, api_keys=(CLIENT_KEY,), max_retries=0)
+    app = create_app(settings, transport=httpx.MockTransport(handler))
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://testserver", headers=AUTH_HEADERS
+    )
+
+
+OVERLOADED = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+MESSAGE = {
+    "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-haiku-4-5",
+    "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn",
+    "usage": {"input_tokens": 3, "output_tokens": 1},
+}  # fmt: skip
+BODY = {"model": "fast", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+
+
+async def test_a_messages_body_passed_through_moves_on_when_a_deployment_is_overloaded() -> None:
+    hosts: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        hosts.append(request.url.host)
+        if request.url.host == "one.test":
+            return httpx.Response(529, json=OVERLOADED)
+        assert json.loads(request.content)["model"] == "claude-haiku-4-5"
+        return httpx.Response(200, json=MESSAGE)
+
+    async with two_anthropic(handler) as c:
+        answers = [await c.post("/v1/messages", json=BODY) for _ in range(4)]
+        ready = (await c.get("/ready")).json()["deployments"]
+        # A renamed model is priced by its upstream name, and the metrics know it.
+        usage = (await c.get("/usage")).json()
+        scrape = (await c.get("/metrics")).text
+    assert [r.status_code for r in answers] == [200] * 4
+    assert hosts.count("one.test") == 1  # tried once, then left to cool
+    assert {d["name"]: d["state"] for d in ready} == {"one": "cooling", "two": "up"}
+    assert usage["cost_usd"] and usage["cost_usd"] > 0
+    assert 'model="claude-haiku-4-5"' in scrape
+
+
+async def test_the_last_deployments_own_refusal_goes_back_as_it_came() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(529, json=OVERLOADED)
+
+    async with two_anthropic(handler) as c:
+        r = await c.post("/v1/messages", json=BODY)
+    assert r.status_code == 529 and r.json() == OVERLOADED
+
+
+def test_llm_models_narrows_the_models_of_the_deployments(tmp_path: Path) -> None:
+    text = "[[deployments]]\nname = 'a'\nprovider = 'echo'\nmodels = ['m1', 'm2']\n"
+    settings = settings_with(tmp_path, text, LLM_MODELS="m2")
+    assert (settings.model, settings.models) == ("m2", ("m2",))

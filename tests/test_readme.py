@@ -106,6 +106,22 @@ def test_readme_keys_file_example_loads(tmp_path: Path) -> None:
     assert ring.lookup("a-plain-key-works-too") is not None
 
 
+def test_readme_deployments_file_example_loads(tmp_path: Path) -> None:
+    from config import Settings
+
+    (example,) = [body for lang, body in BLOCKS if lang == "toml" and "[[deployments]]" in body]
+    path = tmp_path / "deployments.toml"
+    path.write_text(example)
+    settings = Settings.from_env(
+        environ={"LLM_DEPLOYMENTS": str(path), "OPENAI_API_KEY": "sk-o", "ANTHROPIC_API_KEY": "a"},
+        env_file=None,
+    )
+    names = [d.name for d in settings.deployments]
+    assert names == ["vllm-a", "vllm-b", "openai", "spare"]
+    assert settings.models == ("llama-3.1-8b", "gpt-4o-mini", "text-embedding-3-small")
+    assert settings.deployments[2].api_key == "sk-o"
+
+
 def test_readme_anthropic_example_runs(readme_service: Process) -> None:
     (example,) = [body for lang, body in BLOCKS if lang == "python" and "Anthropic(" in body]
     code = example.replace("127.0.0.1:8000", f"127.0.0.1:{readme_service.port}")

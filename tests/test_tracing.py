@@ -197,13 +197,15 @@ class Collector:
 
     def __init__(self) -> None:
         self.bodies: list[bytes] = []
-        bodies = self.bodies
+        self.authorization: list[str | None] = []
+        bodies, authorization = self.bodies, self.authorization
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 (http.server's name)
                 size = int(self.headers.get("content-length", "0"))
                 if self.path == "/v1/traces":
                     bodies.append(self.rfile.read(size))
+                    authorization.append(self.headers.get("authorization"))
                 self.send_response(200)
                 self.send_header("content-type", "application/x-protobuf")
                 self.send_header("content-length", "0")
@@ -238,6 +240,10 @@ class Collector:
 
 async def test_a_real_process_exports_its_spans_over_otlp(tmp_path: Path) -> None:
     collector = Collector()
+    # The collector's key in the service's .env, which OpenTelemetry itself never reads.
+    (tmp_path / ".env").write_text(
+        "OTEL_EXPORTER_OTLP_HEADERS=Authorization=Bearer%20collector-token\n"
+    )
     service = start_service(
         tmp_path,
         {"API_KEYS": CLIENT_KEY, "LLM_PROVIDER": "echo",
@@ -265,5 +271,6 @@ async def test_a_real_process_exports_its_spans_over_otlp(tmp_path: Path) -> Non
     assert span.trace_id.hex() == TRACE_ID and span.parent_span_id.hex() == PARENT_ID
     assert attributes["gen_ai.usage.input_tokens"].int_value == 3
     assert attributes["gen_ai.provider.name"].string_value == "echo"
+    assert collector.authorization == ["Bearer collector-token"]
     names = {a.key: a.value.string_value for a in resource.attributes}
     assert names["service.name"] == "text-tool-test"
