@@ -6,8 +6,9 @@ Run it with `uvicorn server:app --http protocol:BoundedHttpTools`; embed it with
 first asked for, so importing this module for `create_app` changes nothing in the
 host's process.
 
-A request meets, in this order: protocol.py (the connection), requestlog.py, auth.py,
-ratelimit.py, the router, then its route: a dialect decodes the body, admission.py
+A request meets, in this order: protocol.py (the connection), requestlog.py, CORS
+(with CORS_ORIGINS), auth.py, ratelimit.py (the window, then the key's slots for calls
+in flight), tracing.py (with traces on), the router, then its route: a dialect decodes the body, admission.py
 admits it, llm.py calls the provider, the dialect encodes the answer (sse.py streams
 it), and the ticket of admission.py accounts for it on the way back.
 """
@@ -282,16 +283,17 @@ def create_app(
             *_cors(settings),
             Middleware(AuthMiddleware, keys=keys),
             Middleware(
-                ConcurrencyMiddleware,
-                slots=slots,
-                default_limit=settings.key_max_concurrent,
-                paths=PROVIDER_CALLS,
-            ),
-            Middleware(
                 RateLimitMiddleware,
                 limiter=limiter,
                 default_rate=settings.rate_limit,
                 allowances={"/v1/messages/count_tokens": 10},
+            ),
+            # After the window: a request it refuses never holds a slot, even briefly.
+            Middleware(
+                ConcurrencyMiddleware,
+                slots=slots,
+                default_limit=settings.key_max_concurrent,
+                paths=PROVIDER_CALLS,
             ),
             *tracing_,
         ],
