@@ -17,14 +17,13 @@ import hashlib
 import logging
 import os
 import time
-import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from config import Rate, Settings, SettingsError
+from config import Rate, Settings, SettingsError, toml_tables, unique_names
 from errors import error_response, relative_path
 
 AUTH = "text_tool.auth"
@@ -155,33 +154,17 @@ def _keys(settings: Settings) -> dict[bytes, ApiKey]:
     if settings.api_keys_file is not None:
         for key in _read_keys_file(settings):
             keys[key.digest] = key
-    names = [key.name for key in keys.values()]
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        raise SettingsError(f"API_KEYS_FILE: key names must be unique: {', '.join(duplicates)}")
+    unique_names("API_KEYS_FILE", [key.name for key in keys.values()])
     return keys
 
 
 def _read_keys_file(settings: Settings) -> list[ApiKey]:
-    path = settings.api_keys_file
-    try:
-        with open(path, "rb") as fh:  # type: ignore[arg-type]
-            data = tomllib.load(fh)
-    except (OSError, ValueError) as exc:  # ValueError: not TOML, or not UTF-8
-        raise SettingsError(f"API_KEYS_FILE: cannot read {path}: {exc}") from None
-    entries = data.get("keys", [])
-    if not isinstance(entries, list):
-        raise SettingsError("API_KEYS_FILE: expected [[keys]] tables")
-    return [_key_from_entry(i, entry) for i, entry in enumerate(entries)]
+    assert settings.api_keys_file is not None
+    tables = toml_tables("API_KEYS_FILE", settings.api_keys_file, "keys", _FILE_FIELDS)
+    return [_key_from_entry(where, entry) for where, entry in tables]
 
 
-def _key_from_entry(index: int, entry: Any) -> ApiKey:
-    where = f"API_KEYS_FILE: keys[{index}]"
-    if not isinstance(entry, Mapping):
-        raise SettingsError(f"{where}: expected a table")
-    unknown = set(entry) - _FILE_FIELDS
-    if unknown:
-        raise SettingsError(f"{where}: unknown fields {', '.join(sorted(unknown))}")
+def _key_from_entry(where: str, entry: Mapping[str, Any]) -> ApiKey:
     raw = entry.get("key")
     if not isinstance(raw, str) or not raw:
         raise SettingsError(f"{where}: 'key' is required (the key, or sha256:<hex>)")

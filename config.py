@@ -17,6 +17,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from starlette.config import Config
 
@@ -91,31 +92,50 @@ _DEPLOYMENT_FIELDS = {"name", "provider", "base_url", "api_key", "api_key_env", 
                       "weight", "priority"}  # fmt: skip
 
 
-def read_deployments(path: Path, environ: Callable[[str], str]) -> tuple[DeploymentSpec, ...]:
-    """The LLM_DEPLOYMENTS file, every mistake in it a SettingsError naming the entry."""
+def toml_tables(
+    setting: str, path: Path, table: str, fields: set[str]
+) -> list[tuple[str, Mapping[str, Any]]]:
+    """The `[[table]]` entries of the TOML file a setting names, each with where it is
+    (for the messages), every entry a table of known fields: or a SettingsError."""
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
-    except (OSError, ValueError) as exc:
-        raise SettingsError(f"LLM_DEPLOYMENTS: cannot read {path}: {exc}") from None
-    entries = data.get("deployments")
-    if not isinstance(entries, list) or not entries:
-        raise SettingsError("LLM_DEPLOYMENTS: expected one or more [[deployments]] tables")
-    specs = [_deployment(i, entry, environ) for i, entry in enumerate(entries)]
-    names = [spec.name for spec in specs]
+    except (OSError, ValueError) as exc:  # ValueError: not TOML, or not UTF-8
+        raise SettingsError(f"{setting}: cannot read {path}: {exc}") from None
+    entries = data.get(table, [])
+    if not isinstance(entries, list):
+        raise SettingsError(f"{setting}: expected [[{table}]] tables")
+    found = []
+    for index, entry in enumerate(entries):
+        where = f"{setting}: {table}[{index}]"
+        if not isinstance(entry, Mapping):
+            raise SettingsError(f"{where}: expected a table")
+        unknown = set(entry) - fields
+        if unknown:
+            raise SettingsError(f"{where}: unknown fields {', '.join(sorted(unknown))}")
+        found.append((where, entry))
+    return found
+
+
+def unique_names(setting: str, names: list[str]) -> None:
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
-        raise SettingsError(f"LLM_DEPLOYMENTS: names must be unique: {', '.join(duplicates)}")
+        raise SettingsError(f"{setting}: names must be unique: {', '.join(duplicates)}")
+
+
+def read_deployments(path: Path, environ: Callable[[str], str]) -> tuple[DeploymentSpec, ...]:
+    """The LLM_DEPLOYMENTS file, every mistake in it a SettingsError naming the entry."""
+    tables = toml_tables("LLM_DEPLOYMENTS", path, "deployments", _DEPLOYMENT_FIELDS)
+    if not tables:
+        raise SettingsError("LLM_DEPLOYMENTS: expected one or more [[deployments]] tables")
+    specs = [_deployment(where, entry, environ) for where, entry in tables]
+    unique_names("LLM_DEPLOYMENTS", [spec.name for spec in specs])
     return tuple(specs)
 
 
-def _deployment(index: int, entry: object, environ: Callable[[str], str]) -> DeploymentSpec:
-    where = f"LLM_DEPLOYMENTS: deployments[{index}]"
-    if not isinstance(entry, Mapping):
-        raise SettingsError(f"{where}: expected a table")
-    unknown = set(entry) - _DEPLOYMENT_FIELDS
-    if unknown:
-        raise SettingsError(f"{where}: unknown fields {', '.join(sorted(unknown))}")
+def _deployment(
+    where: str, entry: Mapping[str, Any], environ: Callable[[str], str]
+) -> DeploymentSpec:
     name = entry.get("name")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._:-]{1,64}", name):
         raise SettingsError(f"{where}: 'name' is required: 1-64 of A-Z a-z 0-9 . _ : -")

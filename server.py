@@ -8,9 +8,10 @@ host's process.
 
 A request meets, in this order: protocol.py (the connection), requestlog.py, CORS
 (with CORS_ORIGINS), auth.py, ratelimit.py (the window, then the key's slots for calls
-in flight), tracing.py (with traces on), the router, then its route: a dialect decodes the body, admission.py
-admits it, llm.py calls the provider, the dialect encodes the answer (sse.py streams
-it), and the ticket of admission.py accounts for it on the way back.
+in flight), tracing.py (with traces on), the router, then its route: a dialect decodes
+the body, admission.py admits it, llm.py calls the provider, the dialect encodes the
+answer (sse.py streams it), and the ticket of admission.py accounts for it on the way
+back.
 """
 
 from __future__ import annotations

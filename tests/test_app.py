@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.anyio
 Handler = Callable[[httpx.Request], httpx.Response]
 
 
-def openai_app(handler: Handler, **changes: object) -> Starlette:
+def openai_app(handler: Handler, *, tracer_provider: Any = None, **changes: object) -> Starlette:
     settings = Settings(
         provider="openai",
         openai_api_key=PROVIDER_KEY,
@@ -36,7 +37,9 @@ def openai_app(handler: Handler, **changes: object) -> Starlette:
         api_keys=(CLIENT_KEY,),
         max_retries=0,
     ).replace(**changes)
-    return create_app(settings, transport=httpx.MockTransport(handler))
+    return create_app(
+        settings, transport=httpx.MockTransport(handler), tracer_provider=tracer_provider
+    )
 
 
 def client(app: Starlette, base: str = "http://testserver") -> httpx.AsyncClient:

@@ -22,10 +22,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from config import Settings
-from server import create_app
-from tests.conftest import AUTH_HEADERS, CLIENT_KEY, PROVIDER_KEY, ROOT, free_port, start_service
-from tests.test_app import openai_answer
+from tests.conftest import AUTH_HEADERS, CLIENT_KEY, ROOT, free_port, start_service
+from tests.test_app import client, openai_answer, openai_app
 
 pytestmark = pytest.mark.anyio
 
@@ -59,21 +57,9 @@ class Recorded:
 
 
 def traced_client(recorded: Recorded, **changes: object) -> httpx.AsyncClient:
-    settings = Settings(
-        provider="openai",
-        openai_api_key=PROVIDER_KEY,
-        openai_base_url="http://provider.test/v1",
-        model="gpt-4o-mini",
-        models=("gpt-4o-mini", "text-embedding-3-small"),
-        api_keys=(CLIENT_KEY,),
-        max_retries=0,
-    ).replace(**changes)
-    app = create_app(
-        settings, transport=httpx.MockTransport(recorded.handler), tracer_provider=recorded.provider
-    )
-    return httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://testserver", headers=AUTH_HEADERS
-    )
+    models = ("gpt-4o-mini", "text-embedding-3-small")
+    app = openai_app(recorded.handler, tracer_provider=recorded.provider, models=models, **changes)
+    return client(app)
 
 
 @pytest.fixture
