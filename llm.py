@@ -703,7 +703,7 @@ MOST_COOLING_S = 60.0
 
 class Deployment:
     """One provider at one address, with the models it serves (each under its upstream
-    name; `*`: any model, under `rename` or its own name), its weight and priority,
+    name, or `""` for its own; `*`: any model), its weight and priority,
     and its health: cooled down after a failure before the first byte of an answer,
     so calls go elsewhere until it has had time to come back."""
 
@@ -891,18 +891,23 @@ def make_deployments(
     provider (and its fallback, as a deployment of a higher priority that serves every
     model under LLM_FALLBACK_MODEL); `codecs` by provider kind ("openai", "anthropic")."""
     if settings.deployments:
-        made = [
-            Deployment(
-                spec.name,
-                _make(
-                    spec.provider, settings, client, codecs, spec.base_url, spec.api_key, retries=0
-                ),  # the next deployment is the retry
-                dict(spec.models),
-                weight=spec.weight,
-                priority=spec.priority,
-            )  # fmt: skip
-            for spec in settings.deployments
-        ]
+        specs = settings.deployments
+        made = []
+        for spec in specs:
+            # The next deployment is the retry; one with no other for its models is
+            # retried itself, as the single provider is.
+            retries = None if _alone(spec, specs) else 0
+            provider = _make(spec.provider, settings, client, codecs, spec.base_url,
+                             spec.api_key, retries=retries)  # fmt: skip
+            made.append(
+                Deployment(
+                    spec.name,
+                    provider,
+                    dict(spec.models),
+                    weight=spec.weight,
+                    priority=spec.priority,
+                )  # fmt: skip
+            )
         return Deployments(made, deadline_s=settings.retry_deadline_s)
     kind = settings.provider
     base, key = _address(kind, settings)

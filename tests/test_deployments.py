@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -404,3 +405,44 @@ def test_llm_models_narrows_the_models_of_the_deployments(tmp_path: Path) -> Non
     text = "[[deployments]]\nname = 'a'\nprovider = 'echo'\nmodels = ['m1', 'm2']\n"
     settings = settings_with(tmp_path, text, LLM_MODELS="m2")
     assert (settings.model, settings.models) == ("m2", ("m2",))
+
+
+def openai_deployments(*names: str, handler: Callable[[httpx.Request], httpx.Response]) -> Any:
+    specs = tuple(
+        DeploymentSpec(name=name, provider="openai", base_url=f"http://{name}.test/v1",
+                       models=(("m", "m"),))
+        for name in names
+    )  # fmt: skip
+    settings = Settings(deployments=specs, api_keys=(CLIENT_KEY,), max_retries=2)
+    app = create_app(settings, transport=httpx.MockTransport(handler))
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://testserver", headers=AUTH_HEADERS
+    )
+
+
+CHAT_OK = {
+    "id": "c", "object": "chat.completion", "model": "m",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                 "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("names", "tries"), [(("only",), [503, 200]), (("a", "b"), [503, 200])])
+async def test_a_deployment_alone_with_its_models_is_retried_and_one_with_others_is_not(
+    names: tuple[str, ...], tries: list[int]
+) -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.host)
+        status = tries[len(seen) - 1]
+        return httpx.Response(status, json=CHAT_OK if status == 200 else {"error": {}})
+
+    async with openai_deployments(*names, handler=handler) as c:
+        r = await c.post("/complete", json={"prompt": "hi"})
+    assert r.status_code == 200
+    if len(names) == 1:
+        assert seen == ["only.test", "only.test"]  # its own retry
+    else:
+        assert len(set(seen)) == 2  # the other deployment is the retry
