@@ -97,13 +97,19 @@ def test_readme_keys_file_example_loads(tmp_path: Path) -> None:
     from auth import KeyRing
     from config import Rate, Settings
 
-    (example,) = [body for lang, body in BLOCKS if lang == "toml" and "[[keys]]" in body]
+    example, team = [body for lang, body in BLOCKS if lang == "toml" and "[[keys]]" in body]
     path = tmp_path / "keys.toml"
     path.write_text(example)
     ring = KeyRing.from_settings(Settings(api_keys_file=path))
     mobile = ring.lookup("test")  # the example's digest is of "test"
     assert mobile is not None and mobile.rate_limit == Rate(600, 60)
+    assert mobile.max_concurrent == 8
     assert ring.lookup("a-plain-key-works-too") is not None
+    path.write_text(team)  # the team's: digests of "support-bot-key" and "batch-eval-key"
+    ring = KeyRing.from_settings(Settings(api_keys_file=path))
+    batch = ring.lookup("batch-eval-key")
+    assert batch is not None and (batch.name, batch.max_concurrent) == ("batch-eval", 2)
+    assert ring.lookup("support-bot-key") is not None
 
 
 def test_readme_deployments_file_example_loads(tmp_path: Path) -> None:
