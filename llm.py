@@ -806,11 +806,16 @@ class Deployments:
         *,
         fallback: bool = True,
         noted: dict[str, Any] | None = None,
+        as_is: str | None = None,
     ) -> T:
         """`attempt(provider, upstream model)` on one deployment after another, as above;
         `fallback=False`: only those of the first priority. `noted`: the call's fields
-        for the access line, where the deployment that served is written."""
+        for the access line, where the deployment that served is written. `as_is`: a
+        body that only passes through (in that wire format) goes only to deployments
+        that take it, if any does."""
         candidates = [d for d in self.all if d.upstream(model) is not None]
+        if as_is is not None:
+            candidates = [d for d in candidates if passthrough(d.provider, as_is)] or candidates
         if not fallback and candidates:
             candidates = [d for d in candidates if d.priority == candidates[0].priority]
         started = time.monotonic()
@@ -992,7 +997,9 @@ async def serve(
     attempt: Callable[[Provider, str], Awaitable[T]],
     *,
     fallback: bool = True,
+    as_is: str | None = None,
 ) -> T:
     """A route's call of `attempt` on the app's deployments (`Deployments.run`), the one
     that served named in the request's access line."""
-    return await of(request).run(model, attempt, fallback=fallback, noted=request.scope.get(CALL))
+    noted = request.scope.get(CALL)
+    return await of(request).run(model, attempt, fallback=fallback, noted=noted, as_is=as_is)

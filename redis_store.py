@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 import uuid
@@ -289,14 +288,17 @@ class RedisSlots:
         try:
             while self.held:
                 await asyncio.sleep(self.lease_ms / 3000)
-                for name, members in list(self.held.items()):
-                    renew = functools.partial(
-                        self._renew, keys=[name], args=[self.lease_ms, *members]
-                    )
-                    with contextlib.suppress(StoreUnavailable, StoreBusy):
-                        await self.store.call(renew, lambda: None, wait=True)
+                with contextlib.suppress(StoreUnavailable, StoreBusy):
+                    await self.store.call(self._renew_all, lambda: None, wait=True)
         finally:
             self._renewing = None
+
+    async def _renew_all(self) -> None:
+        """Every lease this replica holds renewed in one round trip, however many keys."""
+        pipe = self.store.redis.pipeline(transaction=False)
+        for name, members in list(self.held.items()):
+            await self._renew(keys=[name], args=[self.lease_ms, *members], client=pipe)
+        await pipe.execute()
 
     async def aclose(self) -> None:
         if self._renewing is not None:

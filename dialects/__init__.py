@@ -38,6 +38,11 @@ class Decoded:
         self.lost = lost
         self.refused = refused
 
+    def as_is(self, wire: str) -> str | None:
+        """`wire` when the body can only pass through (it has what no other format
+        carries, or could not be read at all): for `llm.serve`'s choice."""
+        return wire if self.refused is not None or self.lost else None
+
     def refusal(self, provider: str) -> ApiError | None:
         if self.refused is not None:
             return self.refused

@@ -935,7 +935,7 @@ async def messages(request: Request) -> Response:
         return JSONResponse(encode_response(completion))
 
     try:
-        return await llm.serve(request, call.model, attempt)
+        return await llm.serve(request, call.model, attempt, as_is=decoded.as_is(WIRE))
     except ProviderError as exc:
         # After every deployment was tried: the last one's own refusal, if it is one.
         response = verbatim(exc)

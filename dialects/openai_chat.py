@@ -767,7 +767,7 @@ async def chat_completions(request: Request) -> Response:
         ticket.finish(completion)
         return JSONResponse(encode_response(completion))
 
-    return await llm.serve(request, call.model, attempt)
+    return await llm.serve(request, call.model, attempt, as_is=decoded.as_is(WIRE))
 
 
 async def _passed_through(

@@ -785,7 +785,7 @@ async def responses(request: Request) -> Response:
         ticket.finish(completion)
         return JSONResponse(encode_response(completion, echo))
 
-    return await llm.serve(request, call.model, attempt)
+    return await llm.serve(request, call.model, attempt, as_is=decoded.as_is(WIRE))
 
 
 async def _passed_through(

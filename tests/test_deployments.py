@@ -446,3 +446,38 @@ async def test_a_deployment_alone_with_its_models_is_retried_and_one_with_others
         assert seen == ["only.test", "only.test"]  # its own retry
     else:
         assert len(set(seen)) == 2  # the other deployment is the retry
+
+
+async def test_a_body_that_only_passes_through_goes_only_to_deployments_that_take_it() -> None:
+    # Two deployments of one model: OpenAI itself (it serves /responses) and Anthropic
+    # (a Responses body is translated to it). A built-in tool cannot be translated.
+    specs = (
+        DeploymentSpec(name="openai", provider="openai", base_url="https://api.openai.com/v1",
+                       api_key=PROVIDER_KEY, models=(("m", "gpt-4o-mini"),)),
+        DeploymentSpec(name="claude", provider="anthropic", base_url="http://claude.test",
+                       api_key=PROVIDER_KEY, models=(("m", "claude-haiku-4-5"),)),
+    )  # fmt: skip
+    hosts: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        hosts.append(request.url.host)
+        return httpx.Response(
+            200,
+            json={"id": "resp_1", "object": "response", "status": "completed",
+                  "model": "gpt-4o-mini", "output": [],
+                  "usage": {"input_tokens": 3, "output_tokens": 1, "total_tokens": 4}},
+        )  # fmt: skip
+
+    settings = Settings(deployments=specs, api_keys=(CLIENT_KEY,), max_retries=0)
+    app = create_app(settings, transport=httpx.MockTransport(handler))
+    body = {"model": "m", "input": "hi", "tools": [{"type": "web_search"}]}
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://testserver", headers=AUTH_HEADERS
+    ) as c:
+        answers = [await c.post("/v1/responses", json=body) for _ in range(4)]
+        plain = [
+            await c.post("/v1/responses", json={"model": "m", "input": "hi"}) for _ in range(2)
+        ]
+    assert [r.status_code for r in answers] == [200] * 4
+    assert hosts[:4] == ["api.openai.com"] * 4
+    assert {r.status_code for r in plain} == {200} and "claude.test" in hosts[4:]
