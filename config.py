@@ -486,7 +486,10 @@ class Settings:
             cors_origins=_split(get("CORS_ORIGINS")),
             otel_endpoint=get("OTEL_EXPORTER_OTLP_ENDPOINT"),
             otel_service=get("OTEL_SERVICE_NAME") or "text-tool",
-            otel_headers=_headers("OTEL_EXPORTER_OTLP_HEADERS", get("OTEL_EXPORTER_OTLP_HEADERS")),
+            otel_headers=_headers(
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                get("OTEL_EXPORTER_OTLP_HEADERS") if get("OTEL_EXPORTER_OTLP_ENDPOINT") else "",
+            ),
             otel_capture_content=_flag(
                 "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT",
                 get("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "false"),

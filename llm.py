@@ -799,6 +799,10 @@ class Deployments:
         d = next((d for d in serving if not d.cooling_s(now)), serving[0])
         return d.provider, d.upstream(model) or model
 
+    def takes(self, model: str, wire: str) -> bool:
+        """Whether a deployment of `model` takes a body in `wire` format as it is."""
+        return any(passthrough(d.provider, wire) for d in self.all if d.upstream(model) is not None)
+
     async def run(
         self,
         model: str,
@@ -812,12 +816,18 @@ class Deployments:
         `fallback=False`: only those of the first priority. `noted`: the call's fields
         for the access line, where the deployment that served is written. `as_is`: a
         body that only passes through (in that wire format) goes only to deployments
-        that take it, if any does."""
+        that take it, if any of the first priority does."""
         candidates = [d for d in self.all if d.upstream(model) is not None]
-        if as_is is not None:
-            candidates = [d for d in candidates if passthrough(d.provider, as_is)] or candidates
+        if as_is is not None and candidates:  # among the first priority, which a fallback follows
+            first = candidates[0].priority
+            taking = [
+                d for d in candidates if d.priority != first or passthrough(d.provider, as_is)
+            ]
+            if any(d.priority == first for d in taking):
+                candidates = taking
         if not fallback and candidates:
             candidates = [d for d in candidates if d.priority == candidates[0].priority]
+        serving = list(candidates)  # what a 503 waits for, when all of them are cooling
         started = time.monotonic()
         last: ProviderError | None = None
         while True:
@@ -849,7 +859,7 @@ class Deployments:
             return result
         if last is not None:
             raise last
-        raise self._all_cooling(model)
+        raise self._all_cooling(model, serving)
 
     def _pick(self, candidates: list[Deployment], now: float) -> Deployment | None:
         ready = [d for d in candidates if not d.cooling_s(now)]
@@ -868,9 +878,9 @@ class Deployments:
         chosen.current -= total
         return chosen
 
-    def _all_cooling(self, model: str) -> ApiError:
+    def _all_cooling(self, model: str, serving: list[Deployment]) -> ApiError:
         now = time.monotonic()
-        waits = [d.cooling_s(now) for d in self.all if d.upstream(model) is not None]
+        waits = [d.cooling_s(now) for d in serving]
         wait = max(1, math.ceil(min(waits, default=1.0)))
         return ApiError(
             503,

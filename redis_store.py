@@ -255,6 +255,9 @@ class RedisSlots:
         self.lease_ms = max(1000, int(lease_s * 1000))
         self._take: Any = store.redis.register_script(TAKE_SLOT)
         self._renew: Any = store.redis.register_script(RENEW_SLOTS)
+        from redis.exceptions import NoScriptError
+
+        self._no_script = NoScriptError
         self._prefix = prefix + "inflight:"
         self.held: dict[str, set[str]] = {}  # Redis key -> the members this replica holds
         self._renewing: asyncio.Task[None] | None = None
@@ -294,11 +297,16 @@ class RedisSlots:
             self._renewing = None
 
     async def _renew_all(self) -> None:
-        """Every lease this replica holds renewed in one round trip, however many keys."""
+        """Every lease this replica holds renewed in one round trip, however many keys
+        (the script by its SHA: redis-py's own scripts in a pipeline ask first whether
+        it is loaded, a second round trip; a Redis that lost it gets it back here)."""
         pipe = self.store.redis.pipeline(transaction=False)
         for name, members in list(self.held.items()):
-            await self._renew(keys=[name], args=[self.lease_ms, *members], client=pipe)
-        await pipe.execute()
+            pipe.evalsha(self._renew.sha, 1, name, self.lease_ms, *members)
+        try:
+            await pipe.execute()
+        except self._no_script:
+            await self.store.redis.script_load(RENEW_SLOTS)  # renewed at the next turn
 
     async def aclose(self) -> None:
         if self._renewing is not None:

@@ -759,7 +759,7 @@ async def responses(request: Request) -> Response:
     try:
         decoded = decode_request(body, model, rid)
     except ApiError as exc:
-        if llm.passthrough(llm.of(request).first(model)[0], WIRE) is None:
+        if not llm.of(request).takes(model, WIRE):
             raise
         # Still fine for a provider that reads the body itself (OpenAI knows its own
         # new fields better than this module): counted by its length.

@@ -28,7 +28,7 @@ from tests.test_redis import REDIS, Redis
 
 pytestmark = pytest.mark.anyio
 
-SLOW = {"prompt": directive(tokens=20, token_delay_ms=100)}  # a stream of 2 s
+SLOW = {"prompt": directive(tokens=60, token_delay_ms=100)}  # a stream of 6 s
 
 
 @pytest.fixture
@@ -99,13 +99,26 @@ async def test_a_call_past_the_limit_is_refused_before_its_body_is_read(
                     b"Content-Type: application/json\r\nContent-Length: 100000\r\n"
                     + f"X-API-Key: {CLIENT_KEY}\r\n\r\n".encode()
                 )
-                head = sock.recv(65536).decode()
+                head = read_answer(sock)
             assert head.startswith("HTTP/1.1 429 ")
             assert "retry-after: 1\r\n" in head.lower()
             assert '"code":"concurrency_limit_exceeded"' in head.replace(" ", "")
             assert (await holder).status_code == 200
     finally:
         service.stop()
+
+
+def read_answer(sock: socket.socket) -> str:
+    """One whole HTTP answer (head and body, by its Content-Length) from a socket."""
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < int(
+        next(line.split(b":")[1] for line in data.split(b"\r\n")
+             if line.lower().startswith(b"content-length:"))
+    ):  # fmt: skip
+        chunk = sock.recv(65536)
+        assert chunk, "the connection closed before the answer was whole"
+        data += chunk
+    return data.decode()
 
 
 async def test_a_keys_file_limit_applies_to_its_key_and_the_default_to_the_rest(
@@ -144,12 +157,16 @@ def redis(tmp_path: Path) -> Iterator[Redis]:
 async def test_two_replicas_on_one_redis_run_exactly_8_of_100_streams(
     tmp_path: Path, mock: Process, redis: Redis
 ) -> None:
-    # Leases of 1 s that the streams (2 s) outlive: only renewals keep them.
+    # Leases of 1 s that the streams (6 s) outlive: only renewals keep them.
     env = {"RATE_LIMIT_STORE": redis.url, "CONCURRENCY_LEASE_S": "1"}
     one, two = limited(tmp_path, mock, **env), limited(tmp_path, mock, **env)
     try:
         first = asyncio.ensure_future(stream_all([one.url, two.url] * 50))
-        await asyncio.sleep(1.5)  # past a lease, while the 8 streams run
+        deadline = time.monotonic() + 10
+        while (await stats(mock))["open"] < 8:
+            assert time.monotonic() < deadline, "the 8 streams never opened"
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(2.5)  # two and a half leases, while the 8 streams (6 s) run
         late = await stream_all([one.url, two.url] * 5)
         responses = await first
     finally:

@@ -80,7 +80,14 @@ def test_rates_parse(text: str, rate: Rate) -> None:
         ({"KEY_MAX_CONCURRENT": "0"}, "KEY_MAX_CONCURRENT"),
         ({"KEY_MAX_CONCURRENT": "many"}, "KEY_MAX_CONCURRENT"),
         ({"CONCURRENCY_LEASE_S": "0.5"}, "CONCURRENCY_LEASE_S"),
-        ({"OTEL_EXPORTER_OTLP_HEADERS": "no-equals-sign"}, "OTEL_EXPORTER_OTLP_HEADERS"),
+        (
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318",
+                "OTEL_EXPORTER_OTLP_HEADERS": "no-equals-sign",
+            },
+            "OTEL_EXPORTER_OTLP_HEADERS",
+        ),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318"}, "OTEL_EXPORTER_OTLP_ENDPOINT"),
         ({"OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": "maybe"}, "CAPTURE_MESSAGE"),
         ({"API_KEYS_FILE": "/nonexistent/keys.toml"}, "API_KEYS_FILE"),
         ({"PRICES_FILE": "/nonexistent/prices.toml"}, "PRICES_FILE"),
@@ -96,3 +103,15 @@ def test_provider_keys_stay_out_of_the_settings_repr() -> None:
         provider="openai", openai_api_key="sk-very-secret", api_keys=("client-key",)
     )
     assert "sk-very-secret" not in repr(settings) and "client-key" not in repr(settings)
+
+
+def test_otlp_headers_are_read_only_when_traces_are_on() -> None:
+    # Another tool's malformed setting in the same environment stops nothing here.
+    settings = Settings.from_env(environ={"OTEL_EXPORTER_OTLP_HEADERS": "junk"}, env_file=None)
+    assert settings.otel_headers == ()
+    on = Settings.from_env(
+        environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318",
+                 "OTEL_EXPORTER_OTLP_HEADERS": "Authorization=Bearer%20t, x-team = a"},
+        env_file=None,
+    )  # fmt: skip
+    assert on.otel_headers == (("authorization", "Bearer t"), ("x-team", "a"))

@@ -142,14 +142,15 @@ async def test_an_invalid_request_is_not_tried_on_another_deployment() -> None:
 
 
 async def test_a_higher_priority_serves_only_when_the_lowest_are_gone() -> None:
-    a, spare = Fake("a", llm.ProviderUnavailable("down")), Fake("spare")
+    a, spare = Fake("a", llm.ProviderRateLimited("HTTP 429", retry_after_s=30)), Fake("spare")
     deployments = pool(
         llm.Deployment("spare", spare, {"m": "spare-model"}, weight=100, priority=1),
         llm.Deployment("a", a, {"m": ""}),
     )
     assert await call(deployments) == "spare:spare-model"
-    with pytest.raises(ApiError):  # without fallback, only the first priority
+    with pytest.raises(ApiError) as cooling:  # without fallback, only the first priority
         await deployments.run("m", lambda p, m: p.answer(m), fallback=False)  # type: ignore[attr-defined]
+    assert cooling.value.headers == {"Retry-After": "30"}  # a's wait, not the spare's
 
 
 async def test_a_model_goes_only_to_the_deployments_that_serve_it() -> None:
@@ -347,13 +348,19 @@ async def test_a_dead_deployment_comes_back_once_its_cooling_is_over(tmp_path: P
 # --- in process, through the routes -------------------------------------------------------
 
 
-def two_anthropic(handler: Callable[[httpx.Request], httpx.Response]) -> httpx.AsyncClient:
+def two_anthropic(
+    handler: Callable[[httpx.Request], httpx.Response],
+    upstream: str = "claude-haiku-4-5",
+    prices: Path | None = None,
+) -> httpx.AsyncClient:
     specs = tuple(
         DeploymentSpec(name=name, provider="anthropic", base_url=f"http://{name}.test",
-                       api_key=PROVIDER_KEY, models=(("fast", "claude-haiku-4-5"),))
+                       api_key=PROVIDER_KEY, models=(("fast", upstream),))
         for name in ("one", "two")
     )  # fmt: skip
-    settings = Settings(deployments=specs, api_keys=(CLIENT_KEY,), max_retries=0)
+    settings = Settings(
+        deployments=specs, api_keys=(CLIENT_KEY,), max_retries=0, prices_file=prices
+    )
     app = create_app(settings, transport=httpx.MockTransport(handler))
     return httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://testserver", headers=AUTH_HEADERS
@@ -382,23 +389,41 @@ async def test_a_messages_body_passed_through_moves_on_when_a_deployment_is_over
     async with two_anthropic(handler) as c:
         answers = [await c.post("/v1/messages", json=BODY) for _ in range(4)]
         ready = (await c.get("/ready")).json()["deployments"]
-        # A renamed model is priced by its upstream name, and the metrics know it.
-        usage = (await c.get("/usage")).json()
         scrape = (await c.get("/metrics")).text
     assert [r.status_code for r in answers] == [200] * 4
     assert hosts.count("one.test") == 1  # tried once, then left to cool
     assert {d["name"]: d["state"] for d in ready} == {"one": "cooling", "two": "up"}
-    assert usage["cost_usd"] and usage["cost_usd"] > 0
-    assert 'model="claude-haiku-4-5"' in scrape
+    assert 'model="claude-haiku-4-5"' in scrape  # the upstream name is a label
+
+
+async def test_a_renamed_model_is_priced_by_the_callers_name_when_only_that_is_known(
+    tmp_path: Path,
+) -> None:
+    prices = tmp_path / "prices.toml"
+    prices.write_text('[models."fast"]\ninput = 1.0\noutput = 2.0\n')
+    answer = {**MESSAGE, "model": "house-model-7"}  # a name no price table knows
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=answer)
+
+    async with two_anthropic(handler, upstream="house-model-7", prices=prices) as c:
+        r = await c.post("/v1/messages", json=BODY)
+        usage = (await c.get("/usage")).json()
+    assert r.status_code == 200
+    assert usage["cost_usd"] == pytest.approx((3 * 1.0 + 1 * 2.0) / 1e6)
 
 
 async def test_the_last_deployments_own_refusal_goes_back_as_it_came() -> None:
+    hosts: list[str] = []
+
     def handler(request: httpx.Request) -> httpx.Response:
+        hosts.append(request.url.host)
         return httpx.Response(529, json=OVERLOADED)
 
     async with two_anthropic(handler) as c:
         r = await c.post("/v1/messages", json=BODY)
     assert r.status_code == 529 and r.json() == OVERLOADED
+    assert sorted(hosts) == ["one.test", "two.test"]  # both tried before it went back
 
 
 def test_llm_models_narrows_the_models_of_the_deployments(tmp_path: Path) -> None:
@@ -448,15 +473,28 @@ async def test_a_deployment_alone_with_its_models_is_retried_and_one_with_others
         assert len(set(seen)) == 2  # the other deployment is the retry
 
 
-async def test_a_body_that_only_passes_through_goes_only_to_deployments_that_take_it() -> None:
+UNTRANSLATABLE = {
+    # a built-in tool: no other format carries it
+    "lost": {"model": "m", "input": "hi", "tools": [{"type": "web_search"}]},
+    # an output for a call this request does not hold: our decoder refuses it
+    "refused": {"model": "m", "input": [{"type": "function_call_output", "call_id": "c9",
+                                         "output": "x"}]},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("which", ["lost", "refused"])
+@pytest.mark.parametrize("openai_first", [True, False])
+async def test_a_body_that_only_passes_through_goes_only_to_deployments_that_take_it(
+    which: str, openai_first: bool
+) -> None:
     # Two deployments of one model: OpenAI itself (it serves /responses) and Anthropic
-    # (a Responses body is translated to it). A built-in tool cannot be translated.
+    # (a Responses body is translated to it), in either order in the file.
     specs = (
         DeploymentSpec(name="openai", provider="openai", base_url="https://api.openai.com/v1",
                        api_key=PROVIDER_KEY, models=(("m", "gpt-4o-mini"),)),
         DeploymentSpec(name="claude", provider="anthropic", base_url="http://claude.test",
                        api_key=PROVIDER_KEY, models=(("m", "claude-haiku-4-5"),)),
-    )  # fmt: skip
+    )[:: 1 if openai_first else -1]  # fmt: skip
     hosts: list[str] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -470,7 +508,7 @@ async def test_a_body_that_only_passes_through_goes_only_to_deployments_that_tak
 
     settings = Settings(deployments=specs, api_keys=(CLIENT_KEY,), max_retries=0)
     app = create_app(settings, transport=httpx.MockTransport(handler))
-    body = {"model": "m", "input": "hi", "tools": [{"type": "web_search"}]}
+    body = UNTRANSLATABLE[which]
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://testserver", headers=AUTH_HEADERS
     ) as c:
@@ -481,3 +519,28 @@ async def test_a_body_that_only_passes_through_goes_only_to_deployments_that_tak
     assert [r.status_code for r in answers] == [200] * 4
     assert hosts[:4] == ["api.openai.com"] * 4
     assert {r.status_code for r in plain} == {200} and "claude.test" in hosts[4:]
+
+
+async def test_a_body_only_the_fallback_could_take_as_is_still_goes_to_the_first_provider() -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.host)
+        return httpx.Response(200, json=CHAT_OK)
+
+    settings = Settings(
+        provider="anthropic", anthropic_api_key=PROVIDER_KEY, fallback_provider="openai",
+        openai_api_key=PROVIDER_KEY, openai_base_url="http://fallback.test/v1",
+        api_keys=(CLIENT_KEY,), max_retries=0,
+    )  # fmt: skip
+    app = create_app(settings, transport=httpx.MockTransport(handler))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://testserver", headers=AUTH_HEADERS
+    ) as c:
+        r = await c.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}], "logprobs": True},
+        )
+    # Anthropic cannot take logprobs: the first provider's 400, not the fallback's answer.
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
+    assert seen == []

@@ -260,3 +260,28 @@ async def test_a_real_process_exports_its_spans_over_otlp(tmp_path: Path) -> Non
     assert collector.authorization == ["Bearer collector-token"]
     names = {a.key: a.value.string_value for a in resource.attributes}
     assert names["service.name"] == "text-tool-test"
+
+
+async def test_the_app_shuts_down_a_tracer_provider_it_made_and_never_the_hosts(
+    recorded: Recorded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tracing
+
+    class Made(TracerProvider):
+        closed = False
+
+        def shutdown(self) -> None:
+            Made.closed = True
+            super().shutdown()
+
+    monkeypatch.setattr(tracing, "tracer_provider", lambda settings: Made())
+    own = openai_app(recorded.handler, otel_endpoint="http://127.0.0.1:9")  # made its own
+    hosted = openai_app(recorded.handler, tracer_provider=recorded.provider)
+    for app in (own, hosted):
+        async with app.router.lifespan_context(app):
+            pass
+    assert Made.closed
+    # The host's provider still records after the mounted app's shutdown.
+    with recorded.provider.get_tracer("host").start_as_current_span("after"):
+        pass
+    assert [span.name for span in recorded.spans()] == ["after"]
