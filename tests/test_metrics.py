@@ -159,3 +159,14 @@ def test_histogram_buckets_count_up_and_a_value_on_a_bound_is_in_it() -> None:
     assert value(text, "text_tool_rate_limit_store_up") == 1
     metrics.store_up.set_function(lambda: 0.0)
     assert value(bytes(metrics.response().body).decode(), "text_tool_rate_limit_store_up") == 0
+
+
+def test_a_dated_snapshot_of_a_model_is_counted_under_the_model() -> None:
+    metrics = Metrics(models=("gpt-4o-mini", "claude-haiku-4-5"), keys=())
+    call = {"model": "", "input_tokens": 1, "output_tokens": 1}
+    for model in ("gpt-4o-mini-2024-07-18", "claude-haiku-4-5-20251001", "gpt-9-2031-01-01"):
+        metrics.observe("/complete", 200, None, 0.01, {**call, "model": model})
+    text = metrics.response().body.decode()
+    assert 'direction="input",key="none",model="gpt-4o-mini"} 1.0' in text
+    assert 'direction="input",key="none",model="claude-haiku-4-5"} 1.0' in text
+    assert 'direction="input",key="none",model="other"} 1.0' in text
