@@ -166,7 +166,7 @@ def test_a_dated_snapshot_of_a_model_is_counted_under_the_model() -> None:
     call = {"model": "", "input_tokens": 1, "output_tokens": 1}
     for model in ("gpt-4o-mini-2024-07-18", "claude-haiku-4-5-20251001", "gpt-9-2031-01-01"):
         metrics.observe("/complete", 200, None, 0.01, {**call, "model": model})
-    text = metrics.response().body.decode()
+    text = bytes(metrics.response().body).decode()
     assert 'direction="input",key="none",model="gpt-4o-mini"} 1.0' in text
     assert 'direction="input",key="none",model="claude-haiku-4-5"} 1.0' in text
     assert 'direction="input",key="none",model="other"} 1.0' in text
