@@ -294,7 +294,7 @@ def create_app(
                 ConcurrencyMiddleware,
                 slots=slots,
                 default_limit=settings.key_max_concurrent,
-                paths=PROVIDER_CALLS,
+                paths=frozenset(PROVIDER_CALLS),
             ),
             *tracing_,
         ],
@@ -329,10 +329,17 @@ def create_app(
     return app
 
 
-# The routes whose calls count against a key's max_concurrent: those that hold a
-# provider call open (counting tokens is quick, and has its own allowance).
-PROVIDER_CALLS = frozenset({"/complete", "/stream", "/v1/chat/completions", "/v1/responses",
-                            "/v1/embeddings", "/v1/messages"})  # fmt: skip
+# The routes that hold a provider call open, and the GenAI operation each is: what
+# counts against a key's max_concurrent, and what a trace's span is made for
+# (counting tokens is quick, and has its own allowance).
+PROVIDER_CALLS = {
+    "/complete": "chat",
+    "/stream": "chat",
+    "/v1/chat/completions": "chat",
+    "/v1/responses": "chat",
+    "/v1/messages": "chat",
+    "/v1/embeddings": "embeddings",
+}
 
 # What a page may read of an answer beside its body.
 EXPOSED = ["X-Request-ID", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset",
@@ -370,6 +377,7 @@ def _tracing(settings: Settings, provider: Any) -> tuple[list[Middleware], Any]:
         tracing.TracingMiddleware,
         provider=own or provider,
         capture_content=settings.otel_capture_content,
+        operations=PROVIDER_CALLS,
     )
     return [middleware], own
 

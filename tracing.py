@@ -32,16 +32,6 @@ from config import Settings
 from errors import relative_path
 from requestlog import CALL
 
-# The routes that call a model, and the GenAI operation each is.
-OPERATIONS = {
-    "/complete": "chat",
-    "/stream": "chat",
-    "/v1/chat/completions": "chat",
-    "/v1/responses": "chat",
-    "/v1/messages": "chat",
-    "/v1/embeddings": "embeddings",
-}
-
 
 def tracer_provider(settings: Settings) -> TracerProvider:
     """Spans exported over OTLP/HTTP to OTEL_EXPORTER_OTLP_ENDPOINT, in batches. Not
@@ -62,9 +52,10 @@ class TracingMiddleware:
         app: ASGIApp,
         *,
         provider: trace.TracerProvider,
+        operations: Mapping[str, str],
         capture_content: bool = False,
-        operations: Mapping[str, str] = OPERATIONS,
     ) -> None:
+        """`operations`: the paths that call a model, each with its GenAI operation."""
         self.app = app
         self.tracer = provider.get_tracer("text-tool")
         self.capture_content = capture_content

@@ -28,6 +28,7 @@ from tests.conftest import (
     start_mock,
     start_service,
 )
+from tests.test_app import client
 
 pytestmark = pytest.mark.anyio
 
@@ -362,9 +363,7 @@ def two_anthropic(
         deployments=specs, api_keys=(CLIENT_KEY,), max_retries=0, prices_file=prices
     )
     app = create_app(settings, transport=httpx.MockTransport(handler))
-    return httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://testserver", headers=AUTH_HEADERS
-    )
+    return client(app)
 
 
 OVERLOADED = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
@@ -440,9 +439,7 @@ def openai_deployments(*names: str, handler: Callable[[httpx.Request], httpx.Res
     )  # fmt: skip
     settings = Settings(deployments=specs, api_keys=(CLIENT_KEY,), max_retries=2)
     app = create_app(settings, transport=httpx.MockTransport(handler))
-    return httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://testserver", headers=AUTH_HEADERS
-    )
+    return client(app)
 
 
 CHAT_OK = {
@@ -509,9 +506,7 @@ async def test_a_body_that_only_passes_through_goes_only_to_deployments_that_tak
     settings = Settings(deployments=specs, api_keys=(CLIENT_KEY,), max_retries=0)
     app = create_app(settings, transport=httpx.MockTransport(handler))
     body = UNTRANSLATABLE[which]
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://testserver", headers=AUTH_HEADERS
-    ) as c:
+    async with client(app) as c:
         answers = [await c.post("/v1/responses", json=body) for _ in range(4)]
         plain = [
             await c.post("/v1/responses", json={"model": "m", "input": "hi"}) for _ in range(2)
@@ -534,9 +529,7 @@ async def test_a_body_only_the_fallback_could_take_as_is_still_goes_to_the_first
         api_keys=(CLIENT_KEY,), max_retries=0,
     )  # fmt: skip
     app = create_app(settings, transport=httpx.MockTransport(handler))
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://testserver", headers=AUTH_HEADERS
-    ) as c:
+    async with client(app) as c:
         r = await c.post(
             "/v1/chat/completions",
             json={"messages": [{"role": "user", "content": "hi"}], "logprobs": True},
