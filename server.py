@@ -59,6 +59,7 @@ from ratelimit import (
     StoreUnavailable,
     store_error_response,
 )
+from redaction import RedactionMiddleware, Redactor
 from redis_store import RedisLimiter, RedisQuotas, RedisSlots, RedisUsage, SharedStore
 from requestlog import CALL, RequestContextMiddleware
 from usage import PriceTable, UsageBook
@@ -281,6 +282,7 @@ def create_app(
                 metrics=metrics_,
                 known_paths=frozenset(path for path, _, _ in table),
             ),
+            Middleware(RedactionMiddleware, redactor=Redactor(provider_keys(settings))),
             *_cors(settings),
             Middleware(AuthMiddleware, keys=keys),
             Middleware(
@@ -344,6 +346,12 @@ PROVIDER_CALLS = {
 # What a page may read of an answer beside its body.
 EXPOSED = ["X-Request-ID", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset",
            "Retry-After"]  # fmt: skip
+
+
+def provider_keys(settings: Settings) -> list[str]:
+    """Every provider key the process holds: none of them may reach a client."""
+    keys = [settings.openai_api_key, settings.anthropic_api_key]
+    return keys + [spec.api_key for spec in settings.deployments]
 
 
 def _cors(settings: Settings) -> list[Middleware]:

@@ -33,6 +33,8 @@ line `mock:{...json...}` in the last message (for calls through text-tool):
                             arguments from `input` (else {"answer": the prompt})
   thinking                  reason first with this text (Anthropic: a signed thinking block;
                             OpenAI: reasoning_content)
+  echo_key                  quote the key the request came with everywhere it can: in error
+                            bodies and error events, a header, the answer's text, a count
 Hostile ones (tests of the service's bounds; each stops by itself within 60 s):
   endless_body              non-streaming: 200 JSON that never ends (stops after this many MB)
   gzip_bomb                 non-streaming: this many MB of zeros, gzipped (about 1 KB a MB)
@@ -109,34 +111,36 @@ class MockProvider:
         elif path == "/_last":
             await _json(send, 200, self.stats.last)
         elif method == "POST" and path.endswith("/messages/count_tokens"):
-            await self.count_tokens(receive, send)
+            await self.count_tokens(scope, receive, send)
         elif method == "POST" and path.endswith("/chat/completions"):
             await self.answer(scope, receive, send, "openai")
         elif method == "POST" and path.endswith("/responses"):
             await self.answer(scope, receive, send, "responses")
         elif method == "POST" and path.endswith("/embeddings"):
-            await self.embeddings(receive, send)
+            await self.embeddings(scope, receive, send)
         elif method == "POST" and path.endswith("/messages"):
             await self.answer(scope, receive, send, "anthropic")
         else:
             await _json(send, 404, {"error": {"message": "not found", "type": "not_found"}})
 
-    async def count_tokens(self, receive: Receive, send: Send) -> None:
+    async def count_tokens(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Anthropic's count: the words of the messages, the system prompt and the tools
         (with a `status` directive, that status instead, as a server without the route)."""
         body = json.loads(await _read(receive))
         self.stats.last = {"protocol": "anthropic", "body": body, "count": True}
-        options, _ = self.options({}, body)
+        options, _ = self.options(_headers(scope), body)
+        key = str(options.get("key", ""))
         if "status" in options:
             status = int(options["status"])
-            await _json(send, status, _error_body("anthropic", status))
+            await _json(send, status, _error_body("anthropic", status, key), _quoted(key))
             return
         words = len(json.dumps(body.get("messages")).split()) + len(
             str(body.get("system", "")).split()
         )
-        await _json(send, 200, {"input_tokens": words + 10 * len(body.get("tools") or ())})
+        count = {"input_tokens": words + 10 * len(body.get("tools") or ())}
+        await _json(send, 200, {**count, **({"key": key} if key else {})}, _quoted(key))
 
-    async def embeddings(self, receive: Receive, send: Send) -> None:
+    async def embeddings(self, scope: Scope, receive: Receive, send: Send) -> None:
         """OpenAI's embeddings: a vector of 8 floats an input, from its hash, and a
         token a word (a `status` directive in the first input answers that status)."""
         self.stats.requests += 1
@@ -145,12 +149,12 @@ class MockProvider:
         raw = body.get("input")
         items = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else raw
         first = str(items[0]) if items else ""
-        if first.startswith("mock:"):
-            options = json.loads(first[5:].partition("\n")[0])
-            if "status" in options:
-                status = int(options["status"])
-                await _json(send, status, _error_body("openai", status))
-                return
+        options = json.loads(first[5:].partition("\n")[0]) if first.startswith("mock:") else {}
+        key = _their_key(_headers(scope)) if options.get("echo_key") else ""
+        if "status" in options:
+            status = int(options["status"])
+            await _json(send, status, _error_body("openai", status, key), _quoted(key))
+            return
         data = []
         for i, item in enumerate(items or ()):
             digest = hashlib.sha256(json.dumps(item).encode()).digest()
@@ -165,13 +169,15 @@ class MockProvider:
                 "data": data,
                 "model": body.get("model"),
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+                **({"key": key} if key else {}),
             },
+            _quoted(key),
         )
 
     async def answer(self, scope: Scope, receive: Receive, send: Send, protocol: str) -> None:
         self.stats.requests += 1
         body = json.loads(await _read(receive))
-        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        headers = _headers(scope)
         query = scope.get("query_string", b"").decode()
         self.stats.last = {"protocol": protocol, "body": body, "headers": headers, "query": query}
         options, prompt = self.options(headers, body)
@@ -205,6 +211,8 @@ class MockProvider:
         if content.startswith("mock:"):
             directive, _, content = content[5:].partition("\n")
             options.update(json.loads(directive))
+        if options.get("echo_key"):
+            options["key"] = _their_key(headers)
         return options, content
 
     async def respond(
@@ -227,14 +235,15 @@ class MockProvider:
                 status = 200
             else:
                 self.stats.failed[key] = self.stats.failed.get(key, 0) + 1
+        key = str(options.get("key", ""))
         if status != 200:
             await _sleep(options["ttft_ms"], gone)
-            headers = {}
+            headers = _quoted(key)
             if "retry_after" in options:
                 headers["retry-after"] = str(options["retry_after"])
             if "location" in options:
                 headers["location"] = str(options["location"])
-            await _json(send, status, _error_body(protocol, status), headers)
+            await _json(send, status, _error_body(protocol, status, key), headers)
             return
         if options.get("garbage"):
             await _raw(send, 200, b"<html>not json", "text/html")
@@ -257,6 +266,8 @@ class MockProvider:
             chunks = [w if i == 0 else " " + w for i, w in enumerate(prompt.split())]
         if "tool_call" in options and "text" not in options:
             chunks = []
+        if key:
+            chunks = [f"{key} ", *chunks]
         max_tokens = int(
             body.get("max_tokens")
             or body.get("max_completion_tokens")
@@ -284,8 +295,9 @@ class MockProvider:
             make = {"openai": _openai_completion, "responses": _responses_object}.get(
                 protocol, _anthropic_message
             )
-            cookie = {"set-cookie": str(options["set_cookie"])} if "set_cookie" in options else {}
-            await _json(send, 200, make(model, "".join(chunks), finish, usage, options), cookie)
+            headers = {"set-cookie": str(options["set_cookie"])} if "set_cookie" in options else {}
+            headers.update(_quoted(key))
+            await _json(send, 200, make(model, "".join(chunks), finish, usage, options), headers)
             self.stats.finished += 1
             return
 
@@ -299,7 +311,8 @@ class MockProvider:
                 {
                     "type": "http.response.start",
                     "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream")],
+                    "headers": [(b"content-type", b"text/event-stream")]
+                    + [(k.encode(), v.encode()) for k, v in _quoted(key).items()],
                 }
             )
             if options.get("empty"):
@@ -846,6 +859,7 @@ def _anthropic_frames(
 
 
 def _fault(options: dict[str, Any], index: int, anthropic: bool = False) -> list[tuple[str, bytes]]:
+    quoted = f" (called with {options['key']})" if options.get("key") else ""
     if options.get("drop_after") == index:
         return [("drop", b"")]
     if options.get("malformed_after") == index:
@@ -854,15 +868,15 @@ def _fault(options: dict[str, Any], index: int, anthropic: bool = False) -> list
         if anthropic:
             error = {
                 "type": "error",
-                "error": {"type": "overloaded_error", "message": "Overloaded"},
+                "error": {"type": "overloaded_error", "message": "Overloaded" + quoted},
             }
             return [("error", _sse(error, "error"))]
-        error = {"error": {"message": "The server had an error", "type": "server_error"}}
+        error = {"error": {"message": "The server had an error" + quoted, "type": "server_error"}}
         return [("error", _sse(error))]
     return []
 
 
-def _error_body(protocol: str, status: int) -> dict[str, Any]:
+def _error_body(protocol: str, status: int, key: str = "") -> dict[str, Any]:
     kinds = {
         400: "invalid_request_error",
         401: "authentication_error",
@@ -876,9 +890,25 @@ def _error_body(protocol: str, status: int) -> dict[str, Any]:
     if status == 401:
         # the real OpenAI quotes part of the key it refused
         message = "Incorrect API key provided: sk-mock***oops"
+    if key:  # as a proxy quoting the request it failed to forward might
+        message += f" (x-api-key: {key})"
     if protocol == "anthropic":
         return {"type": "error", "error": {"type": kind, "message": message}}
-    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    return {"error": {"message": message, "type": kind, "param": None, "code": key or None}}
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in scope["headers"]}
+
+
+def _their_key(headers: dict[str, str]) -> str:
+    """The key the request was made with, as either protocol sends it."""
+    return headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ")
+
+
+def _quoted(key: str) -> dict[str, str]:
+    """The header an echoing provider quotes the key in."""
+    return {"x-echoed-key": key} if key else {}
 
 
 async def _read(receive: Receive) -> bytes:
