@@ -1,14 +1,21 @@
 """Settings: read once from the environment (and `.env`), then passed around as one object.
 
-`create_app(settings=...)` takes a `Settings` so that tests and embedding apps never
-patch the environment. A bad value raises `SettingsError` naming the variable, and the
-entry point turns that into one line on stderr instead of a traceback at first request.
+One table says what each environment variable is: the fields of `Settings`, each made by
+`row()` with the variable's name, its parser, its default, its check and a line about it.
+`Settings.from_env` reads the environment by it and `Settings(...)` checks values by it; a bad
+value raises `SettingsError` naming the variable, which the entry point prints as one line
+instead of a traceback at the first request; tests/test_settings_table.py holds the README's
+table and `.env.example` to it. What depends on other settings (the provider from the key that
+is set, the default model, the fallback's model, the models of the deployments) is worked out
+before the object is made, so a `Settings` never changes once it exists.
+
+`create_app(settings=...)` takes a `Settings` so that tests and embedding apps never patch the
+environment.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib.util
 import math
 import os
@@ -17,9 +24,12 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypedDict, TypeVar, Unpack, cast
+from urllib.parse import unquote
 
 from starlette.config import Config
+
+T = TypeVar("T")
 
 PROVIDERS = ("openai", "anthropic", "echo")
 
@@ -192,189 +202,387 @@ def _deployment(
     )
 
 
-@dataclass(frozen=True, kw_only=True)
+# --- the table ---------------------------------------------------------------------------
+# Each variable is one row: a field of Settings made by `row()`, with the variable's name,
+# its parser (text to value), its default, its check (of the value) and a line about it.
+
+Lookup = Callable[[str], str]  # another variable's text, "" when unset
+Parse = Callable[[str, Lookup], T]  # a variable's text to its value, or a ValueError
+Check = Callable[[T], None]  # a ValueError when a value is not allowed
+
+
+@dataclass(frozen=True)
+class Row(Generic[T]):
+    """What the table knows of one variable besides its field's name, type and default."""
+
+    env: str
+    parse: Parse[T]
+    check: Check[T] | None
+    doc: str
+    only_with: str = ""  # read only when this other variable is set
+
+
+def row(
+    env: str,
+    parse: Parse[T],
+    default: T,
+    check: Check[T] | None,
+    doc: str,
+    *,
+    secret: bool = False,
+    only_with: str = "",
+) -> T:
+    """A field of Settings read from the variable `env`. Typed as its value (as
+    `dataclasses.field` is), so that mypy holds the default and the parser to the field's
+    type; a secret stays out of the repr."""
+    made: T = field(
+        default=default, repr=not secret, metadata={"row": Row(env, parse, check, doc, only_with)}
+    )
+    return made
+
+
+def _text(text: str, env: Lookup) -> str:
+    return text
+
+
+def _lower(text: str, env: Lookup) -> str:
+    return text.lower()
+
+
+def _url(text: str, env: Lookup) -> str:
+    return text.rstrip("/")
+
+
+def _names(text: str, env: Lookup) -> tuple[str, ...]:
+    return _split(text)
+
+
+def _number(text: str, env: Lookup) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+
+
+def _whole(text: str, env: Lookup) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
+
+
+def _rate(text: str, env: Lookup) -> Rate:
+    return Rate.parse(text)
+
+
+def _file(text: str, env: Lookup) -> Path:
+    """A path checked as it is read, so that a typo stops the start rather than the first
+    request; a Path given to Settings(...) may be written later (tests do)."""
+    if not Path(text).is_file():
+        raise ValueError(f"{text} is not a readable file")
+    return Path(text)
+
+
+def _flag(text: str, env: Lookup) -> bool:
+    if text.lower() in ("true", "1", "yes", "on"):
+        return True
+    if text.lower() in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not true or false")
+
+
+def _headers(text: str, env: Lookup) -> tuple[tuple[str, str], ...]:
+    """`key=value,key2=value2`, as OpenTelemetry's exporters take them (values
+    percent-encoded)."""
+    pairs = []
+    for item in _split(text):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError("expected key=value pairs separated by commas")
+        pairs.append((key.strip().lower(), unquote(value.strip())))
+    return tuple(pairs)
+
+
+def _deployments(text: str, env: Lookup) -> tuple[DeploymentSpec, ...]:
+    """The one parser that looks up other variables: a deployment's `api_key_env`."""
+    return read_deployments(Path(text), env)
+
+
+def _one_of(*choices: str) -> Check[str]:
+    def check(value: str) -> None:
+        if value not in choices:
+            listed = ", ".join(choices[:-1]) + f" or {choices[-1]}"
+            raise ValueError(f"{value!r} is not {listed}")
+
+    return check
+
+
+def _optional(check: Check[T]) -> Check[T | None]:
+    """`check`, for a setting that may also be left unset (None or "")."""
+
+    def maybe(value: T | None) -> None:
+        if value is not None and value != "":
+            check(value)
+
+    return maybe
+
+
+def _at_least(floor: int) -> Check[float]:
+    def check(value: float) -> None:
+        if not (value >= floor and math.isfinite(value)):
+            raise ValueError(f"must be {floor} or more, got {value}")
+
+    return check
+
+
+def _seconds(value: float) -> None:
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"must be a positive number of seconds, got {value}")
+
+
+def _store(url: str) -> None:
+    if url == "memory":
+        return
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"{url!r} is not memory or a redis://host:port/db URL")
+    if importlib.util.find_spec("redis") is None:
+        raise ValueError("a Redis store needs the redis extra (uv sync --extra redis)")
+
+
+def _origins(origins: tuple[str, ...]) -> None:
+    for origin in origins:
+        if origin != "*" and not _ORIGIN.match(origin):
+            raise ValueError(f"{origin!r} is not an origin like https://app.example.com")
+
+
+def _collector(url: str) -> None:
+    if not url:
+        return
+    if not re.match(r"^https?://[^/\s]+", url):
+        raise ValueError(f"{url!r} is not an http(s) URL")
+    if importlib.util.find_spec("opentelemetry.exporter.otlp.proto.http") is None:
+        raise ValueError("traces need the otel extra (uv sync --extra otel)")
+
+
+class SettingsArgs(TypedDict, total=False):
+    """The keywords of `Settings(...)`: its fields, typed as they are (a TypedDict cannot be
+    made from a class for mypy; tests/test_settings_table.py holds the two together)."""
+
+    provider: str
+    model: str
+    models: tuple[str, ...]
+    fallback_provider: str
+    fallback_model: str
+    deployments: tuple[DeploymentSpec, ...]
+    openai_api_key: str
+    openai_base_url: str
+    openai_responses: str
+    anthropic_api_key: str
+    anthropic_base_url: str
+    api_keys: tuple[str, ...]
+    api_keys_file: Path | None
+    rate_limit: Rate
+    token_limit: Rate | None
+    timeout_s: float
+    connect_timeout_s: float
+    total_timeout_s: float
+    max_response_bytes: int
+    max_body_bytes: int
+    body_timeout_s: float
+    max_header_bytes: int
+    header_timeout_s: float
+    max_inflight: int
+    key_max_concurrent: int | None
+    concurrency_lease_s: float
+    max_retries: int
+    retry_deadline_s: float
+    shutdown_grace_s: float
+    ping_interval_s: float
+    prices_file: Path | None
+    log_format: str
+    transport: str
+    rate_limit_store: str
+    rate_limit_store_fail: str
+    cors_origins: tuple[str, ...]
+    otel_endpoint: str
+    otel_service: str
+    otel_headers: tuple[tuple[str, str], ...]
+    otel_capture_content: bool
+    provider_was_defaulted: bool
+
+
+@dataclass(frozen=True, kw_only=True, init=False)
 class Settings:
-    """Everything the service reads from its environment, typed and validated."""
+    """Everything the service reads from its environment, typed and checked: one field a
+    variable, each field a row of the table."""
 
-    provider: str = "echo"
-    model: str = ""
-    models: tuple[str, ...] = ()
-    fallback_provider: str = ""
-    fallback_model: str = ""
-    deployments: tuple[DeploymentSpec, ...] = ()  # LLM_DEPLOYMENTS; none: the provider above
-    openai_api_key: str = field(default="", repr=False)
-    openai_base_url: str = OPENAI_BASE_URL
-    openai_responses: str = "auto"  # does the OpenAI provider serve /responses itself?
-    anthropic_api_key: str = field(default="", repr=False)
-    anthropic_base_url: str = ANTHROPIC_BASE_URL
-    api_keys: tuple[str, ...] = field(default=(), repr=False)
-    api_keys_file: Path | None = None
-    rate_limit: Rate = Rate(60, 60)
-    token_limit: Rate | None = None
-    timeout_s: float = 60.0
-    connect_timeout_s: float = 5.0
-    total_timeout_s: float = 600.0
-    max_response_bytes: int = 16 * 1024 * 1024
-    max_body_bytes: int = 1024 * 1024
-    body_timeout_s: float = 30.0
-    max_header_bytes: int = 64 * 1024
-    header_timeout_s: float = 10.0
-    max_inflight: int = 2048
-    key_max_concurrent: int | None = None  # calls in flight per key, unless its own says
-    concurrency_lease_s: float = 10.0  # a shared slot outlives a dead replica this long
-    max_retries: int = 2
-    retry_deadline_s: float = 30.0
-    shutdown_grace_s: float = 15.0
-    ping_interval_s: float = 15.0
-    prices_file: Path | None = None
-    log_format: str = "json"
-    transport: str = "aiohttp"
-    rate_limit_store: str = "memory"
-    rate_limit_store_fail: str = "open"
-    cors_origins: tuple[str, ...] = ()  # the origins of pages that may call it
-    otel_endpoint: str = ""  # OTLP/HTTP base URL; none: no traces, no OpenTelemetry loaded
-    otel_service: str = "text-tool"
-    otel_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # a collector's auth
-    otel_capture_content: bool = False  # prompt and completion text in the spans
-    provider_was_defaulted: bool = False
+    # The provider, its models, a fallback or several deployments
+    provider: str = row(
+        "LLM_PROVIDER", _lower, "echo", _one_of(*PROVIDERS), "openai, anthropic or echo"
+    )
+    model: str = row("LLM_MODEL", _text, "", None, "the default model; unset: the provider's")
+    models: tuple[str, ...] = row(
+        "LLM_MODELS", _names, (), None, "the models a caller may ask for (and LLM_MODEL)"
+    )
+    fallback_provider: str = row(
+        "LLM_FALLBACK_PROVIDER",
+        _lower,
+        "",
+        _optional(_one_of(*PROVIDERS)),
+        "a second provider, tried when the first fails before its answer began",
+    )
+    fallback_model: str = row(
+        "LLM_FALLBACK_MODEL", _text, "", None, "the fallback's model; unset: its provider's"
+    )
+    deployments: tuple[DeploymentSpec, ...] = row(
+        "LLM_DEPLOYMENTS", _deployments, (), None, "a TOML file of deployments, for LLM_PROVIDER"
+    )
+    openai_api_key: str = row(
+        "OPENAI_API_KEY", _text, "", None, "OpenAI's key (none for a local server)", secret=True
+    )
+    openai_base_url: str = row(
+        "OPENAI_BASE_URL", _url, OPENAI_BASE_URL, None, "OpenAI or an OpenAI-compatible server"
+    )
+    openai_responses: str = row(
+        "OPENAI_RESPONSES",
+        _lower,
+        "auto",
+        _one_of("auto", "on", "off"),
+        "whether the OpenAI provider serves /responses itself (auto: api.openai.com does)",
+    )
+    anthropic_api_key: str = row(
+        "ANTHROPIC_API_KEY", _text, "", None, "Anthropic's key", secret=True
+    )
+    anthropic_base_url: str = row(
+        "ANTHROPIC_BASE_URL", _url, ANTHROPIC_BASE_URL, None, "the Anthropic Messages API"
+    )
+    # Client keys and their limits
+    api_keys: tuple[str, ...] = row(
+        "API_KEYS", _names, (), None, "client keys, comma-separated", secret=True
+    )
+    api_keys_file: Path | None = row(
+        "API_KEYS_FILE", _file, None, None, "a TOML file of named keys with their own limits"
+    )
+    rate_limit: Rate = row("RATE_LIMIT", _rate, Rate(60, 60), None, "requests a key, N/minute")
+    token_limit: Rate | None = row("TOKEN_LIMIT", _rate, None, None, "tokens a key, N/minute")
+    # The provider calls: time, size, retries
+    timeout_s: float = row(
+        "LLM_TIMEOUT_S", _number, 60.0, _seconds, "provider read timeout, per chunk or event"
+    )
+    connect_timeout_s: float = row(
+        "LLM_CONNECT_TIMEOUT_S", _number, 5.0, _seconds, "provider connect timeout"
+    )
+    total_timeout_s: float = row(
+        "LLM_TOTAL_TIMEOUT_S", _number, 600.0, _seconds, "the most a whole answer may take"
+    )
+    max_response_bytes: int = row(
+        "LLM_MAX_RESPONSE_BYTES",
+        _whole,
+        16 * 1024 * 1024,
+        _at_least(1024),
+        "the largest answer, or event, taken from a provider",
+    )
+    # What clients send
+    max_body_bytes: int = row(
+        "MAX_BODY_BYTES", _whole, 1024 * 1024, _at_least(1), "the largest request body"
+    )
+    body_timeout_s: float = row(
+        "BODY_TIMEOUT_S", _number, 30.0, _seconds, "the time a client has to send its body"
+    )
+    max_header_bytes: int = row(
+        "MAX_HEADER_BYTES", _whole, 64 * 1024, _at_least(1024), "the largest request head"
+    )
+    header_timeout_s: float = row(
+        "HEADER_TIMEOUT_S", _number, 10.0, _seconds, "the time a client has to send its head"
+    )
+    # Calls in flight
+    max_inflight: int = row(
+        "MAX_INFLIGHT", _whole, 2048, _at_least(1), "provider calls in flight at once"
+    )
+    key_max_concurrent: int | None = row(
+        "KEY_MAX_CONCURRENT",
+        _whole,
+        None,
+        _optional(_at_least(1)),
+        "calls in flight a key, unless its own says",
+    )
+    concurrency_lease_s: float = row(
+        "CONCURRENCY_LEASE_S",
+        _number,
+        10.0,
+        _at_least(1),
+        "how long a shared slot outlives a dead replica",
+    )
+    max_retries: int = row(
+        "LLM_MAX_RETRIES", _whole, 2, _at_least(0), "retries of a call that failed early"
+    )
+    retry_deadline_s: float = row(
+        "LLM_RETRY_DEADLINE_S", _number, 30.0, _seconds, "no retry starts after this long"
+    )
+    shutdown_grace_s: float = row(
+        "SHUTDOWN_GRACE_S", _number, 15.0, _seconds, "on SIGTERM, the time streams get to end"
+    )
+    ping_interval_s: float = row(
+        "SSE_PING_INTERVAL_S", _number, 15.0, _seconds, "between keep-alives on a stream"
+    )
+    # Prices, logs, the HTTP pool, the shared store, browsers, traces
+    prices_file: Path | None = row(
+        "PRICES_FILE", _file, None, None, "a TOML file adding or overriding model prices"
+    )
+    log_format: str = row("LOG_FORMAT", _lower, "json", _one_of("json", "text"), "json or text")
+    transport: str = row(
+        "LLM_TRANSPORT", _lower, "aiohttp", _one_of("aiohttp", "httpx"), "the upstream pool"
+    )
+    rate_limit_store: str = row(
+        "RATE_LIMIT_STORE", _text, "memory", _store, "memory, or redis:// shared by replicas"
+    )
+    rate_limit_store_fail: str = row(
+        "RATE_LIMIT_STORE_FAIL",
+        _lower,
+        "open",
+        _one_of("open", "closed"),
+        "with the store down: open (this replica's memory) or closed (503)",
+    )
+    cors_origins: tuple[str, ...] = row(
+        "CORS_ORIGINS", _names, (), _origins, "the origins of pages that may call it"
+    )
+    otel_endpoint: str = row(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        _text,
+        "",
+        _collector,
+        "an OTLP/HTTP collector's base URL; unset: no traces, no OpenTelemetry loaded",
+    )
+    otel_service: str = row(
+        "OTEL_SERVICE_NAME", _text, "text-tool", None, "the traces' service name"
+    )
+    otel_headers: tuple[tuple[str, str], ...] = row(
+        "OTEL_EXPORTER_OTLP_HEADERS",
+        _headers,
+        (),
+        None,
+        "a collector's headers, key=value,... (its auth)",
+        secret=True,
+        only_with="OTEL_EXPORTER_OTLP_ENDPOINT",  # another tool's headers stop nothing here
+    )
+    otel_capture_content: bool = row(
+        "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT",
+        _flag,
+        False,
+        None,
+        "prompt and completion text in the spans",
+    )
+    # Derived, with no variable of their own
+    provider_was_defaulted: bool = False  # LLM_PROVIDER unset: chosen by the key that is set
+    # Each model callers name, and its name at the first deployment serving it: what
+    # prices a call before it is known which deployment serves it.
+    upstream_names: dict[str, str] = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        if self.provider not in PROVIDERS:
-            raise SettingsError(
-                f"LLM_PROVIDER: {self.provider!r} is not one of {', '.join(PROVIDERS)}"
-            )
-        if self.fallback_provider and self.fallback_provider not in PROVIDERS:
-            raise SettingsError(
-                f"LLM_FALLBACK_PROVIDER: {self.fallback_provider!r} is not one of "
-                f"{', '.join(PROVIDERS)}"
-            )
-        if self.deployments:
-            self._check_deployments()
-        if self.fallback_model and not self.fallback_provider:
-            object.__setattr__(self, "fallback_provider", self.provider)
-        if self.fallback_provider and not self.fallback_model:
-            object.__setattr__(self, "fallback_model", DEFAULT_MODELS[self.fallback_provider])
-        if not self.model:
-            object.__setattr__(self, "model", DEFAULT_MODELS[self.provider])
-        if not self.models:
-            object.__setattr__(self, "models", (self.model,))
-        elif self.model not in self.models:
-            object.__setattr__(self, "models", (self.model, *self.models))
-        for setting, kind in (
-            ("LLM_PROVIDER", "" if self.deployments else self.provider),
-            ("LLM_FALLBACK_PROVIDER", self.fallback_provider),
-        ):
-            if kind == "anthropic" and not self.anthropic_api_key:
-                raise SettingsError(f"ANTHROPIC_API_KEY: required when {setting}=anthropic")
-            if (
-                kind == "openai"
-                and not self.openai_api_key
-                and self.openai_base_url.rstrip("/") == OPENAI_BASE_URL
-            ):
-                raise SettingsError(
-                    f"OPENAI_API_KEY: required when {setting}=openai talks to api.openai.com "
-                    "(set OPENAI_BASE_URL for a server that needs no key)"
-                )
-        for name, value in (
-            ("LLM_TIMEOUT_S", self.timeout_s),
-            ("LLM_CONNECT_TIMEOUT_S", self.connect_timeout_s),
-            ("LLM_TOTAL_TIMEOUT_S", self.total_timeout_s),
-            ("BODY_TIMEOUT_S", self.body_timeout_s),
-            ("HEADER_TIMEOUT_S", self.header_timeout_s),
-            ("LLM_RETRY_DEADLINE_S", self.retry_deadline_s),
-            ("SHUTDOWN_GRACE_S", self.shutdown_grace_s),
-        ):
-            if not (value > 0 and math.isfinite(value)):
-                raise SettingsError(f"{name}: must be a positive number of seconds, got {value}")
-        store = self.rate_limit_store
-        if store != "memory" and not store.startswith(("redis://", "rediss://", "unix://")):
-            raise SettingsError(
-                f"RATE_LIMIT_STORE: {store!r} is not memory or a redis://host:port/db URL"
-            )
-        if store != "memory" and importlib.util.find_spec("redis") is None:
-            raise SettingsError(
-                "RATE_LIMIT_STORE: a Redis store needs the redis extra (uv sync --extra redis)"
-            )
-        if self.rate_limit_store_fail not in ("open", "closed"):
-            raise SettingsError(
-                f"RATE_LIMIT_STORE_FAIL: {self.rate_limit_store_fail!r} is not open or closed"
-            )
-        if self.transport not in ("aiohttp", "httpx"):
-            raise SettingsError(f"LLM_TRANSPORT: {self.transport!r} is not aiohttp or httpx")
-        if self.openai_responses not in ("auto", "on", "off"):
-            raise SettingsError(
-                f"OPENAI_RESPONSES: {self.openai_responses!r} is not auto, on or off"
-            )
-        for origin in self.cors_origins:
-            if origin != "*" and not _ORIGIN.match(origin):
-                raise SettingsError(
-                    f"CORS_ORIGINS: {origin!r} is not an origin like https://app.example.com"
-                )
-        if self.otel_endpoint:
-            if not re.match(r"^https?://[^/\s]+", self.otel_endpoint):
-                raise SettingsError(
-                    f"OTEL_EXPORTER_OTLP_ENDPOINT: {self.otel_endpoint!r} is not an http(s) URL"
-                )
-            if importlib.util.find_spec("opentelemetry.exporter.otlp.proto.http") is None:
-                raise SettingsError(
-                    "OTEL_EXPORTER_OTLP_ENDPOINT: traces need the otel extra (uv sync --extra otel)"
-                )
-        if self.log_format not in ("json", "text"):
-            raise SettingsError(f"LOG_FORMAT: {self.log_format!r} is not json or text")
-        if self.max_response_bytes < 1024:
-            raise SettingsError(
-                f"LLM_MAX_RESPONSE_BYTES: must be at least 1024, got {self.max_response_bytes}"
-            )
-        if self.max_header_bytes < 1024:
-            raise SettingsError(
-                f"MAX_HEADER_BYTES: must be at least 1024, got {self.max_header_bytes}"
-            )
-        if self.max_body_bytes < 1:
-            raise SettingsError(f"MAX_BODY_BYTES: must be positive, got {self.max_body_bytes}")
-        if not (self.ping_interval_s > 0 and math.isfinite(self.ping_interval_s)):
-            raise SettingsError(
-                f"SSE_PING_INTERVAL_S: must be a positive number, got {self.ping_interval_s}"
-            )
-        if self.max_inflight < 1:
-            raise SettingsError(f"MAX_INFLIGHT: must be positive, got {self.max_inflight}")
-        if not (self.concurrency_lease_s >= 1 and math.isfinite(self.concurrency_lease_s)):
-            raise SettingsError(
-                f"CONCURRENCY_LEASE_S: must be 1 second or more, got {self.concurrency_lease_s}"
-            )
-        if self.key_max_concurrent is not None and self.key_max_concurrent < 1:
-            raise SettingsError(
-                f"KEY_MAX_CONCURRENT: must be positive, got {self.key_max_concurrent}"
-            )
-        if self.max_retries < 0:
-            raise SettingsError(f"LLM_MAX_RETRIES: must be 0 or more, got {self.max_retries}")
-
-    def _check_deployments(self) -> None:
-        if self.fallback_provider or self.fallback_model:
-            raise SettingsError(
-                "LLM_FALLBACK_PROVIDER: with LLM_DEPLOYMENTS, a fallback is a deployment "
-                "with a higher priority"
-            )
-        served = list(dict.fromkeys(m for d in self.deployments for m, _ in d.models))
-        object.__setattr__(self, "provider", self.deployments[0].provider)
-        if not self.model:
-            object.__setattr__(self, "model", self.models[0] if self.models else served[0])
-        if not self.models:
-            object.__setattr__(self, "models", tuple(served))
-        unserved = [m for m in (self.model, *self.models) if m not in served]
-        if unserved:
-            raise SettingsError(
-                f"LLM_MODELS: no deployment of LLM_DEPLOYMENTS serves {', '.join(unserved)}"
-            )
-
-    @functools.cached_property
-    def upstream_names(self) -> dict[str, str]:
-        """Each model callers name, and its name at the first deployment serving it:
-        what prices a call before it is known which deployment serves it."""
-        first: dict[str, str] = {}
-        for spec in sorted(self.deployments, key=lambda d: d.priority):
-            for model, upstream in spec.models:
-                first.setdefault(model, upstream)
-        return first
+    def __init__(self, **given: Unpack[SettingsArgs]) -> None:
+        """Values given here are taken as `from_env` takes the environment's: each checked
+        by its row, the rest defaulted or derived, and then each field set once."""
+        for name, value in _resolve(given).items():
+            object.__setattr__(self, name, value)  # frozen: as a dataclass's own __init__ does
 
     def serves_responses(self, base_url: str) -> bool:
         """Whether a Responses body passes through to an OpenAI provider at `base_url`:
@@ -384,139 +592,158 @@ class Settings:
             return base_url.rstrip("/") == OPENAI_BASE_URL
         return self.openai_responses == "on"
 
-    @property
-    def openai_serves_responses(self) -> bool:
-        return self.serves_responses(self.openai_base_url)
-
     def replace(self, **changes: object) -> Settings:
-        """A copy with some fields changed (tests use it to vary one setting)."""
+        """A copy with some fields changed (tests use it to vary one setting); read again,
+        so a bad change is a SettingsError too."""
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
     @classmethod
     def from_env(
         cls, environ: Mapping[str, str] | None = None, env_file: str | Path | None = ".env"
     ) -> Settings:
-        """Parse the environment; `.env` in the working directory fills in what it lacks."""
+        """Parse the environment; `.env` in the working directory fills in what it lacks.
+        A variable left empty is unset."""
         path = Path(env_file) if env_file is not None else None
         config = Config(
             path if path is not None and path.is_file() else None,
             environ=os.environ if environ is None else environ,
         )
 
-        def get(name: str, default: str = "") -> str:
-            return str(config(name, default=default)).strip()
+        def env(name: str) -> str:
+            return str(config(name, default="")).strip()
 
-        def number(name: str, default: str, kind: type[float] | type[int]) -> float:
-            raw = get(name, default)
-            try:
-                return kind(raw)
-            except ValueError:
-                raise SettingsError(f"{name}: {raw!r} is not a number") from None
+        given: dict[str, object] = {}
+        for name, known in ROWS.items():
+            text = env(known.env)
+            if text and (not known.only_with or env(known.only_with)):
+                given[name] = _parsed(known, text, env)
+        if "provider" not in given:
+            given["provider"] = _provider_by_key(given)
+            given["provider_was_defaulted"] = True
+        return cls(**cast(SettingsArgs, given))
 
-        openai_key = get("OPENAI_API_KEY")
-        openai_base = get("OPENAI_BASE_URL")
-        anthropic_key = get("ANTHROPIC_API_KEY")
-        provider = get("LLM_PROVIDER").lower()
-        defaulted = not provider
-        if defaulted:
-            provider = (
-                "openai"
-                if openai_key or openai_base
-                else ("anthropic" if anthropic_key else "echo")
-            )
-        try:
-            rate = Rate.parse(get("RATE_LIMIT", "60/minute"))
-        except ValueError as exc:
-            raise SettingsError(f"RATE_LIMIT: {exc}") from None
-        token_limit = None
-        if get("TOKEN_LIMIT"):
-            try:
-                token_limit = Rate.parse(get("TOKEN_LIMIT"))
-            except ValueError as exc:
-                raise SettingsError(f"TOKEN_LIMIT: {exc}") from None
-        keys_file = get("API_KEYS_FILE")
-        if keys_file and not Path(keys_file).is_file():
-            raise SettingsError(f"API_KEYS_FILE: {keys_file} is not a readable file")
-        key_max_concurrent = None
-        if get("KEY_MAX_CONCURRENT"):
-            key_max_concurrent = int(number("KEY_MAX_CONCURRENT", "", int))
-        deployments: tuple[DeploymentSpec, ...] = ()
-        if get("LLM_DEPLOYMENTS"):
-            deployments = read_deployments(Path(get("LLM_DEPLOYMENTS")), get)
-        prices_file = get("PRICES_FILE")
-        if prices_file and not Path(prices_file).is_file():
-            raise SettingsError(f"PRICES_FILE: {prices_file} is not a readable file")
-        return cls(
-            provider=provider,
-            provider_was_defaulted=defaulted,
-            model=get("LLM_MODEL"),
-            models=_split(get("LLM_MODELS")),
-            fallback_provider=get("LLM_FALLBACK_PROVIDER").lower(),
-            fallback_model=get("LLM_FALLBACK_MODEL"),
-            deployments=deployments,
-            openai_api_key=openai_key,
-            openai_base_url=(openai_base or OPENAI_BASE_URL).rstrip("/"),
-            openai_responses=get("OPENAI_RESPONSES", "auto").lower(),
-            anthropic_api_key=anthropic_key,
-            anthropic_base_url=(get("ANTHROPIC_BASE_URL") or ANTHROPIC_BASE_URL).rstrip("/"),
-            api_keys=_split(get("API_KEYS")),
-            api_keys_file=Path(keys_file) if keys_file else None,
-            rate_limit=rate,
-            token_limit=token_limit,
-            timeout_s=number("LLM_TIMEOUT_S", "60", float),
-            connect_timeout_s=number("LLM_CONNECT_TIMEOUT_S", "5", float),
-            total_timeout_s=number("LLM_TOTAL_TIMEOUT_S", "600", float),
-            max_response_bytes=int(number("LLM_MAX_RESPONSE_BYTES", str(16 * 1024 * 1024), int)),
-            max_body_bytes=int(number("MAX_BODY_BYTES", str(1024 * 1024), int)),
-            body_timeout_s=number("BODY_TIMEOUT_S", "30", float),
-            max_header_bytes=int(number("MAX_HEADER_BYTES", str(64 * 1024), int)),
-            header_timeout_s=number("HEADER_TIMEOUT_S", "10", float),
-            max_inflight=int(number("MAX_INFLIGHT", "2048", int)),
-            key_max_concurrent=key_max_concurrent,
-            concurrency_lease_s=number("CONCURRENCY_LEASE_S", "10", float),
-            max_retries=int(number("LLM_MAX_RETRIES", "2", int)),
-            retry_deadline_s=number("LLM_RETRY_DEADLINE_S", "30", float),
-            shutdown_grace_s=number("SHUTDOWN_GRACE_S", "15", float),
-            ping_interval_s=number("SSE_PING_INTERVAL_S", "15", float),
-            prices_file=Path(prices_file) if prices_file else None,
-            log_format=get("LOG_FORMAT", "json").lower(),
-            transport=get("LLM_TRANSPORT", "aiohttp").lower(),
-            rate_limit_store=get("RATE_LIMIT_STORE", "memory"),
-            rate_limit_store_fail=get("RATE_LIMIT_STORE_FAIL", "open").lower(),
-            cors_origins=_split(get("CORS_ORIGINS")),
-            otel_endpoint=get("OTEL_EXPORTER_OTLP_ENDPOINT"),
-            otel_service=get("OTEL_SERVICE_NAME") or "text-tool",
-            otel_headers=_headers(
-                "OTEL_EXPORTER_OTLP_HEADERS",
-                get("OTEL_EXPORTER_OTLP_HEADERS") if get("OTEL_EXPORTER_OTLP_ENDPOINT") else "",
-            ),
-            otel_capture_content=_flag(
-                "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT",
-                get("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "false"),
-            ),
+
+ROWS: dict[str, Row[Any]] = {
+    f.name: f.metadata["row"] for f in dataclasses.fields(Settings) if "row" in f.metadata
+}
+"""The table: each field read from a variable, and its row."""
+
+
+def _parsed(known: Row[T], text: str, env: Lookup) -> T:
+    try:
+        return known.parse(text, env)
+    except SettingsError:
+        raise  # it names its variable already (LLM_DEPLOYMENTS: an entry)
+    except ValueError as exc:
+        raise SettingsError(f"{known.env}: {exc}") from None
+
+
+def _checked(known: Row[T], value: T) -> None:
+    if known.check is None:
+        return
+    try:
+        known.check(value)
+    except ValueError as exc:
+        raise SettingsError(f"{known.env}: {exc}") from None
+
+
+def _provider_by_key(given: Mapping[str, object]) -> str:
+    """LLM_PROVIDER unset: the provider whose key (or, for OpenAI, server) is set."""
+    if "openai_api_key" in given or "openai_base_url" in given:
+        return "openai"
+    return "anthropic" if "anthropic_api_key" in given else "echo"
+
+
+def _resolve(given: Mapping[str, object]) -> dict[str, Any]:
+    """Every field's value: given or defaulted, checked by its row, then what depends on
+    other settings worked out, before any of it is set on a Settings."""
+    fields = {f.name: f for f in dataclasses.fields(Settings) if f.init}
+    unknown = sorted(set(given) - set(fields))
+    if unknown:
+        raise TypeError(f"Settings() got unexpected keyword arguments: {', '.join(unknown)}")
+    values: dict[str, Any] = {name: given.get(name, f.default) for name, f in fields.items()}
+    for name, known in ROWS.items():
+        _checked(known, values[name])
+    deployments: tuple[DeploymentSpec, ...] = values["deployments"]
+    if deployments:
+        _check_no_fallback(values["fallback_provider"], values["fallback_model"])
+        values["provider"] = deployments[0].provider
+    values["model"], values["models"] = _models(
+        values["provider"], values["model"], values["models"], deployments
+    )
+    values["fallback_provider"], values["fallback_model"] = _fallback(
+        values["provider"], values["fallback_provider"], values["fallback_model"]
+    )
+    _check_provider_keys(
+        "" if deployments else values["provider"],
+        values["fallback_provider"],
+        values["openai_api_key"],
+        values["openai_base_url"],
+        values["anthropic_api_key"],
+    )
+    values["upstream_names"] = _upstream_names(deployments)
+    return values
+
+
+def _check_no_fallback(fallback_provider: str, fallback_model: str) -> None:
+    if fallback_provider or fallback_model:
+        raise SettingsError(
+            "LLM_FALLBACK_PROVIDER: with LLM_DEPLOYMENTS, a fallback is a deployment "
+            "with a higher priority"
         )
 
 
-def _headers(name: str, value: str) -> tuple[tuple[str, str], ...]:
-    """`key=value,key2=value2`, as OpenTelemetry's exporters take them (values
-    percent-encoded)."""
-    from urllib.parse import unquote
+def _models(
+    provider: str, model: str, models: tuple[str, ...], deployments: tuple[DeploymentSpec, ...]
+) -> tuple[str, tuple[str, ...]]:
+    """The default model and the models callers may ask for, the default always among
+    them: as given, else what the deployments serve, else the provider's default model."""
+    if not deployments:
+        model = model or DEFAULT_MODELS[provider]
+        return model, models if model in models else (model, *models)
+    served = tuple(dict.fromkeys(m for d in deployments for m, _ in d.models))
+    model = model or (models or served)[0]
+    models = models or served
+    if model not in models:
+        models = (model, *models)
+    unserved = [m for m in models if m not in served]
+    if unserved:
+        raise SettingsError(
+            f"LLM_MODELS: no deployment of LLM_DEPLOYMENTS serves {', '.join(unserved)}"
+        )
+    return model, models
 
-    pairs = []
-    for item in _split(value):
-        key, sep, val = item.partition("=")
-        if not sep or not key.strip():
-            raise SettingsError(f"{name}: expected key=value pairs separated by commas")
-        pairs.append((key.strip().lower(), unquote(val.strip())))
-    return tuple(pairs)
+
+def _fallback(provider: str, fallback_provider: str, fallback_model: str) -> tuple[str, str]:
+    """A fallback model alone falls back on the same provider; a fallback provider alone,
+    to its default model."""
+    fallback_provider = fallback_provider or (provider if fallback_model else "")
+    if fallback_provider and not fallback_model:
+        fallback_model = DEFAULT_MODELS[fallback_provider]
+    return fallback_provider, fallback_model
 
 
-def _flag(name: str, value: str) -> bool:
-    if value.lower() in ("true", "1", "yes", "on"):
-        return True
-    if value.lower() in ("false", "0", "no", "off", ""):
-        return False
-    raise SettingsError(f"{name}: {value!r} is not true or false")
+def _check_provider_keys(
+    provider: str, fallback: str, openai_key: str, openai_base: str, anthropic_key: str
+) -> None:
+    """A provider that cannot answer without a key stops the start, not the first call.
+    (A deployment's key is checked with its entry.)"""
+    for setting, kind in (("LLM_PROVIDER", provider), ("LLM_FALLBACK_PROVIDER", fallback)):
+        if kind == "anthropic" and not anthropic_key:
+            raise SettingsError(f"ANTHROPIC_API_KEY: required when {setting}=anthropic")
+        if kind == "openai" and not openai_key and openai_base.rstrip("/") == OPENAI_BASE_URL:
+            raise SettingsError(
+                f"OPENAI_API_KEY: required when {setting}=openai talks to api.openai.com "
+                "(set OPENAI_BASE_URL for a server that needs no key)"
+            )
+
+
+def _upstream_names(deployments: tuple[DeploymentSpec, ...]) -> dict[str, str]:
+    first: dict[str, str] = {}
+    for spec in sorted(deployments, key=lambda d: d.priority):
+        for model, upstream in spec.models:
+            first.setdefault(model, upstream)
+    return first
 
 
 def _split(value: str) -> tuple[str, ...]:

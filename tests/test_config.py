@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from config import Rate, Settings, SettingsError
+from config import DeploymentSpec, Rate, Settings, SettingsError
 
 
 def test_defaults_to_echo_when_no_provider_key_is_set() -> None:
@@ -115,3 +116,89 @@ def test_otlp_headers_are_read_only_when_traces_are_on() -> None:
         env_file=None,
     )  # fmt: skip
     assert on.otel_headers == (("authorization", "Bearer t"), ("x-team", "a"))
+
+
+@pytest.mark.parametrize(
+    ("environ", "line"),
+    [
+        (
+            {"RATE_LIMIT": "x"},
+            "RATE_LIMIT: 'x' is not a rate like 60/minute (per second, minute or hour)",
+        ),
+        ({"LLM_TIMEOUT_S": "soon"}, "LLM_TIMEOUT_S: 'soon' is not a number"),
+        ({"MAX_INFLIGHT": "1e3"}, "MAX_INFLIGHT: '1e3' is not a whole number"),
+        ({"LLM_TRANSPORT": "curl"}, "LLM_TRANSPORT: 'curl' is not aiohttp or httpx"),
+        ({"LLM_MAX_RETRIES": "-1"}, "LLM_MAX_RETRIES: must be 0 or more, got -1"),
+        ({"LLM_PROVIDER": "anthropic"}, "ANTHROPIC_API_KEY: required when LLM_PROVIDER=anthropic"),
+    ],
+)
+def test_the_error_is_one_line_naming_the_variable_first(
+    environ: dict[str, str], line: str
+) -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(environ=environ, env_file=None)
+    assert str(info.value) == line
+
+
+def test_a_variable_left_empty_is_unset() -> None:
+    settings = Settings.from_env(
+        environ={"LLM_TIMEOUT_S": " ", "RATE_LIMIT": "", "LLM_PROVIDER": ""}, env_file=None
+    )
+    assert (settings.timeout_s, settings.rate_limit) == (60.0, Rate(60, 60))
+    assert settings.provider_was_defaulted
+    assert not Settings.from_env(
+        environ={"LLM_PROVIDER": "echo"}, env_file=None
+    ).provider_was_defaulted
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ({}, {"provider": "echo", "model": "echo", "models": ("echo",)}),
+        (
+            {"provider": "anthropic", "anthropic_api_key": "k", "models": ("claude-sonnet-4-5",)},
+            {"model": "claude-haiku-4-5", "models": ("claude-haiku-4-5", "claude-sonnet-4-5")},
+        ),
+        (
+            {"provider": "openai", "openai_api_key": "k", "fallback_provider": "echo"},
+            {"model": "gpt-4o-mini", "fallback_model": "echo"},
+        ),
+        (
+            {"provider": "openai", "openai_api_key": "k", "fallback_model": "gpt-4.1-mini"},
+            {"fallback_provider": "openai", "fallback_model": "gpt-4.1-mini"},
+        ),
+    ],
+)
+def test_values_given_directly_are_completed_as_the_environments_are(
+    given: dict[str, object], expected: dict[str, object]
+) -> None:
+    settings = Settings(**given)  # type: ignore[arg-type]
+    assert {name: getattr(settings, name) for name in expected} == expected
+
+
+def test_the_deployments_give_the_provider_the_models_and_their_upstream_names() -> None:
+    spec = DeploymentSpec(
+        name="a", provider="anthropic", base_url="http://a.test", api_key="k",
+        models=(("fast", "claude-haiku-4-5"), ("slow", "claude-sonnet-4-5")),
+    )  # fmt: skip
+    settings = Settings(deployments=(spec,))
+    assert (settings.provider, settings.model, settings.models) == (
+        "anthropic",
+        "fast",
+        ("fast", "slow"),
+    )
+    assert settings.upstream_names == {"fast": "claude-haiku-4-5", "slow": "claude-sonnet-4-5"}
+
+
+def test_values_given_directly_are_checked_and_the_object_never_changes() -> None:
+    with pytest.raises(SettingsError, match="MAX_BODY_BYTES: must be 1 or more, got 0"):
+        Settings(max_body_bytes=0)
+    with pytest.raises(SettingsError, match="LOG_FORMAT"):
+        Settings().replace(log_format="xml")
+    with pytest.raises(TypeError, match="max_body"):
+        Settings(max_body=1)  # type: ignore[call-arg]
+    settings = Settings()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.model = "other"  # type: ignore[misc]
+    assert settings.replace(max_retries=5).max_retries == 5
+    assert settings == Settings() and hash(settings) == hash(Settings())
