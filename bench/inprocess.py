@@ -203,7 +203,7 @@ def main() -> None:
 
     for handler in logging.getLogger("text_tool").handlers:
         if isinstance(handler, logging.StreamHandler):
-            handler.setStream(open(os.devnull, "w"))  # noqa: SIM115 - for the life of the process
+            handler.setStream(open(os.devnull, "w"))  # for the life of the process
     us = uvloop.run(measure(app, path, body, args.requests, args.rounds))
     shown = path + (" stream" if args.stream else "")
     rounds = f"best of {args.rounds} rounds of {args.requests}"

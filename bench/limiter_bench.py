@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from config import Rate  # noqa: E402
-from ratelimit import MemoryLimiter  # noqa: E402
+from config import Rate
+from ratelimit import MemoryLimiter
 
 
 def rate_per_s(n: int, seconds: float) -> str:

@@ -19,6 +19,8 @@ from anthropic.types import MessageParam, ToolParam
 
 from tests.conftest import CLIENT_KEY, PROVIDER_KEY, Process, start_mock, start_service
 
+pytestmark = pytest.mark.e2e
+
 TINY = "tiny-key-" + "t" * 20  # one request an hour
 
 PROVIDERS = {

@@ -23,10 +23,9 @@ from tests.conftest import (
     start_mock,
     start_service,
 )
-from tests.test_faults import directive, stats
-from tests.test_redis import REDIS, Redis
+from tests.helpers import REDIS, Redis, directive, stats
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
 SLOW = {"prompt": directive(tokens=60, token_delay_ms=100)}  # a stream of 6 s
 

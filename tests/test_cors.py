@@ -129,6 +129,7 @@ def page_and_service(tmp_path: Path) -> Iterator[tuple[Process, Process]]:
     service.stop()
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
 def test_a_page_on_another_origin_streams_a_chat_completion_in_chromium(
     page_and_service: tuple[Process, Process], tmp_path: Path

@@ -6,8 +6,6 @@ under the app's own client; each test reads what the app sent it."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,34 +17,10 @@ import chat
 from config import Settings
 from dialects import anthropic_messages, openai_chat
 from server import create_app
-from tests.conftest import AUTH_HEADERS, CLIENT_KEY, PROVIDER_KEY
+from tests.conftest import CLIENT_KEY, PROVIDER_KEY
+from tests.helpers import GOLDEN, MESSAGE_WITH_TOOLS, Provider, client, golden, sse_file
 
 pytestmark = pytest.mark.anyio
-GOLDEN = Path(__file__).parent / "golden"
-
-
-def golden(name: str) -> Any:
-    return json.loads((GOLDEN / name).read_text())
-
-
-class Provider:
-    """A MockTransport that answers every call with `answer` and keeps what it was sent."""
-
-    def __init__(self, answer: Callable[[dict[str, Any]], httpx.Response]) -> None:
-        self.answer = answer
-        self.bodies: list[dict[str, Any]] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        body = json.loads(request.content)
-        self.bodies.append(body)
-        return self.answer(body)
-
-
-def sse_file(name: str) -> Callable[[dict[str, Any]], httpx.Response]:
-    raw = (GOLDEN / name).read_bytes()
-    return lambda body: httpx.Response(
-        200, content=raw, headers={"content-type": "text/event-stream"}
-    )
 
 
 def anthropic_app(provider: Provider, **changes: object) -> Starlette:
@@ -61,43 +35,12 @@ def anthropic_app(provider: Provider, **changes: object) -> Starlette:
     return create_app(settings, transport=httpx.MockTransport(provider))
 
 
-def client(app: Starlette) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://testserver", headers=AUTH_HEADERS
-    )
-
-
 def chunks_of(text: str) -> list[dict[str, Any]]:
     return [
         json.loads(line[6:])
         for line in text.splitlines()
         if line.startswith("data: {") and not line.startswith('data: {"error"')
     ]
-
-
-MESSAGE_WITH_TOOLS = {
-    "id": "msg_01Whole",
-    "type": "message",
-    "role": "assistant",
-    "model": "claude-haiku-4-5-20251001",
-    "content": [
-        {"type": "text", "text": "Checking."},
-        {
-            "type": "tool_use",
-            "id": "toolu_01A",
-            "name": "get_weather",
-            "input": {"location": "Paris"},
-        },
-    ],
-    "stop_reason": "tool_use",
-    "stop_sequence": None,
-    "usage": {
-        "input_tokens": 10,
-        "cache_read_input_tokens": 30,
-        "cache_creation_input_tokens": 5,
-        "output_tokens": 20,
-    },
-}
 
 
 async def test_a_chat_body_with_tools_history_and_images_becomes_the_golden_messages_body() -> None:

@@ -24,28 +24,9 @@ from tests.conftest import (
     openai_env,
     start_service,
 )
+from tests.helpers import directive, events, stats
 
-pytestmark = pytest.mark.anyio
-
-
-async def stats(mock: Process) -> dict[str, int]:
-    async with httpx.AsyncClient(timeout=5) as c:
-        answer: dict[str, int] = (await c.get(mock.url + "/_stats")).json()
-        return answer
-
-
-def directive(**options: object) -> str:
-    return "mock:" + json.dumps(options) + "\nhello there"
-
-
-def events(text: str) -> list[tuple[str, str]]:
-    out = []
-    for block in text.split("\n\n"):
-        lines = [line for line in block.split("\n") if line and not line.startswith(":")]
-        if lines:
-            event = next((x[7:] for x in lines if x.startswith("event: ")), "message")
-            out.append((event, next(x[6:] for x in lines if x.startswith("data: "))))
-    return out
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
 
 @pytest.fixture

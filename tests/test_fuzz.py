@@ -12,6 +12,9 @@ import pytest
 
 from tests.conftest import PROVIDER_KEY, ROOT, start_mock, start_service
 
+# Schemathesis is allowed 240 s (in fuzz), longer than the 120 s of pyproject's timeout.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
 KEY = "fuzz-key-" + "f" * 20
 SEED = os.environ.get("TEXT_TOOL_FUZZ_SEED", "20261128")
 

@@ -19,9 +19,9 @@ import httpx
 import pytest
 
 from tests.conftest import AUTH_HEADERS, CLIENT_KEY, Process, openai_env, start_service
-from tests.test_faults import directive, events, stats
+from tests.helpers import directive, events, stats
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 MB = 1 << 20
 
 

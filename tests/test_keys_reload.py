@@ -16,9 +16,9 @@ import httpx
 import pytest
 
 from tests.conftest import Process, openai_env, start_service
-from tests.test_faults import directive, events, stats
+from tests.helpers import directive, events, stats
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
 KEYS = {
     "alice": ("alice-key-0123456789", "100/minute"),

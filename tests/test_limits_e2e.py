@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import Process, start_service
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
 HOT = "hot-key-" + "x" * 24
 SLOW = "slow-key-" + "y" * 24

@@ -98,6 +98,7 @@ async def test_429s_are_counted_by_key() -> None:
     assert value(text, "text_tool_rate_limited_total", key=key) == 2
 
 
+@pytest.mark.e2e
 async def test_open_streams_and_in_flight_show_a_stream_in_progress(
     openai_service: Process,
 ) -> None:
@@ -112,6 +113,7 @@ async def test_open_streams_and_in_flight_show_a_stream_in_progress(
     assert value(during, "text_tool_in_flight_requests") == 2
 
 
+@pytest.mark.e2e
 async def test_access_log_lines_carry_the_request_id_ttft_and_no_key(
     openai_service: Process,
 ) -> None:

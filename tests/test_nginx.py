@@ -22,9 +22,10 @@ from tests.conftest import (
 )
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-pytestmark = pytest.mark.skipif(
-    NGINX is None, reason="nginx is not installed (.ci/run installs it)"
-)
+pytestmark = [
+    pytest.mark.skipif(NGINX is None, reason="nginx is not installed (.ci/run installs it)"),
+    pytest.mark.e2e,
+]
 
 
 @pytest.fixture

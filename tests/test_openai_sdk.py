@@ -3,6 +3,7 @@ each provider: OpenAI-protocol and Anthropic through the mock provider, and echo
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import CLIENT_KEY, PROVIDER_KEY, start_mock, start_service
+
+pytestmark = pytest.mark.e2e
 
 TINY = "tiny-key-" + "t" * 20  # one request an hour
 
@@ -45,16 +48,15 @@ def v1(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory)
     keys = tmp / "keys.toml"
     keys.write_text(f'[[keys]]\nname = "tiny"\nkey = "{TINY}"\nrate_limit = "1/hour"\n')
     env = {"API_KEYS": CLIENT_KEY, "API_KEYS_FILE": str(keys), **PROVIDERS[request.param]}
-    mock = None
-    if request.param != "echo":
-        mock = start_mock(tmp)
-        env["OPENAI_BASE_URL"] = mock.url + "/v1"
-        env["ANTHROPIC_BASE_URL"] = mock.url
-    service = start_service(tmp, env)
-    yield V1(service.url, request.param, PROVIDERS[request.param]["LLM_MODEL"])
-    service.stop()
-    if mock is not None:
-        mock.stop()
+    with contextlib.ExitStack() as running:  # what started is stopped, even if the rest fails
+        if request.param != "echo":
+            mock = start_mock(tmp)
+            running.callback(mock.stop)
+            env["OPENAI_BASE_URL"] = mock.url + "/v1"
+            env["ANTHROPIC_BASE_URL"] = mock.url
+        service = start_service(tmp, env)
+        running.callback(service.stop)
+        yield V1(service.url, request.param, PROVIDERS[request.param]["LLM_MODEL"])
 
 
 def client(service: V1, key: str = CLIENT_KEY) -> openai.OpenAI:

@@ -94,6 +94,7 @@ def docs_service(tmp_path: Path) -> Iterator[Process]:
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
 def test_swagger_ui_renders_the_operations_in_headless_chromium(
     docs_service: Process, tmp_path: Path

@@ -52,6 +52,7 @@ def readme_service(tmp_path: Path) -> Iterator[Process]:
     proc.stop()
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_readme_curl_examples_work_verbatim(readme_service: Process) -> None:
     curls = sh_lines("curl ")
@@ -78,6 +79,7 @@ def test_readme_curl_examples_work_verbatim(readme_service: Process) -> None:
     assert chat["choices"][0]["message"]["content"] == "Hello there"
 
 
+@pytest.mark.e2e
 def test_readme_sdk_example_runs(readme_service: Process) -> None:
     (example,) = [body for lang, body in BLOCKS if lang == "python" and "chat.completions" in body]
     code = example.replace("127.0.0.1:8000", f"127.0.0.1:{readme_service.port}")
@@ -128,6 +130,7 @@ def test_readme_deployments_file_example_loads(tmp_path: Path) -> None:
     assert settings.deployments[2].api_key == "sk-o"
 
 
+@pytest.mark.e2e
 def test_readme_anthropic_example_runs(readme_service: Process) -> None:
     (example,) = [body for lang, body in BLOCKS if lang == "python" and "Anthropic(" in body]
     code = example.replace("127.0.0.1:8000", f"127.0.0.1:{readme_service.port}")
@@ -140,6 +143,7 @@ def test_readme_anthropic_example_runs(readme_service: Process) -> None:
     assert lines[2].startswith("MessageTokensCount(") and "input_tokens=1" in lines[2]
 
 
+@pytest.mark.e2e
 def test_readme_responses_and_embeddings_example_runs(readme_service: Process) -> None:
     (example,) = [body for lang, body in BLOCKS if lang == "python" and "responses." in body]
     code = example.replace("127.0.0.1:8000", f"127.0.0.1:{readme_service.port}")

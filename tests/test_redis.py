@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -17,42 +15,14 @@ import pytest
 
 from config import Rate
 from ratelimit import MemoryLimiter
-from tests.conftest import AUTH_HEADERS, CLIENT_KEY, Process, free_port, start_service
+from tests.conftest import AUTH_HEADERS, CLIENT_KEY, Process, start_service
+from tests.helpers import REDIS, Redis
 
-REDIS = shutil.which("redis-server")
 pytestmark = [
     pytest.mark.skipif(REDIS is None, reason="redis-server is not installed (.ci/run does it)"),
     pytest.mark.anyio,
+    pytest.mark.e2e,
 ]
-
-
-class Redis:
-    def __init__(self, tmp_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.dir = tmp_path
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        assert REDIS is not None
-        self.proc = subprocess.Popen(
-            [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.dir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with __import__("socket").create_connection(("127.0.0.1", self.port), 0.2):
-                    return
-            except OSError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ directives in the prompt, and the body it got is read back from it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +19,9 @@ from openai.types.responses import FunctionToolParam
 from pydantic import BaseModel
 
 from tests.conftest import CLIENT_KEY, PROVIDER_KEY, Process, start_mock, start_service
-from tests.test_responses import conforming_events, conforming_response
+from tests.helpers import conforming_events, conforming_response
+
+pytestmark = pytest.mark.e2e
 
 
 class Plan(BaseModel):
@@ -80,22 +83,23 @@ def served(
     tmp = tmp_path_factory.mktemp(request.param)
     model, env = KINDS[request.param]
     mock = None
-    if request.param != "echo":
-        mock = start_mock(tmp)
-        base = {"ANTHROPIC_BASE_URL": mock.url} if "ANTHROPIC_API_KEY" in env else {
-            "OPENAI_BASE_URL": mock.url + "/v1"}  # fmt: skip
-        env = {**env, **base}
-    embedding = "text-embedding-3-small"
-    service = start_service(
-        tmp,
-        {**env, "API_KEYS": CLIENT_KEY, "LLM_MODEL": model, "LLM_MODELS": f"{model},{embedding}"},
-    )
-    sdk = openai.OpenAI(base_url=service.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
-    yield Served(service.url, request.param, model, mock, service, sdk)
-    sdk.close()
-    service.stop()
-    if mock is not None:
-        mock.stop()
+    with contextlib.ExitStack() as running:  # what started is stopped, even if the rest fails
+        if request.param != "echo":
+            mock = start_mock(tmp)
+            running.callback(mock.stop)
+            base = {"ANTHROPIC_BASE_URL": mock.url} if "ANTHROPIC_API_KEY" in env else {
+                "OPENAI_BASE_URL": mock.url + "/v1"}  # fmt: skip
+            env = {**env, **base}
+        embedding = "text-embedding-3-small"
+        service = start_service(
+            tmp,
+            {**env, "API_KEYS": CLIENT_KEY, "LLM_MODEL": model,
+             "LLM_MODELS": f"{model},{embedding}"},
+        )  # fmt: skip
+        running.callback(service.stop)
+        sdk = openai.OpenAI(base_url=service.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
+        running.callback(sdk.close)
+        yield Served(service.url, request.param, model, mock, service, sdk)
 
 
 def test_responses_create_answers_text_with_usage(served: Served) -> None:

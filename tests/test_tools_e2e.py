@@ -5,6 +5,7 @@ body it got read back from it) and on echo."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from openai.types.chat import ChatCompletionToolParam
 from pydantic import BaseModel
 
 from tests.conftest import CLIENT_KEY, PROVIDER_KEY, Process, start_mock, start_service
+
+pytestmark = pytest.mark.e2e
 
 
 class Plan(BaseModel):
@@ -63,22 +66,22 @@ def served(
     tmp = tmp_path_factory.mktemp(request.param)
     env = {"API_KEYS": CLIENT_KEY}
     mock = None
-    if request.param == "anthropic":
-        mock = start_mock(tmp)
-        env |= {
-            "LLM_PROVIDER": "anthropic",
-            "ANTHROPIC_API_KEY": PROVIDER_KEY,
-            "ANTHROPIC_BASE_URL": mock.url,
-            "LLM_MODEL": "claude-haiku-4-5",
-        }
-    else:
-        env |= {"LLM_PROVIDER": "echo"}
-    service = start_service(tmp, env)
-    model = "claude-haiku-4-5" if mock else "echo"
-    yield Served(service.url, request.param, model, mock, service)
-    service.stop()
-    if mock is not None:
-        mock.stop()
+    with contextlib.ExitStack() as running:  # what started is stopped, even if the rest fails
+        if request.param == "anthropic":
+            mock = start_mock(tmp)
+            running.callback(mock.stop)
+            env |= {
+                "LLM_PROVIDER": "anthropic",
+                "ANTHROPIC_API_KEY": PROVIDER_KEY,
+                "ANTHROPIC_BASE_URL": mock.url,
+                "LLM_MODEL": "claude-haiku-4-5",
+            }
+        else:
+            env |= {"LLM_PROVIDER": "echo"}
+        service = start_service(tmp, env)
+        running.callback(service.stop)
+        model = "claude-haiku-4-5" if mock else "echo"
+        yield Served(service.url, request.param, model, mock, service)
 
 
 def directive(**options: object) -> str:

@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from tests.conftest import AUTH_HEADERS, CLIENT_KEY, ROOT, free_port, start_service
-from tests.test_app import client, openai_answer, openai_app
+from tests.helpers import client, openai_answer, openai_app
 
 pytestmark = pytest.mark.anyio
 
@@ -158,6 +158,7 @@ async def test_embeddings_are_an_embeddings_span(recorded: Recorded) -> None:
     assert attributes["gen_ai.usage.input_tokens"] == 2
 
 
+@pytest.mark.e2e
 def test_without_the_setting_nothing_of_opentelemetry_is_imported() -> None:
     code = """
 import sys, anyio, httpx
@@ -187,7 +188,7 @@ class Collector:
         bodies, authorization = self.bodies, self.authorization
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            def do_POST(self) -> None:  # the name http.server calls
                 size = int(self.headers.get("content-length", "0"))
                 if self.path == "/v1/traces":
                     bodies.append(self.rfile.read(size))
@@ -224,6 +225,7 @@ class Collector:
         self.server.server_close()
 
 
+@pytest.mark.e2e
 async def test_a_real_process_exports_its_spans_over_otlp(tmp_path: Path) -> None:
     collector = Collector()
     # The collector's key in the service's .env, which OpenTelemetry itself never reads.
