@@ -17,9 +17,9 @@ import logging
 import time
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
-from typing import Annotated, Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive
 
@@ -38,14 +38,6 @@ BodyT = TypeVar("BodyT", bound=BaseModel)
 MAX_LISTED_ERRORS = 20
 # What a request without max_tokens may get (OpenAI then means the model's maximum).
 UNSET_MAX_TOKENS = 131_072
-
-
-def integral(value: Any) -> Any:
-    """JSON Schema counts 80.0 as an integer; strict pydantic would not."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-JsonInt = Annotated[int, BeforeValidator(integral)]
 
 
 class QuotaStore(Protocol):

@@ -63,14 +63,16 @@ class KeyRing:
         *,
         settings: Settings | None = None,
         logger: logging.Logger | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._by_digest = {key.digest: key for key in keys}
+        self._clock = clock  # when the keys file is next looked at
         self.loaded_at = time.time()
         # What reloads need: the settings naming the file, and where to say how it went.
         self._settings = settings if settings and settings.api_keys_file else None
         self._logger = logger or logging.getLogger("text_tool")
         self._stamp = _stamp(self._settings)
-        self._next_check = time.monotonic() + KEYS_CHECK_S
+        self._next_check = clock() + KEYS_CHECK_S
         self.failing: str | None = None  # why the last reload failed, while it does
         self.on_reload: list[Callable[[KeyRing], None]] = []
 
@@ -81,24 +83,29 @@ class KeyRing:
         return [key.name for key in self._by_digest.values()]
 
     def lookup(self, presented: str) -> ApiKey | None:
-        if self._settings is not None and time.monotonic() >= self._next_check:
+        if self._settings is not None and self._clock() >= self._next_check:
             self._check()
         if not presented:
             return None
         return self._by_digest.get(digest(presented))
 
     @classmethod
-    def from_settings(cls, settings: Settings, logger: logging.Logger | None = None) -> KeyRing:
+    def from_settings(
+        cls,
+        settings: Settings,
+        logger: logging.Logger | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> KeyRing:
         """`API_KEYS` and `API_KEYS_FILE` together; a key in both takes the file's settings."""
         stamp = _stamp(settings)  # before the read: a change during it is seen next time
-        ring = cls(_keys(settings).values(), settings=settings, logger=logger)
+        ring = cls(_keys(settings).values(), settings=settings, logger=logger, clock=clock)
         ring._stamp = stamp
         return ring
 
     # --- reloads ------------------------------------------------------------------
 
     def _check(self) -> None:
-        self._next_check = time.monotonic() + KEYS_CHECK_S
+        self._next_check = self._clock() + KEYS_CHECK_S
         if _stamp(self._settings) != self._stamp or self.failing is not None:
             self.reload("the keys file changed")  # or a failed reload, tried again
 

@@ -249,13 +249,11 @@ class RefusalDelta:
     text: str
 
 
-FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter")
-
-
 @dataclass(frozen=True, slots=True)
 class End:
-    """The answer is complete. `finish_reason` is one of FINISH_REASONS; `native` is
-    the provider's own word for it, kept for a client of the same format."""
+    """The answer is complete. `finish_reason` is "stop", "length", "tool_calls" or
+    "content_filter"; `native` is the provider's own word for it, kept for a client of
+    the same format."""
 
     finish_reason: str
     usage: Usage
@@ -265,6 +263,28 @@ class End:
 
 Event = Start | TextDelta | ToolCallStart | ToolCallDelta | ReasoningDelta | RefusalDelta | End
 Delta = TextDelta | ToolCallDelta | ReasoningDelta | RefusalDelta  # what a stream is made of
+
+
+# --- embeddings ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Embeddings:
+    """An embeddings call: its inputs (texts, or texts as token ids) and the size of
+    vector asked for (None: the model's own)."""
+
+    model: str
+    inputs: tuple[str | tuple[int, ...], ...]
+    dimensions: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Vectors:
+    """An embeddings answer: a vector an input, in order, and the input's tokens."""
+
+    model: str
+    vectors: list[list[float]]
+    input_tokens: int
 
 
 # --- a whole answer ------------------------------------------------------------------

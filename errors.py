@@ -127,9 +127,51 @@ ANTHROPIC_TYPES = {
 }
 
 
-def speaks_anthropic(scope: Scope) -> bool:
-    """A Messages route: its errors are in Anthropic's shape."""
-    return relative_path(scope).startswith("/v1/messages")
+# The error shape the request's client reads ("ours", "openai", "anthropic"): recorded
+# once for the request, from the route table, by the outermost middleware.
+ERROR_SHAPE = "text_tool.error_shape"
+
+
+def guessed_shape(path: str) -> str:
+    """The shape for a path the route table does not know (a 404): what a client of
+    that prefix would read."""
+    if path.startswith("/v1/messages"):
+        return "anthropic"
+    return "openai" if path.startswith("/v1/") else "ours"
+
+
+def shape_of(scope: Scope) -> str:
+    shape = scope.get(ERROR_SHAPE)
+    return shape if isinstance(shape, str) else guessed_shape(relative_path(scope))
+
+
+def shaped(
+    shape: str,
+    type_: str,
+    message: str,
+    request_id: str,
+    errors: Sequence[Mapping[str, str]] | None = None,
+    param: str | None = None,
+    status: int = 400,
+) -> dict[str, Any]:
+    """Our error shape; OpenAI's (ours, with `code` and `param`); or Anthropic's
+    (`{"type": "error", "error": {type, message}}`)."""
+    if shape == "anthropic":
+        kind = ANTHROPIC_TYPES.get(
+            status, "api_error" if status >= 500 else "invalid_request_error"
+        )
+        return {
+            "type": "error",
+            "error": {"type": kind, "message": message},
+            "request_id": request_id,
+        }
+    error: dict[str, Any] = {"type": type_, "message": message, "request_id": request_id}
+    if errors is not None:
+        error["errors"] = list(errors)
+    if shape == "openai":
+        error["code"] = type_
+        error["param"] = param if param is not None else (errors[0]["field"] if errors else None)
+    return {"error": error}
 
 
 def error_body(
@@ -140,21 +182,8 @@ def error_body(
     param: str | None = None,
     status: int = 400,
 ) -> dict[str, Any]:
-    """Our error shape; OpenAI's (ours, with `code` and `param`) under /v1; Anthropic's
-    (`{"type": "error", "error": {type, message}}`) on the Messages routes."""
-    rid = request_id(scope)
-    if speaks_anthropic(scope):
-        kind = ANTHROPIC_TYPES.get(
-            status, "api_error" if status >= 500 else "invalid_request_error"
-        )
-        return {"type": "error", "error": {"type": kind, "message": message}, "request_id": rid}
-    error: dict[str, Any] = {"type": type_, "message": message, "request_id": rid}
-    if errors is not None:
-        error["errors"] = list(errors)
-    if relative_path(scope).startswith("/v1/"):
-        error["code"] = type_
-        error["param"] = param if param is not None else (errors[0]["field"] if errors else None)
-    return {"error": error}
+    """The error in the shape the request's client reads."""
+    return shaped(shape_of(scope), type_, message, request_id(scope), errors, param, status)
 
 
 def error_response(
@@ -167,7 +196,7 @@ def error_response(
     errors: Sequence[Mapping[str, str]] | None = None,
     param: str | None = None,
 ) -> JSONResponse:
-    if status == 422 and speaks_anthropic(scope):
+    if status == 422 and shape_of(scope) == "anthropic":
         status = 400  # Anthropic's API answers a schema violation with 400
     return JSONResponse(
         error_body(scope, type_, message, errors, param, status),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -160,10 +161,32 @@ def _body(name: str) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": _ref(name)}}}
 
 
-def build_document(body_models: list[type[BaseModel]], root_path: str = "") -> dict[str, Any]:
-    """The OpenAPI document; `body_models` are the routes' request and response models
-    (CompleteBody, CompleteResponse, StreamText, StreamUsage, ChatCompletionBody),
-    named by their class."""
+# Routes of the table that are not operations of the API: the document and its page.
+UNDOCUMENTED = frozenset({"/openapi.json", "/docs", "/docs/{name}"})
+
+
+def served(paths: dict[str, Any], table: list[tuple[str, str]]) -> dict[str, Any]:
+    """The documented operations of the routes the app serves, (path, method) from its
+    route table: a route served but not documented here stops the start, and one
+    documented but not served is left out, so the two cannot drift."""
+    documented: dict[str, Any] = {}
+    for path, method in table:
+        if path in UNDOCUMENTED:
+            continue
+        shown = re.sub(r"\{(\w+):\w+\}", r"{\1}", path)  # {model_id:path} -> {model_id}
+        operation = paths.get(shown, {}).get(method.lower())
+        if operation is None:
+            raise RuntimeError(f"openapi.py documents no {method} {path}, which is served")
+        documented.setdefault(shown, {})[method.lower()] = operation
+    return documented
+
+
+def build_document(
+    body_models: list[type[BaseModel]], table: list[tuple[str, str]], root_path: str = ""
+) -> dict[str, Any]:
+    """The OpenAPI document of the routes in `table` ((path, method), the app's route
+    table); `body_models` are the routes' request and response models (CompleteBody,
+    CompleteResponse, StreamText, StreamUsage, ChatCompletionBody), named by their class."""
     models: list[type[BaseModel]] = [
         *body_models,
         Error,
@@ -415,7 +438,7 @@ def build_document(body_models: list[type[BaseModel]], root_path: str = "") -> d
             "description": "An LLM provider behind a validated, metered HTTP API.",
         },
         "servers": [{"url": root_path or "/"}],
-        "paths": paths,
+        "paths": served(paths, table),
         "components": {
             "schemas": schemas["$defs"],
             "securitySchemes": {
@@ -493,14 +516,17 @@ async def docs_asset(request: Request) -> Response:
 RouteFunction = Callable[[Request], Awaitable[Response]]
 
 
-def routes(body_models: list[type[BaseModel]]) -> list[tuple[str, RouteFunction, str]]:
-    """(path, function, method) of each route here, for the route table."""
+def routes(
+    body_models: list[type[BaseModel]], table: list[tuple[str, str]]
+) -> list[tuple[str, RouteFunction, str]]:
+    """(path, function, method) of each route here, for the route table; `table` is the
+    rest of it, (path, method), which the document describes."""
     documents: dict[str, dict[str, Any]] = {}
 
     async def openapi(request: Request) -> Response:
         root = request.scope.get("root_path", "")
         if root not in documents:
-            documents[root] = build_document(body_models, root)
+            documents[root] = build_document(body_models, table, root)
         return JSONResponse(documents[root])
 
     return [

@@ -13,7 +13,7 @@ import os
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from starlette.requests import ClientDisconnect
@@ -21,7 +21,14 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auth import AUTH
-from errors import REQUEST_ID, RESPONSE_HEADERS, error_response, relative_path
+from errors import (
+    ERROR_SHAPE,
+    REQUEST_ID,
+    RESPONSE_HEADERS,
+    error_response,
+    guessed_shape,
+    relative_path,
+)
 from logs import current_request_id, cut, info_fields
 from metrics import OTHER, Metrics
 from quotas import RESERVATION
@@ -107,11 +114,14 @@ class RequestContextMiddleware:
         logger: logging.Logger,
         metrics: Metrics | None = None,
         known_paths: frozenset[str] = frozenset(),
+        shapes: Mapping[str, str] | None = None,
     ) -> None:
         self.app = app
         self.logger = logger
         self.metrics = metrics
         self.known_paths = known_paths
+        # The error shape each route's clients read, recorded once for the request.
+        self.shapes = dict(shapes or {})
         self.refusals = Sampler()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -122,6 +132,8 @@ class RequestContextMiddleware:
         started = time.perf_counter()
         rid = incoming_request_id(scope)
         scope[REQUEST_ID] = rid
+        path = relative_path(scope)
+        scope[ERROR_SHAPE] = self.shapes.get(path) or guessed_shape(path)
         token = current_request_id.set(rid)
         if self.metrics is not None:
             self.metrics.in_flight.inc()

@@ -1,10 +1,10 @@
 """The HTTP service: `create_app()` puts the stages together (middleware order, route
 table, error handlers, lifespan); the routes of each wire format are in dialects/.
 
-Run it with `uvicorn server:app --http protocol:BoundedHttpTools`; embed it with
-`Mount("/llm", app=create_app())`. `server:app` is made from the environment when
-first asked for, so importing this module for `create_app` changes nothing in the
-host's process.
+Run it with `python server.py` (or the `text-tool` script), which starts uvicorn with
+what the service needs (`main`); embed it with `Mount("/llm", app=create_app())`.
+`server:app` is made from the environment when first asked for, so importing this
+module for `create_app` changes nothing in the host's process.
 
 A request meets, in this order: protocol.py (the connection), requestlog.py, CORS
 (with CORS_ORIGINS), auth.py, ratelimit.py (the window, then the key's slots for calls
@@ -16,6 +16,7 @@ back.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import gc
@@ -23,7 +24,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
@@ -36,17 +37,26 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 import admission
-import llm
 import openapi
 import sse
 from admission import Admission, Inflight, QuotaStore, UsageStore, caller
 from auth import AuthMiddleware, KeyRing
 from config import Settings, SettingsError
-from dialects import anthropic_messages, openai_chat, openai_embeddings, openai_responses, ours
+from deployments import Deployments, make_deployments
+from dialects import (
+    Dialect,
+    anthropic_messages,
+    openai_chat,
+    openai_embeddings,
+    openai_responses,
+    ours,
+)
 from errors import ApiError, ProviderError, api_error_response, error_response, provider_api_error
+from gateway import Gateway
 from jsonio import JSONResponse
 from logs import get_logger
 from metrics import Metrics
+from openapi import RouteFunction
 from quotas import Quotas
 from ratelimit import (
     ConcurrencyMiddleware,
@@ -62,12 +72,11 @@ from ratelimit import (
 from redaction import RedactionMiddleware, Redactor
 from redis_store import RedisLimiter, RedisQuotas, RedisSlots, RedisUsage, SharedStore
 from requestlog import CALL, RequestContextMiddleware
+from upstream import SharedClient
 from usage import PriceTable, UsageBook
 
 if TYPE_CHECKING:
     import httpx
-
-RouteFunction = Callable[[Request], Awaitable[Response]]
 
 
 class Endpoint:
@@ -103,13 +112,18 @@ def _anthropic_shape(request: Request) -> bool:
     return "anthropic-version" in request.headers
 
 
+def _deployments(request: Request) -> Deployments:
+    deployments: Deployments = request.app.state.deployments
+    return deployments
+
+
 async def list_models(request: Request) -> Response:
     """The models this caller may use: in Anthropic's shape when the request carries
     `anthropic-version` (its SDKs always send it), else in OpenAI's."""
     models = admission.of(request).allowed_models(caller(request))
     if _anthropic_shape(request):
         return JSONResponse(anthropic_messages.model_list(models))
-    return JSONResponse(openai_chat.model_list(models, llm.of(request).name))
+    return JSONResponse(openai_chat.model_list(models, _deployments(request).name))
 
 
 async def get_model(request: Request) -> Response:
@@ -118,12 +132,12 @@ async def get_model(request: Request) -> Response:
         raise ApiError(404, "not_found", f"no model {model!r} for this key")
     if _anthropic_shape(request):
         return JSONResponse(anthropic_messages.model_object(model))
-    return JSONResponse(openai_chat.model_object(model, llm.of(request).name))
+    return JSONResponse(openai_chat.model_object(model, _deployments(request).name))
 
 
 async def ready(request: Request) -> Response:
     state = request.app.state
-    if not state.ready or sse.of(request).draining.shutting_down():
+    if not state.ready or sse.Draining.shutting_down():
         return error_response(request.scope, 503, "not_ready", "the service is shutting down")
     store: SharedStore | None = state.store
     shown = "memory"
@@ -142,7 +156,7 @@ async def ready(request: Request) -> Response:
     }
     if keys.failing is not None:  # still serving the keys loaded before
         answer["keys_reload_failed"] = keys.failing
-    answer["deployments"] = llm.of(request).states()
+    answer["deployments"] = _deployments(request).states()
     return JSONResponse(answer)
 
 
@@ -202,7 +216,7 @@ def create_app(
     (an OpenTelemetry SDK one) takes the spans instead of OTEL_EXPORTER_OTLP_ENDPOINT's."""
     settings = settings if settings is not None else Settings.from_env()
     logger = get_logger(settings.log_format)
-    client = llm.SharedClient(settings, transport)
+    client = SharedClient(settings, transport)
     keys = KeyRing.from_settings(settings, logger)
     limiter, slots, quotas, usage_store, store = _stores(settings, logger)
     upstream = settings.upstream_names.values()  # what answers name as their model
@@ -211,9 +225,7 @@ def create_app(
     keys.on_reload.append(lambda ring: metrics_.name_keys(ring.names()))
     if store is not None:
         metrics_.store_up.set_function(lambda: 1.0 if store.healthy else 0.0)
-    deployments = llm.make_deployments(
-        settings, client, {"openai": openai_chat, "anthropic": anthropic_messages}
-    )
+    deployments = make_deployments(settings, client)
     metrics_.deployments = deployments.states
     tracing_, own_tracer = _tracing(settings, tracer_provider)
     _announce(settings, keys, logger)
@@ -242,15 +254,24 @@ def create_app(
                 await store.aclose()
             logger.info("usage totals", extra={"event": "usage_totals", "keys": usage_store.all()})
 
-    # The router tries routes in order: the provider calls come first.
-    table: list[tuple[str, RouteFunction, str]] = [
-        ("/complete", ours.complete, "POST"),
-        ("/stream", ours.stream, "POST"),
-        ("/v1/chat/completions", openai_chat.chat_completions, "POST"),
-        ("/v1/responses", openai_responses.responses, "POST"),
-        ("/v1/embeddings", openai_embeddings.embeddings, "POST"),
-        ("/v1/messages", anthropic_messages.messages, "POST"),
-        ("/v1/messages/count_tokens", anthropic_messages.count_tokens, "POST"),
+    admitting = Admission(
+        settings=settings,
+        prices=_prices(settings),
+        quotas=quotas,
+        usage=usage_store,
+        inflight=Inflight(settings.max_inflight),
+    )
+    streams = sse.Streams(
+        ping_s=settings.ping_interval_s,
+        grace_s=settings.shutdown_grace_s,
+        open_streams=metrics_.open_streams,
+    )
+    serving = Gateway(admission=admitting, deployments=deployments, streams=streams)
+    # The router tries routes in order: the provider calls come first, each one line:
+    # its client format and its operation, on the one serving path.
+    api: list[tuple[str, RouteFunction, str]] = [
+        *[(path, serving.route(dialect, op), "POST") for path, dialect, op in MODEL_ROUTES],
+        ("/v1/messages/count_tokens", serving.count_tokens, "POST"),
         ("/v1/models", list_models, "GET"),
         ("/v1/models/{model_id:path}", get_model, "GET"),
         ("/", root, "GET"),
@@ -258,6 +279,9 @@ def create_app(
         ("/ready", ready, "GET"),
         ("/usage", usage, "GET"),
         ("/metrics", metrics, "GET"),
+    ]
+    table = [
+        *api,
         *openapi.routes(
             [
                 ours.CompleteBody,
@@ -269,7 +293,8 @@ def create_app(
                 openai_embeddings.EmbeddingsBody,
                 anthropic_messages.MessagesBody,
                 anthropic_messages.CountTokensBody,
-            ]
+            ],
+            [(path, method) for path, _, method in api],
         ),
     ]
     routes = [route(path, func, method) for path, func, method in table]
@@ -281,6 +306,7 @@ def create_app(
                 logger=logger,
                 metrics=metrics_,
                 known_paths=frozenset(path for path, _, _ in table),
+                shapes=ERROR_SHAPES,
             ),
             Middleware(RedactionMiddleware, redactor=Redactor(provider_keys(settings))),
             *_cors(settings),
@@ -309,21 +335,11 @@ def create_app(
         },
         lifespan=lifespan,
     )
-    # What each stage reads of the app, by its own accessor (admission.of, llm.of, sse.of).
+    # What the service's own routes (/ready, /usage, /v1/models) read of the app.
     app.state.settings = settings
-    app.state.admission = Admission(
-        settings=settings,
-        prices=_prices(settings),
-        quotas=quotas,
-        usage=usage_store,
-        inflight=Inflight(settings.max_inflight),
-    )
+    app.state.admission = admitting
     app.state.deployments = deployments
-    app.state.streams = sse.Streams(
-        ping_s=settings.ping_interval_s,
-        grace_s=settings.shutdown_grace_s,
-        open_streams=metrics_.open_streams,
-    )
+    app.state.streams = streams
     app.state.metrics = metrics_
     app.state.keys = keys
     app.state.store = store
@@ -331,16 +347,25 @@ def create_app(
     return app
 
 
+# The model routes: each a client format (its dialect) and an operation.
+MODEL_ROUTES: list[tuple[str, Dialect, str]] = [
+    ("/complete", ours.COMPLETE, "chat"),
+    ("/stream", ours.STREAM, "chat"),
+    ("/v1/chat/completions", openai_chat.DIALECT, "chat"),
+    ("/v1/responses", openai_responses.DIALECT, "chat"),
+    ("/v1/embeddings", openai_embeddings.DIALECT, "embeddings"),
+    ("/v1/messages", anthropic_messages.DIALECT, "chat"),
+]
+
 # The routes that hold a provider call open, and the GenAI operation each is: what
 # counts against a key's max_concurrent, and what a trace's span is made for
 # (counting tokens is quick, and has its own allowance).
-PROVIDER_CALLS = {
-    "/complete": "chat",
-    "/stream": "chat",
-    "/v1/chat/completions": "chat",
-    "/v1/responses": "chat",
-    "/v1/messages": "chat",
-    "/v1/embeddings": "embeddings",
+PROVIDER_CALLS = {path: op for path, _, op in MODEL_ROUTES}
+
+# The error shape each route's clients read: its dialect's.
+ERROR_SHAPES = {
+    **{path: dialect.errors for path, dialect, _ in MODEL_ROUTES},
+    "/v1/messages/count_tokens": anthropic_messages.DIALECT.errors,
 }
 
 # What a page may read of an answer beside its body.
@@ -504,6 +529,71 @@ def _app_from_environment() -> Starlette:
 
 _served: Starlette | None = None
 
+# uvicorn's own graceful timeout is this much longer than SHUTDOWN_GRACE_S: the streams
+# end themselves (with their error event and usage) before uvicorn would cut them.
+SHUTDOWN_MARGIN_S = 5.0
+
+
+def uvicorn_options(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """What every documented way of running the service needs of uvicorn: our bounded
+    protocol (request heads; HTTP/1.0 framing), no access log of uvicorn's (ours is
+    the one), and a graceful shutdown that outlasts the streams' own."""
+    options: dict[str, Any] = {
+        "host": args.host,
+        "port": args.port,
+        "http": "protocol:BoundedHttpTools",
+        "access_log": False,
+        "timeout_graceful_shutdown": settings.shutdown_grace_s + SHUTDOWN_MARGIN_S,
+        "proxy_headers": args.proxy_headers,
+        "log_level": args.log_level,
+        "backlog": args.backlog,
+    }
+    if args.workers != 1:
+        options["workers"] = args.workers
+    if args.forwarded_allow_ips is not None:
+        options["forwarded_allow_ips"] = args.forwarded_allow_ips
+    if args.root_path:
+        options["root_path"] = args.root_path
+    if args.uds:
+        options["uds"] = args.uds
+    return options
+
+
+def parser() -> argparse.ArgumentParser:
+    cli = argparse.ArgumentParser(
+        prog="text-tool",
+        description="Run text-tool (settings from the environment and .env; see README).",
+    )
+    cli.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
+    cli.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
+    cli.add_argument("--uds", help="a Unix socket to bind instead of host and port")
+    cli.add_argument("--workers", type=int, default=1, help="processes (default 1)")
+    cli.add_argument(
+        "--proxy-headers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="trust X-Forwarded-For from --forwarded-allow-ips (uvicorn's default: 127.0.0.1)",
+    )
+    cli.add_argument("--forwarded-allow-ips", help="addresses of trusted proxies, or '*'")
+    cli.add_argument("--root-path", default="", help="the path prefix a proxy serves it under")
+    cli.add_argument("--log-level", default="info", help="uvicorn's own log level")
+    cli.add_argument("--backlog", type=int, default=2048, help="the listen queue's length")
+    return cli
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python server.py` and the `text-tool` console script: the settings checked first
+    (one line naming a bad one, exit 2), then uvicorn with what `uvicorn_options` says."""
+    args = parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"text-tool: bad setting: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    import uvicorn
+
+    uvicorn.run("server:app", **uvicorn_options(args, settings))
+
 
 def __getattr__(name: str) -> Any:
     """`server.app`, made from the environment on first use (PEP 562): what
@@ -514,3 +604,7 @@ def __getattr__(name: str) -> Any:
     if _served is None:
         _served = _app_from_environment()
     return _served
+
+
+if __name__ == "__main__":
+    main()

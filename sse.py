@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from sse_starlette.sse import AppStatus
 from starlette.requests import Request
@@ -24,9 +24,8 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 import admission
-import chat
-import jsonio
-from errors import ApiError, ProviderError, provider_api_error
+from dialects import Encoder
+from errors import ApiError, ProviderError, provider_api_error, request_id
 from metrics import Gauge
 from requestlog import CALL
 
@@ -115,72 +114,16 @@ async def sse_events(
 
 # --- SSE out ----------------------------------------------------------------------------
 #
-# Routes hand `respond` an async generator of ready-made frames. Waiting for its first
-# frame before answering means a provider that fails up to then gets a real HTTP error
-# instead of a 200 stream with an error inside; a failure after it becomes an error
-# frame in the client's dialect, and the stream ends.
+# The serving path (gateway.py) hands `EventStream` the first frame of a stream once it
+# is ready, so a provider that fails before it gets a real HTTP error instead of a 200
+# stream with an error inside; a failure after it becomes an error frame in the
+# client's dialect, and the stream ends.
 
-DONE = b"data: [DONE]\n\n"
-PING = b": ping\n\n"
 _HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),  # nginx: pass each event on as it comes
 ]
-
-
-def frame(data: Mapping[str, Any], event: str | None = None) -> bytes:
-    """One SSE event whose data is one line of JSON: newlines in text stay escaped."""
-    head = b"event: " + event.encode() + b"\n" if event else b""
-    return head + b"data: " + jsonio.dumps(data) + b"\n\n"
-
-
-class Encoder(Protocol):
-    """A route's dialect, turning `chat` events into its frames."""
-
-    ping: bytes  # what is sent while the stream is idle
-
-    def frames(self, event: chat.Event) -> Iterable[bytes]:
-        """The frames of any event but the end."""
-        ...
-
-    def last(self, end: chat.End, model: str, cost: float | None) -> Iterable[bytes]:
-        """The frames that end the stream."""
-        ...
-
-    def error(self, error: ApiError, scope: Scope) -> bytes:
-        """The frame that tells the client the stream broke."""
-        ...
-
-
-async def relay(
-    ticket: admission.Ticket, events: AsyncGenerator[chat.Event, None], encoder: Encoder
-) -> AsyncGenerator[bytes, None]:
-    """A provider's events as a client's frames, accounted: the ticket settles at the
-    end, or with what was sent when the stream is cut short, and a stream that runs
-    past its max tokens is stopped here (its provider call closed) and ends as length."""
-    model = ticket.model
-    try:
-        async for event in events:
-            if isinstance(event, chat.Delta):
-                if not ticket.counts(event):
-                    end = chat.End("length", ticket.estimate(ticket.sent))
-                    cost = ticket.settle(model, end.usage, end.finish_reason)
-                    for piece in encoder.last(end, model, cost):
-                        yield piece
-                    return
-            elif isinstance(event, chat.End):
-                cost = ticket.settle(model, event.usage, event.finish_reason)
-                for piece in encoder.last(event, model, cost):
-                    yield piece
-                return
-            elif isinstance(event, chat.Start):
-                model = event.model or model
-            for piece in encoder.frames(event):
-                yield piece
-    finally:
-        await events.aclose()
-        ticket.close()
 
 
 @dataclass
@@ -191,31 +134,6 @@ class Streams:
     grace_s: float
     open_streams: Gauge
     draining: Draining = field(default_factory=lambda: Draining())
-
-
-def of(request: Request) -> Streams:
-    streams: Streams = request.app.state.streams
-    return streams
-
-
-async def respond(
-    request: Request, frames: AsyncGenerator[bytes, None], encoder: Encoder
-) -> Response:
-    """The stream of `frames`, answered once the first is ready: provider errors before
-    it propagate as exceptions, for the HTTP error handlers (or the fallback). It holds
-    a slot of MAX_INFLIGHT from its first frame to its last, and is dropped if the
-    client leaves meanwhile (`ClientDisconnect`)."""
-    inflight = admission.of(request).inflight
-    inflight.take()
-    started = time.perf_counter()
-    try:
-        first = await admission.unless_disconnected(request.receive, anext(frames))
-    except BaseException:
-        inflight.give()
-        await frames.aclose()
-        raise
-    admission.note(request, ttft_ms=admission.since_ms(started))
-    return EventStream(of(request), request, first, frames, encoder, inflight.give)
 
 
 class Draining:
@@ -376,5 +294,5 @@ class EventStream(Response):
 
     async def _send_error(self, send: Send, error: ApiError) -> None:
         self.request.scope[CALL]["error"] = error.type
-        piece = self.encoder.error(error, self.request.scope)
+        piece = self.encoder.error(error, request_id(self.request.scope))
         await send({"type": "http.response.body", "body": piece, "more_body": True})

@@ -2,20 +2,169 @@
 answers and stream events, to and from `chat`. A route speaks its client's format;
 a provider speaks its own; when the two are the same, the body passes through.
 
-What every format's decoder shares is here: reading a provider's JSON, the 400 for a
-field, and the decoded request with what of it no other format carries.
+Translators only: pure data work, no Starlette, no admission, no network. Each client
+format describes itself to the serving path (gateway.py) as one `Dialect`: its body's
+schema, its decoder and encoders, and, when a provider speaks it too, its
+`Passthrough` hooks (what of an answer passed through the accounting reads, and where
+a stream passed through is cut).
+
+What every format shares is here: the dialect's description, SSE framing, reading a
+provider's JSON, the 400 for a field, and the decoded request with what of it no other
+format carries.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, NamedTuple, Protocol
 
-from starlette.requests import Request
+from pydantic import BaseModel, BeforeValidator
 
-import admission
 import chat
 import jsonio
 from errors import ApiError, ProviderError
+from usage import Usage
+
+# --- SSE framing ------------------------------------------------------------------------
+
+DONE = b"data: [DONE]\n\n"
+PING = b": ping\n\n"
+
+
+def frame(data: Mapping[str, Any], event: str | None = None) -> bytes:
+    """One SSE event whose data is one line of JSON: newlines in text stay escaped."""
+    head = b"event: " + event.encode() + b"\n" if event else b""
+    return head + b"data: " + jsonio.dumps(data) + b"\n\n"
+
+
+def reframed(text: str, event: str | None = None) -> bytes:
+    """A provider's event data as one line (a multi-line event or a bare CR would
+    reach the client's parser as broken JSON), as it came when it is one already."""
+    if "\n" in text or "\r" in text:
+        return frame(jsonio.loads(text), event)
+    head = b"event: " + event.encode() + b"\n" if event else b""
+    return head + b"data: " + text.encode() + b"\n\n"
+
+
+class Encoder(Protocol):
+    """`chat` events as a client format's frames."""
+
+    ping: bytes  # what is sent while the stream is idle
+
+    def frames(self, event: chat.Event) -> Iterable[bytes]:
+        """The frames of any event but the end."""
+        ...
+
+    def last(self, end: chat.End, model: str, cost: float | None) -> Iterable[bytes]:
+        """The frames that end the stream."""
+        ...
+
+    def error(self, error: ApiError, request_id: str) -> bytes:
+        """The frame that tells the client the stream broke."""
+        ...
+
+
+# --- what a format tells the serving path -------------------------------------------------
+
+
+def integral(value: Any) -> Any:
+    """JSON Schema counts 80.0 as an integer; strict pydantic would not."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+JsonInt = Annotated[int, BeforeValidator(integral)]
+
+
+class Accounted(NamedTuple):
+    """What the accounting reads of an answer passed through: its model, its usage
+    (None: not reported), its finish reason, and its text (for an estimate)."""
+
+    model: str | None
+    usage: Usage | None
+    finish: str
+    text: str = ""
+
+
+class Step(NamedTuple):
+    """One event of a stream passed through, read: the frame for the client (None:
+    nothing), the deltas it carries (counted against the cap), and whether it was the
+    answer's last (`last`) or the provider's own error, relayed (`failed`)."""
+
+    frame: bytes | None
+    deltas: list[chat.Delta]
+    last: bool = False
+    failed: bool = False
+
+
+class Relay(Protocol):
+    """A stream passed through, read event by event for the accounting."""
+
+    @property
+    def model(self) -> str:
+        """The model, as the provider's events name it."""
+        ...
+
+    @property
+    def encoder(self) -> Encoder:
+        """For pings, and for an error of ours inside the stream."""
+        ...
+
+    def read(self, event: str, data: str) -> Step: ...
+
+    def cut(self, sent: int) -> list[bytes]:
+        """The frames that end a stream stopped at its cap after `sent` deltas (or a
+        ProviderError)."""
+        ...
+
+    def end(self) -> Accounted | None:
+        """After the provider's last event; None if the answer was not complete."""
+        ...
+
+    def tail(self) -> list[bytes]:
+        """The frames after the accounting (Chat's `[DONE]`)."""
+        ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class Passthrough:
+    """How a body of this format goes to a provider that speaks it: `prepare` edits it
+    (the model is set already), `accounted` reads a whole answer, `relay` a stream;
+    `headers` are the client's headers passed on, `query` whether its query string is,
+    `scale` how many times the answer-size bound its answers may be."""
+
+    prepare: Callable[[dict[str, Any]], None]
+    accounted: Callable[[dict[str, Any]], Accounted]
+    # the body as it goes, as validated, and as decoded
+    relay: Callable[[dict[str, Any], Any, chat.Request], Relay] | None = None
+    headers: tuple[str, ...] = ()
+    query: bool = False
+    scale: int = 1
+    verbatim: bool = False  # the provider's refusals go back as they came
+
+
+@dataclass(frozen=True, kw_only=True)
+class Dialect:
+    """A client format as the serving path uses it. `errors` names the error shape its
+    clients read ("ours", "openai", "anthropic"); `decode` reads a validated body into
+    `chat`; `answer` and `encoder` write a whole answer and a stream, `streams` says
+    which a body asks for; `fallback`: whether a fallback provider may serve it. A body
+    `decode` could not read (`Decoded.refused`) may still pass through, to a provider
+    that reads it itself."""
+
+    wire: str
+    errors: str
+    body: type[BaseModel]
+    decode: Callable[[Any, str, str | None], Decoded]
+    answer: Callable[[Any, Any, chat.Request, float | None], dict[str, Any]]
+    encoder: Callable[[Any, chat.Request], Encoder] | None = None
+    passthrough: Passthrough | None = None
+    fallback: bool = True
+    streams: Callable[[Any], bool] = lambda body: bool(getattr(body, "stream", False))
+
+
+def nothing(data: dict[str, Any]) -> None:
+    """`Passthrough.prepare` for a body that goes as it came."""
 
 
 def bad(param: str, message: str) -> ApiError:
@@ -26,17 +175,20 @@ def bad(param: str, message: str) -> ApiError:
 class Decoded:
     """A client's body read into `chat`, and what of it no other format can carry:
     `lost`, (field, what it asks for), each a 400 unless the body passes through; or
-    `refused`, the error that kept the body from being read at all."""
+    `refused`, the error that kept the body from being read at all. `embeddings`: what
+    an embeddings body asks, for a provider that makes them itself."""
 
     def __init__(
         self,
         request: chat.Request,
         lost: list[tuple[str, str]],
         refused: ApiError | None = None,
+        embeddings: chat.Embeddings | None = None,
     ) -> None:
         self.request = request
         self.lost = lost
         self.refused = refused
+        self.embeddings = embeddings
 
     def as_is(self, wire: str) -> str | None:
         """`wire` when the body can only pass through (it has what no other format
@@ -51,14 +203,12 @@ class Decoded:
         param, what = self.lost[0]
         return bad(param, f"{what} cannot be translated for the {provider} provider")
 
-    def translated(self, request: Request, provider: str, model: str) -> chat.Request:
-        """The request for `provider` (and `model`, a fallback's) through the hub: the
-        400 if it cannot be, what was dropped named in the access line."""
+    def translated(self, provider: str, model: str) -> chat.Request:
+        """The request for `provider` (and `model`, a fallback's) through the hub, or
+        the 400 if it cannot be."""
         refusal = self.refusal(provider)
         if refusal is not None:
             raise refusal
-        if self.request.dropped:
-            admission.note(request, dropped=list(self.request.dropped))
         return chat.with_model(self.request, model)
 
 

@@ -28,23 +28,28 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import AsyncGenerator, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.types import Scope
 
-import admission
 import chat
 import jsonio
-import llm
 import schemas
-import sse
-from dialects import Decoded, bad, integer, json_object
-from errors import ANTHROPIC_TYPES, ApiError, ProviderError, ProviderUnavailable, request_id
-from jsonio import JSONResponse
+from dialects import (
+    Accounted,
+    Decoded,
+    Dialect,
+    Passthrough,
+    Step,
+    bad,
+    integer,
+    integral,
+    json_object,
+    nothing,
+    reframed,
+)
+from errors import ANTHROPIC_TYPES, ApiError, ProviderError, ProviderUnavailable
 from usage import Usage
 
 WIRE = "anthropic_messages"
@@ -510,7 +515,7 @@ def stream_decoder(request: chat.Request, origin: str = "") -> StreamDecoder:
 
 # --- the Messages routes: clients that speak this format ----------------------------
 
-PositiveOrZero = Annotated[int, Field(ge=0), BeforeValidator(admission.integral)]
+PositiveOrZero = Annotated[int, Field(ge=0), BeforeValidator(integral)]
 # Anthropic's own server tools: what a provider of another format has no counterpart for.
 _SERVER_TOOL = re.compile(r"^[a-z_]+_\d{8}$")
 # Fields with no counterpart elsewhere that change nothing an answer means.
@@ -891,164 +896,60 @@ class StreamEncoder:
         return out
 
     @staticmethod
-    def error(error: ApiError, scope: Scope) -> bytes:
+    def error(error: ApiError, request_id: str) -> bytes:
         kind = ANTHROPIC_TYPES.get(error.status, "api_error")
         return _event("error", {"type": "error", "error": {"type": kind, "message": error.message}})
 
 
-def forwarded(request: Request) -> dict[str, str]:
-    """What of the client's headers goes to an Anthropic-protocol provider: its API
-    version and beta flags, never its credentials."""
-    headers = {}
-    for name in ("anthropic-version", "anthropic-beta"):
-        value = request.headers.get(name)
-        if value:
-            headers[name] = value
-    return headers
+# --- passed through ----------------------------------------------------------------------
 
 
-async def messages(request: Request) -> Response:
-    gate = admission.of(request)
-    raw = await gate.read_body(request)
-    body = gate.validate(raw, MessagesBody)
-    model = gate.choose_model(request, body.model)
-    decoded = decode_request(body, model, request_id(request.scope))
-    call = decoded.request
-    ticket = await gate.admit(request, call)
-    session = request.headers.get("x-claude-code-session-id")
-    if session:
-        admission.note(request, session=session[:128])
-
-    async def attempt(provider: llm.Provider, model: str) -> Response:
-        relay = llm.passthrough(provider, WIRE)
-        if relay is not None:
-            data = jsonio.loads(raw)
-            data["model"] = model
-            return await _passed_through(request, ticket, relay, data)
-        translated = decoded.translated(request, provider.name, model)
-        if body.stream:
-            encoder = StreamEncoder(model)
-            frames = sse.relay(ticket, provider.stream(translated), encoder)
-            return await sse.respond(request, frames, encoder)
-        completion = await gate.call(request, provider.complete(translated))
-        ticket.finish(completion)
-        return JSONResponse(encode_response(completion))
-
-    try:
-        return await llm.serve(request, call.model, attempt, as_is=decoded.as_is(WIRE))
-    except ProviderError as exc:
-        # After every deployment was tried: the last one's own refusal, if it is one.
-        response = verbatim(exc)
-        if response is None:
-            raise
-        return response
+def accounted(answer: dict[str, Any]) -> Accounted:
+    model = answer.get("model")
+    finish = FINISH.get(str(answer.get("stop_reason")), "stop")
+    return Accounted(str(model) if model else None, usage_of(answer.get("usage")), finish)
 
 
-def verbatim(exc: ProviderError) -> Response | None:
-    """A provider's own refusal in this format, its status and words as they were
-    (Claude Code's recovery matches on them), but for our own key being refused,
-    which is ours to say (a 502)."""
-    if exc.answer is None or exc.wire != WIRE or exc.answer[0] in (401, 403):
-        return None
-    status, raw = exc.answer
-    return Response(raw, status_code=status, media_type="application/json")
-
-
-async def _passed_through(
-    request: Request, ticket: admission.Ticket, relay: llm.HttpProvider, data: dict[str, Any]
-) -> Response:
-    rid = request_id(request.scope)
-    headers, query = forwarded(request), request.url.query or None
-    if not data.get("stream"):
-        answer = await admission.of(request).call(
-            request, relay.post(data, rid, headers, query=query)
-        )
-        usage = usage_of(answer.get("usage"))
-        finish = FINISH.get(str(answer.get("stop_reason")), "stop")
-        ticket.settle(str(answer.get("model") or data["model"]), usage, finish)
-        return JSONResponse(answer)
-    encoder = StreamEncoder(str(data["model"]))
-    frames = _relayed(ticket, relay, data, rid, headers, query)
-    return await sse.respond(request, frames, encoder)
-
-
-async def _relayed(
-    ticket: admission.Ticket,
-    relay: llm.HttpProvider,
-    data: dict[str, Any],
-    rid: str,
-    headers: dict[str, str],
-    query: str | None,
-) -> AsyncGenerator[bytes, None]:
+class Relay:
     """The provider's events as they come, each re-framed (one data: line), read for
     the accounting, and cut past the body's max tokens with a max_tokens end of ours.
     An `error` event goes to the client as it came, and ends the stream."""
-    decoder = StreamDecoder(str(data["model"]))
-    try:
-        async with relay.open_stream(data, rid, headers, query=query) as events:
-            async for name, text in events:
-                obj = json_object(text)
-                try:
-                    deltas = [e for e in decoder.feed(name, text) if isinstance(e, chat.Delta)]
-                except ProviderError:
-                    yield _event(name or "error", obj)  # the provider's own error event
-                    return
-                if not all(ticket.counts(e) for e in deltas):
-                    yield _event(
-                        "content_block_stop",
-                        {"type": "content_block_stop", "index": max(decoder.blocks, default=0)},
-                    )
-                    delta = {"stop_reason": "max_tokens", "stop_sequence": None}
-                    usage = {"output_tokens": ticket.sent}
-                    yield _event(
-                        "message_delta", {"type": "message_delta", "delta": delta, "usage": usage}
-                    )
-                    yield _event("message_stop", {"type": "message_stop"})
-                    ticket.settle(decoder.model, ticket.estimate(ticket.sent), "length")
-                    return
-                if "\n" in text or "\r" in text:
-                    yield _event(name, obj)
-                else:
-                    yield b"event: " + name.encode() + b"\ndata: " + text.encode() + b"\n\n"
-                if decoder.done:
-                    break
-        end = decoder.end()
-        if end is None:
-            raise ProviderError("the provider's stream ended before the answer was complete")
-        ticket.settle(decoder.model, end.usage, end.finish_reason)
-    finally:
-        ticket.close()
 
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.decoder = StreamDecoder(str(data["model"]))
+        self.encoder = StreamEncoder(str(data["model"]))
 
-async def count_tokens(request: Request) -> Response:
-    """Anthropic's own count when the provider speaks its format (and has the route:
-    vLLM, Ollama and llama.cpp answer 404), else an estimate, four characters a
-    token over system, messages and tools. Never a 404, never 0 (a 0 turns Claude
-    Code's automatic compaction off); no reservation."""
-    gate = admission.of(request)
-    raw = await gate.read_body(request)
-    body = gate.validate(raw, CountTokensBody)
-    model = gate.choose_model(request, body.model)
-    provider, upstream = llm.of(request).first(model)
-    relay = llm.passthrough(provider, WIRE)
-    if relay is not None:
-        data = jsonio.loads(raw)
-        data["model"] = upstream
-        rid = request_id(request.scope)
+    @property
+    def model(self) -> str:
+        return self.decoder.model
+
+    def read(self, event: str, data: str) -> Step:
         try:
-            answer = await gate.call(
-                request, relay.post(data, rid, forwarded(request), path="/v1/messages/count_tokens")
-            )
-            if integer(answer.get("input_tokens")) > 0:
-                return JSONResponse(answer)
-        except ProviderError as exc:
-            if exc.answer is None or exc.answer[0] != 404:
-                response = verbatim(exc)
-                if response is None:
-                    raise
-                return response
-    estimate = chat.input_estimate(decode_request(body, model, None).request)
-    return JSONResponse({"input_tokens": max(1, estimate)})
+            deltas = [e for e in self.decoder.feed(event, data) if isinstance(e, chat.Delta)]
+        except ProviderError:
+            return Step(_event(event or "error", json_object(data)), [], failed=True)
+        return Step(reframed(data, event), deltas, last=self.decoder.done)
+
+    def cut(self, sent: int) -> list[bytes]:
+        stop = {"type": "content_block_stop", "index": max(self.decoder.blocks, default=0)}
+        delta = {"stop_reason": "max_tokens", "stop_sequence": None}
+        usage = {"output_tokens": sent}
+        return [
+            _event("content_block_stop", stop),
+            _event("message_delta", {"type": "message_delta", "delta": delta, "usage": usage}),
+            _event("message_stop", {"type": "message_stop"}),
+        ]
+
+    def end(self) -> Accounted | None:
+        end = self.decoder.end()
+        return None if end is None else Accounted(self.model, end.usage, end.finish_reason)
+
+    def tail(self) -> list[bytes]:
+        return []
+
+
+def relay(data: dict[str, Any], body: MessagesBody, call: chat.Request) -> Relay:
+    return Relay(data)
 
 
 def model_object(model: str) -> dict[str, Any]:
@@ -1069,3 +970,39 @@ def model_list(models: Iterable[str]) -> dict[str, Any]:
         "first_id": data[0]["id"] if data else None,
         "last_id": data[-1]["id"] if data else None,
     }
+
+
+# --- the format, as the serving path uses it ------------------------------------------------
+
+
+def answer(
+    completion: chat.Completion, body: MessagesBody, call: chat.Request, cost: float | None
+) -> dict[str, Any]:
+    return encode_response(completion)
+
+
+def encoder(body: MessagesBody, call: chat.Request) -> StreamEncoder:
+    return StreamEncoder(call.model)
+
+
+DIALECT = Dialect(
+    wire=WIRE,
+    errors="anthropic",
+    body=MessagesBody,
+    decode=decode_request,
+    answer=answer,
+    encoder=encoder,
+    passthrough=Passthrough(
+        prepare=nothing,
+        accounted=accounted,
+        relay=relay,
+        # Its API version and beta flags go with it (`?beta=true` too), never its key.
+        headers=("anthropic-version", "anthropic-beta"),
+        query=True,
+        # Its refusals come back with their status and words: Claude Code matches on them.
+        verbatim=True,
+    ),
+)
+
+# count_tokens: the same format, counted (gateway.count_tokens); no answer to encode.
+COUNT_PATH = "/v1/messages/count_tokens"

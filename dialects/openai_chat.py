@@ -15,22 +15,30 @@ line; a field whose meaning would be lost is a 400 naming it in `param`.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.types import Scope
 
-import admission
 import chat
 import jsonio
-import llm
-import sse
-from dialects import Decoded, bad, error_message, integer, json_object
-from errors import ApiError, ProviderError, error_body, request_id
-from jsonio import JSONResponse
+from dialects import (
+    DONE,
+    PING,
+    Accounted,
+    Decoded,
+    Dialect,
+    Passthrough,
+    Step,
+    bad,
+    error_message,
+    frame,
+    integer,
+    integral,
+    json_object,
+    reframed,
+)
+from errors import ApiError, ProviderError, shaped
 from usage import Usage
 
 WIRE = "openai_chat"
@@ -51,7 +59,7 @@ def auth_headers(key: str) -> dict[str, str]:
 
 # --- the request ---------------------------------------------------------------------
 
-PositiveInt = Annotated[int, Field(ge=1), BeforeValidator(admission.integral)]
+PositiveInt = Annotated[int, Field(ge=1), BeforeValidator(integral)]
 
 
 class ChatMessage(BaseModel):
@@ -677,7 +685,7 @@ class StreamEncoder:
     by `index`, the first delta of each carrying its id, type, name and empty
     arguments."""
 
-    ping = sse.PING
+    ping = PING
 
     def __init__(self, model: str, include_usage: bool) -> None:
         self.head = {
@@ -693,7 +701,7 @@ class StreamEncoder:
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         extra = {"usage": None} if self.include_usage else {}
-        return sse.frame({**self.head, "choices": [choice], **extra})
+        return frame({**self.head, "choices": [choice], **extra})
 
     def _start(self) -> list[bytes]:
         if self.started:
@@ -730,123 +738,84 @@ class StreamEncoder:
         finish = "tool_calls" if self.called else end.finish_reason
         out = [*self._start(), self._chunk({}, finish)]
         if self.include_usage:
-            out.append(sse.frame({**self.head, "choices": [], "usage": usage_object(end.usage)}))
-        out.append(sse.DONE)
+            out.append(frame({**self.head, "choices": [], "usage": usage_object(end.usage)}))
+        out.append(DONE)
         return out
 
     @staticmethod
-    def error(error: ApiError, scope: Scope) -> bytes:
-        return sse.frame(error_body(scope, error.type, error.message), "error")
+    def error(error: ApiError, request_id: str) -> bytes:
+        return frame(shaped("openai", error.type, error.message, request_id), "error")
 
 
-# --- the route -------------------------------------------------------------------------
+# --- passed through ----------------------------------------------------------------------
 
 
-async def chat_completions(request: Request) -> Response:
-    gate = admission.of(request)
-    raw = await gate.read_body(request)
-    body = gate.validate(raw, ChatCompletionBody)
-    model = gate.choose_model(request, body.model)
-    decoded = decode_request(body, model, request_id(request.scope))
-    call = decoded.request
-    ticket = await gate.admit(request, call)
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    async def attempt(provider: llm.Provider, model: str) -> Response:
-        relay = llm.passthrough(provider, WIRE)
-        if relay is not None:
-            data = jsonio.loads(raw)
-            data["model"] = model
-            return await _passed_through(request, ticket, relay, data, include_usage)
-        translated = decoded.translated(request, provider.name, model)
-        if body.stream:
-            encoder = StreamEncoder(model, include_usage)
-            frames = sse.relay(ticket, provider.stream(translated), encoder)
-            return await sse.respond(request, frames, encoder)
-        completion = await gate.call(request, provider.complete(translated))
-        ticket.finish(completion)
-        return JSONResponse(encode_response(completion))
-
-    return await llm.serve(request, call.model, attempt, as_is=decoded.as_is(WIRE))
+def prepare(data: dict[str, Any]) -> None:
+    """Always ask a stream for usage: the accounting needs it, whatever the client wants."""
+    if data.get("stream"):
+        data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
 
 
-async def _passed_through(
-    request: Request,
-    ticket: admission.Ticket,
-    relay: llm.HttpProvider,
-    data: dict[str, Any],
-    include_usage: bool,
-) -> Response:
-    """The client's body to a provider of its own format, the answer as it came."""
-    rid = request_id(request.scope)
-    if not data.get("stream"):
-        answer = await admission.of(request).call(request, relay.post(data, rid))
-        usage = usage_of(answer.get("usage"))
-        if usage is None:
-            choices = answer.get("choices")
-            message = (
-                choices[0].get("message") if choices and isinstance(choices[0], dict) else None
-            )
-            text = message.get("content") if isinstance(message, dict) else None
-            usage = ticket.estimate(chat.estimate_tokens(text if isinstance(text, str) else ""))
-        finish = next(
-            (
-                FINISH.get(str(c.get("finish_reason")), "stop")
-                for c in answer.get("choices") or ()
-                if isinstance(c, dict)
-            ),
-            "stop",
-        )
-        ticket.settle(str(answer.get("model") or data["model"]), usage, finish)
-        return JSONResponse(answer)
-    # Always ask for usage: the accounting needs it, whatever the client wants.
-    data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
-    encoder = StreamEncoder(str(data["model"]), include_usage)
-    return await sse.respond(request, _relayed(ticket, relay, data, include_usage, rid), encoder)
+def accounted(answer: dict[str, Any]) -> Accounted:
+    choices = answer.get("choices") or ()
+    first = choices[0] if choices and isinstance(choices[0], dict) else {}
+    message = first.get("message")
+    text = message.get("content") if isinstance(message, dict) else None
+    finish = next(
+        (FINISH.get(str(c.get("finish_reason")), "stop") for c in choices if isinstance(c, dict)),
+        "stop",
+    )
+    model = answer.get("model")
+    return Accounted(
+        str(model) if model else None,
+        usage_of(answer.get("usage")),
+        finish,
+        text if isinstance(text, str) else "",
+    )
 
 
-async def _relayed(
-    ticket: admission.Ticket,
-    relay: llm.HttpProvider,
-    data: dict[str, Any],
-    include_usage: bool,
-    rid: str,
-) -> AsyncGenerator[bytes, None]:
-    """The provider's chunks, each re-framed as one data: line (a multi-line event or a
-    bare CR would reach the client's parser as broken JSON), read as `chat` events for
-    the accounting, and cut as `length` past the body's max tokens."""
-    decoder = StreamDecoder(str(data["model"]))
-    model = str(data["model"])
-    try:
-        async with relay.open_stream(data, rid) as events:
-            async for _, text in events:
-                if text == "[DONE]":
-                    break
-                obj = json_object(text)
-                try:
-                    deltas = [e for e in decoder.chunk(obj) if isinstance(e, chat.Delta)]
-                except ProviderError as exc:
-                    raise relay.redacted(exc) from None
-                model = str(obj.get("model") or model)
-                if not all(ticket.counts(e) for e in deltas):
-                    cut = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
-                    yield sse.frame({**obj, "choices": [cut], "usage": None})
-                    decoder.finish, decoder.usage = "length", None
-                    break
-                if obj.get("usage") and not include_usage and not obj.get("choices"):
-                    continue  # the usage chunk this client did not ask for
-                if "\n" in text or "\r" in text:
-                    yield sse.frame(obj)
-                else:
-                    yield b"data: " + text.encode() + b"\n\n"
-        end = decoder.end()
+class Relay:
+    """A provider's chunks, passed through: each re-framed as one data: line, read as
+    `chat` events for the accounting; the usage chunk the client did not ask for is
+    dropped; cut as `length` past the body's max tokens."""
+
+    def __init__(self, data: dict[str, Any], include_usage: bool) -> None:
+        self.model = str(data["model"])
+        self.decoder = StreamDecoder(self.model)
+        self.include_usage = include_usage
+        self.encoder = StreamEncoder(self.model, include_usage)
+        self.last: dict[str, Any] = {}
+
+    def read(self, event: str, data: str) -> Step:
+        if data == "[DONE]":
+            self.decoder.done = True
+            return Step(None, [], last=True)
+        obj = json_object(data)
+        deltas = [e for e in self.decoder.chunk(obj) if isinstance(e, chat.Delta)]
+        self.model = str(obj.get("model") or self.model)
+        self.last = obj
+        if obj.get("usage") and not self.include_usage and not obj.get("choices"):
+            return Step(None, deltas)  # the usage chunk this client did not ask for
+        return Step(reframed(data), deltas)
+
+    def cut(self, sent: int) -> list[bytes]:
+        self.decoder.finish, self.decoder.usage = "length", None
+        choice = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
+        return [frame({**self.last, "choices": [choice], "usage": None})]
+
+    def end(self) -> Accounted | None:
+        end = self.decoder.end()
         if end is None:
-            raise ProviderError("the provider's stream ended before the answer was complete")
-        usage = end.usage if not end.usage.estimated else ticket.estimate(ticket.sent)
-        ticket.settle(model, usage, end.finish_reason)
-        yield sse.DONE
-    finally:
-        ticket.close()
+            return None
+        return Accounted(self.model, None if end.usage.estimated else end.usage, end.finish_reason)
+
+    def tail(self) -> list[bytes]:
+        return [DONE]
+
+
+def relay(data: dict[str, Any], body: ChatCompletionBody, call: chat.Request) -> Relay:
+    options = body.stream_options  # as the client sent it (`prepare` asks for usage)
+    return Relay(data, bool(options and options.include_usage))
 
 
 def model_object(model: str, owner: str) -> dict[str, Any]:
@@ -856,3 +825,28 @@ def model_object(model: str, owner: str) -> dict[str, Any]:
 def model_list(models: Iterable[str], owner: str) -> dict[str, Any]:
     """GET /v1/models in OpenAI's shape."""
     return {"object": "list", "data": [model_object(m, owner) for m in models]}
+
+
+# --- the format, as the serving path uses it ------------------------------------------------
+
+
+def answer(
+    completion: chat.Completion, body: ChatCompletionBody, call: chat.Request, cost: float | None
+) -> dict[str, Any]:
+    return encode_response(completion)
+
+
+def encoder(body: ChatCompletionBody, call: chat.Request) -> StreamEncoder:
+    options = body.stream_options
+    return StreamEncoder(call.model, bool(options and options.include_usage))
+
+
+DIALECT = Dialect(
+    wire=WIRE,
+    errors="openai",
+    body=ChatCompletionBody,
+    decode=decode_request,
+    answer=answer,
+    encoder=encoder,
+    passthrough=Passthrough(prepare=prepare, accounted=accounted, relay=relay),
+)

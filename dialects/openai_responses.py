@@ -23,28 +23,33 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.types import Scope
 
-import admission
 import chat
 import jsonio
-import llm
-import sse
-from dialects import Decoded, bad, integer, json_object
-from errors import ApiError, ProviderError, request_id
-from jsonio import JSONResponse
+from dialects import (
+    PING,
+    Accounted,
+    Decoded,
+    Dialect,
+    Passthrough,
+    Step,
+    bad,
+    integer,
+    integral,
+    json_object,
+    reframed,
+)
+from errors import ApiError, ProviderError
 from usage import Usage
 
 WIRE = "openai_responses"
 PATH = "/responses"
 
-PositiveInt = Annotated[int, Field(ge=1), BeforeValidator(admission.integral)]
+PositiveInt = Annotated[int, Field(ge=1), BeforeValidator(integral)]
 # Built-in tools: what only OpenAI's own service runs.
 BUILT_IN = frozenset(
     {"web_search", "web_search_preview", "file_search", "code_interpreter", "computer_use_preview",
@@ -428,7 +433,7 @@ def _choice_shown(request: chat.Request) -> str | dict[str, Any]:
     return {"type": kinds.get(str(choice.name), "function"), "name": choice.name}
 
 
-class Echo:
+class ResponseEcho:
     """The response object's echo of the request's settings, and its ids."""
 
     def __init__(self, body: ResponsesBody, model: str, request: chat.Request) -> None:
@@ -507,7 +512,9 @@ def _status(end_reason: str) -> tuple[str, str | None]:
     return "completed", None
 
 
-def _call_item(call_id: str, name: str, arguments: str, echo: Echo, status: str) -> dict[str, Any]:
+def _call_item(
+    call_id: str, name: str, arguments: str, echo: ResponseEcho, status: str
+) -> dict[str, Any]:
     if name in echo.custom:  # a freeform tool: its one string argument is its input
         try:
             value = jsonio.loads(arguments or "{}")
@@ -520,7 +527,7 @@ def _call_item(call_id: str, name: str, arguments: str, echo: Echo, status: str)
             "arguments": arguments, "status": status}  # fmt: skip
 
 
-def encode_response(completion: chat.Completion, echo: Echo) -> dict[str, Any]:
+def encode_response(completion: chat.Completion, echo: ResponseEcho) -> dict[str, Any]:
     """The whole answer: the response object its stream would end with, so that the
     two are one thing (items in the order they came, ids made once)."""
     encoder = StreamEncoder(echo)
@@ -542,9 +549,9 @@ class StreamEncoder:
     until the next text or the end, since a provider may interleave their arguments.
     `response.completed` carries the response object a non-streamed call returns."""
 
-    ping = sse.PING
+    ping = PING
 
-    def __init__(self, echo: Echo) -> None:
+    def __init__(self, echo: ResponseEcho) -> None:
         self.echo = echo
         self.sequence = 0
         self.started = False
@@ -731,7 +738,7 @@ class StreamEncoder:
     def last(self, end: chat.End, model: str, cost: float | None) -> list[bytes]:
         return self.finish(end)
 
-    def error(self, error: ApiError, scope: Scope) -> bytes:
+    def error(self, error: ApiError, request_id: str) -> bytes:
         """The items so far (the open ones incomplete, with what they had), then
         OpenAI's `error` event, which has code, message and param at its top, and the
         Open Responses one in `error`: it carries both, for either kind of client."""
@@ -746,103 +753,96 @@ class StreamEncoder:
         return b"".join(out)
 
 
-# --- the route -------------------------------------------------------------------------
+# --- passed through ----------------------------------------------------------------------
 
 
-async def responses(request: Request) -> Response:
-    gate = admission.of(request)
-    raw = await gate.read_body(request)
-    body = gate.validate(raw, ResponsesBody)
-    stateless(body)
-    model = gate.choose_model(request, body.model)
-    rid = request_id(request.scope)
-    try:
-        decoded = decode_request(body, model, rid)
-    except ApiError as exc:
-        if not llm.of(request).takes(model, WIRE):
-            raise
-        # Still fine for a provider that reads the body itself (OpenAI knows its own
-        # new fields better than this module): counted by its length.
-        text = raw.decode("utf-8", "replace")
-        decoded = Decoded(chat.user_text(text, model=model, request_id=rid), [], refused=exc)
-    call = decoded.request
-    ticket = await gate.admit(request, call)
-
-    async def attempt(provider: llm.Provider, model: str) -> Response:
-        relay = llm.passthrough(provider, WIRE)
-        if relay is not None:
-            data = jsonio.loads(raw)
-            data["model"] = model
-            data["store"] = False  # served stateless, and said so
-            return await _passed_through(request, ticket, relay, data)
-        translated = decoded.translated(request, provider.name, model)
-        echo = Echo(body, model, translated)  # after the refusal: the body was read
-        if body.stream:
-            encoder = StreamEncoder(echo)
-            frames = sse.relay(ticket, provider.stream(translated), encoder)
-            return await sse.respond(request, frames, encoder)
-        completion = await gate.call(request, provider.complete(translated))
-        ticket.finish(completion)
-        return JSONResponse(encode_response(completion, echo))
-
-    return await llm.serve(request, call.model, attempt, as_is=decoded.as_is(WIRE))
+def prepare(data: dict[str, Any]) -> None:
+    data["store"] = False  # served stateless, and said so
 
 
-async def _passed_through(
-    request: Request, ticket: admission.Ticket, relay: llm.HttpProvider, data: dict[str, Any]
-) -> Response:
-    rid = request_id(request.scope)
-    path = relay.paths[WIRE]
-    if not data.get("stream"):
-        answer = await admission.of(request).call(request, relay.post(data, rid, path=path))
-        usage = usage_of(answer.get("usage")) or ticket.estimate(0)
-        status = str(answer.get("status"))
-        ticket.settle(
-            str(answer.get("model") or data["model"]),
-            usage,
-            "length" if status == "incomplete" else "stop",
-        )
-        return JSONResponse(answer)
-    encoder = StreamEncoder(
-        Echo(ResponsesBody.model_validate(data), str(data["model"]), ticket.call)
+def _finish(status: object) -> str:
+    return "length" if status == "incomplete" else "stop"
+
+
+def accounted(answer: dict[str, Any]) -> Accounted:
+    model = answer.get("model")
+    return Accounted(
+        str(model) if model else None, usage_of(answer.get("usage")), _finish(answer.get("status"))
     )
-    frames = _relayed(ticket, relay, data, rid, path, encoder)
-    return await sse.respond(request, frames, encoder)
 
 
-async def _relayed(
-    ticket: admission.Ticket,
-    relay: llm.HttpProvider,
-    data: dict[str, Any],
-    rid: str,
-    path: str,
-    encoder: StreamEncoder,
-) -> AsyncGenerator[bytes, None]:
+_LAST = ("response.completed", "response.incomplete", "response.failed")
+
+
+class Relay:
     """The provider's events as they come, re-framed, its usage read from its last.
     The encoder follows them (the response id, the sequence, the items), so that an
     error of ours after them continues the same response."""
+
+    def __init__(self, data: dict[str, Any], encoder: StreamEncoder) -> None:
+        self.model = str(data["model"])
+        self.encoder = encoder
+        self.final: Accounted | None = None
+
+    def read(self, event: str, data: str) -> Step:
+        obj = json_object(data)
+        kind = str(obj.get("type") or event)
+        deltas: list[chat.Delta] = []
+        if kind == "response.output_text.delta" or kind.endswith("arguments.delta"):
+            deltas.append(chat.TextDelta(str(obj.get("delta", ""))))
+        self.encoder.follow(obj)
+        if kind in _LAST:
+            response = obj.get("response") or {}
+            self.model = str(response.get("model") or self.model)
+            usage = usage_of(response.get("usage"))
+            finish = "length" if kind == "response.incomplete" else "stop"
+            self.final = Accounted(self.model, usage, finish)
+        return Step(reframed(data, kind), deltas, last=self.final is not None)
+
+    def cut(self, sent: int) -> list[bytes]:
+        raise ProviderError("the provider streamed past max_output_tokens")
+
+    def end(self) -> Accounted | None:
+        return self.final
+
+    def tail(self) -> list[bytes]:
+        return []
+
+
+def relay(data: dict[str, Any], body: ResponsesBody, call: chat.Request) -> Relay:
+    return Relay(data, StreamEncoder(ResponseEcho(body, str(data["model"]), call)))
+
+
+# --- the format, as the serving path uses it ------------------------------------------------
+
+
+def decode(body: ResponsesBody, model: str, rid: str | None) -> Decoded:
+    """The canonical request; what needs a stored response is refused whoever the
+    provider. A body the decoder refuses is still fine for a provider that reads it
+    itself (OpenAI knows its own new fields better than this module): `refused`."""
+    stateless(body)
     try:
-        async with relay.open_stream(data, rid, path=path) as events:
-            async for name, text in events:
-                obj = json_object(text)
-                kind = str(obj.get("type") or name)
-                if kind == "response.output_text.delta" or kind.endswith("arguments.delta"):
-                    delta = chat.TextDelta(str(obj.get("delta", "")))
-                    if not ticket.counts(delta):
-                        raise ProviderError("the provider streamed past max_output_tokens")
-                encoder.follow(obj)
-                if "\n" in text or "\r" in text:
-                    yield _event(obj)
-                else:
-                    yield b"event: " + kind.encode() + b"\ndata: " + text.encode() + b"\n\n"
-                if kind in ("response.completed", "response.incomplete", "response.failed"):
-                    response = obj.get("response") or {}
-                    usage = usage_of(response.get("usage")) or ticket.estimate(ticket.sent)
-                    model = str(response.get("model") or data["model"])
-                    ticket.settle(
-                        model, usage, "length" if kind == "response.incomplete" else "stop"
-                    )
-                    return
-        raise ProviderError("the provider's stream ended before the answer was complete")
-    finally:
-        ticket.close()
+        return decode_request(body, model, rid)
+    except ApiError as exc:
+        return Decoded(chat.user_text("", model=model, request_id=rid), [], refused=exc)
+
+
+def answer(
+    completion: chat.Completion, body: ResponsesBody, call: chat.Request, cost: float | None
+) -> dict[str, Any]:
+    return encode_response(completion, ResponseEcho(body, call.model, call))
+
+
+def encoder(body: ResponsesBody, call: chat.Request) -> StreamEncoder:
+    return StreamEncoder(ResponseEcho(body, call.model, call))
+
+
+DIALECT = Dialect(
+    wire=WIRE,
+    errors="openai",
+    body=ResponsesBody,
+    decode=decode,
+    answer=answer,
+    encoder=encoder,
+    passthrough=Passthrough(prepare=prepare, accounted=accounted, relay=relay),
+)

@@ -11,20 +11,14 @@ Server-Sent Events), as the contract in DESIGN.md fixes them.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.types import Scope
 
-import admission
 import chat
-import llm
-import sse
-from admission import JsonInt
-from errors import ApiError, error_body, request_id
-from jsonio import JSONResponse
+from dialects import DONE, PING, Decoded, Dialect, JsonInt, frame
+from errors import ApiError, shaped
 
 
 class CompleteBody(BaseModel):
@@ -100,51 +94,47 @@ def encode_response(completion: chat.Completion, cost: float | None) -> dict[str
 class StreamEncoder:
     """`chat` events as our frames: a `data:` line a piece of text, then the usage."""
 
-    ping = sse.PING
+    ping = PING
 
     def __init__(self) -> None:
         self.id = ""
 
     def frames(self, event: chat.Event) -> list[bytes]:
         if isinstance(event, chat.TextDelta):
-            return [sse.frame({"text": event.text})]
+            return [frame({"text": event.text})]
         if isinstance(event, chat.Start):
             self.id = event.id
         return []
 
     def last(self, end: chat.End, model: str, cost: float | None) -> list[bytes]:
         usage = _summary(self.id or chat.new_id(), model, end.finish_reason, end.usage, cost)
-        return [sse.frame(usage, "usage"), sse.DONE]
+        return [frame(usage, "usage"), DONE]
 
     @staticmethod
-    def error(error: ApiError, scope: Scope) -> bytes:
-        return sse.frame(error_body(scope, error.type, error.message), "error")
+    def error(error: ApiError, request_id: str) -> bytes:
+        return frame(shaped("ours", error.type, error.message, request_id), "error")
 
 
-async def _admitted(request: Request) -> tuple[admission.Ticket, chat.Request]:
-    gate = admission.of(request)
-    body = await gate.parse(request, CompleteBody)
-    call = decode_request(body, gate.choose_model(request, body.model), request_id(request.scope))
-    return await gate.admit(request, call), call
+# --- the format, as the serving path uses it ------------------------------------------------
 
 
-async def complete(request: Request) -> Response:
-    ticket, call = await _admitted(request)
-    completion = await llm.serve(
-        request,
-        call.model,
-        lambda p, m: admission.of(request).call(request, p.complete(chat.with_model(call, m))),
-    )
-    cost = ticket.finish(completion)
-    return JSONResponse(encode_response(completion, cost))
+def decode(body: CompleteBody, model: str, rid: str | None) -> Decoded:
+    return Decoded(decode_request(body, model, rid), [])
 
 
-async def stream(request: Request) -> Response:
-    ticket, call = await _admitted(request)
+def answer(
+    completion: chat.Completion, body: CompleteBody, call: chat.Request, cost: float | None
+) -> dict[str, Any]:
+    return encode_response(completion, cost)
 
-    async def attempt(provider: llm.Provider, model: str) -> Response:
-        encoder = StreamEncoder()
-        events = provider.stream(chat.with_model(call, model))
-        return await sse.respond(request, sse.relay(ticket, events, encoder), encoder)
 
-    return await llm.serve(request, call.model, attempt)
+def encoder(body: CompleteBody, call: chat.Request) -> StreamEncoder:
+    return StreamEncoder()
+
+
+# /complete and /stream: one body, answered whole or streamed by the route.
+COMPLETE = Dialect(
+    wire="ours", errors="ours", body=CompleteBody, decode=decode, answer=answer,
+    encoder=encoder, streams=lambda body: False,
+)  # fmt: skip
+STREAM = dataclasses.replace(COMPLETE, streams=lambda body: True)

@@ -8,8 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -19,74 +18,12 @@ from starlette.routing import Mount
 import chat
 import llm
 from config import Settings
+from deployments import Deployment
 from server import create_app
-from tests.conftest import AUTH_HEADERS, CLIENT_KEY, PROVIDER_KEY, ROOT
+from tests.conftest import CLIENT_KEY, PROVIDER_KEY, ROOT
+from tests.helpers import client, openai_answer, openai_app
 
 pytestmark = pytest.mark.anyio
-
-Handler = Callable[[httpx.Request], httpx.Response]
-
-
-def openai_app(handler: Handler, *, tracer_provider: Any = None, **changes: object) -> Starlette:
-    settings = Settings(
-        provider="openai",
-        openai_api_key=PROVIDER_KEY,
-        openai_base_url="http://provider.test/v1",
-        model="gpt-4o-mini",
-        models=("gpt-4o-mini", "my-local-model"),
-        api_keys=(CLIENT_KEY,),
-        max_retries=0,
-    ).replace(**changes)
-    return create_app(
-        settings, transport=httpx.MockTransport(handler), tracer_provider=tracer_provider
-    )
-
-
-def client(app: Starlette, base: str = "http://testserver") -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url=base, headers=AUTH_HEADERS
-    )
-
-
-def openai_answer(request: httpx.Request) -> httpx.Response:
-    body = json.loads(request.content)
-    if body.get("stream"):
-        frames = [
-            {"id": "c1", "model": body["model"], "choices": [{"index": 0, "delta": {"content": t}}]}
-            for t in ("Line one\n", 'line "two"\n\n', "end")
-        ]
-        frames.append(
-            {
-                "id": "c1",
-                "model": body["model"],
-                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-            }
-        )
-        frames.append(
-            {
-                "id": "c1",
-                "model": body["model"],
-                "choices": [],
-                "usage": {"prompt_tokens": 1000, "completion_tokens": 2000},
-            }
-        )
-        raw = "".join(f"data: {json.dumps(f)}\n\n" for f in frames) + "data: [DONE]\n\n"
-        return httpx.Response(
-            200, content=raw.encode(), headers={"content-type": "text/event-stream"}
-        )
-    return httpx.Response(
-        200,
-        json={
-            "id": "chatcmpl-1",
-            "model": body["model"],
-            "choices": [{"index": 0, "message": {"content": "Hi!"}, "finish_reason": "stop"}],
-            "usage": {
-                "prompt_tokens": 1_000_000,
-                "completion_tokens": 1_000_000,
-                "prompt_tokens_details": {"cached_tokens": 400_000},
-            },
-        },
-    )
 
 
 def parse_sse(raw: str) -> list[tuple[str, str]]:
@@ -338,7 +275,7 @@ async def test_an_unexpected_exception_is_a_500_in_the_error_shape() -> None:
             raise RuntimeError("a bug, with a secret " + PROVIDER_KEY)
 
     app = openai_app(openai_answer)
-    app.state.deployments = llm.Deployments([llm.Deployment("broken", Broken(), {"*": ""})])
+    app.state.deployments.all = [Deployment("broken", Broken(), {"*": ""})]
     async with client(app) as c:
         r = await c.post("/complete", json={"prompt": "hi"})
     assert r.status_code == 500
@@ -474,6 +411,7 @@ async def test_only_the_app_served_as_server_app_tunes_the_process() -> None:
         logging.logThreads = logging.logProcesses = logging.logMultiprocessing = True
 
 
+@pytest.mark.e2e
 def test_importing_server_for_create_app_changes_nothing_in_the_host() -> None:
     code = (
         "import logging, server\n"

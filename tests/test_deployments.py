@@ -18,6 +18,7 @@ import pytest
 import chat
 import llm
 from config import DeploymentSpec, Settings, SettingsError
+from deployments import Deployment, Deployments
 from errors import ApiError, ProviderError
 from server import create_app
 from tests.conftest import (
@@ -28,7 +29,7 @@ from tests.conftest import (
     start_mock,
     start_service,
 )
-from tests.test_app import client
+from tests.helpers import client
 
 pytestmark = pytest.mark.anyio
 
@@ -54,19 +55,19 @@ class Fake(llm.Provider):
         yield
 
 
-def pool(*deployments: llm.Deployment) -> llm.Deployments:
-    return llm.Deployments(deployments, deadline_s=30)
+def pool(*deployments: Deployment) -> Deployments:
+    return Deployments(deployments, deadline_s=30)
 
 
-async def call(deployments: llm.Deployments, model: str = "m") -> str:
+async def call(deployments: Deployments, model: str = "m") -> str:
     return await deployments.run(model, lambda p, m: p.answer(m))  # type: ignore[attr-defined]
 
 
 async def test_equally_loaded_deployments_take_calls_in_proportion_to_their_weights() -> None:
     a, b = Fake("a"), Fake("b")
     deployments = pool(
-        llm.Deployment("a", a, {"m": "up-a"}, weight=1),
-        llm.Deployment("b", b, {"m": "up-b"}, weight=3),
+        Deployment("a", a, {"m": "up-a"}, weight=1),
+        Deployment("b", b, {"m": "up-b"}, weight=3),
     )
     answers = [await call(deployments) for _ in range(400)]
     assert Counter(answers) == {"a:up-a": 100, "b:up-b": 300}
@@ -77,7 +78,7 @@ async def test_equally_loaded_deployments_take_calls_in_proportion_to_their_weig
 async def test_the_deployment_with_fewest_calls_in_flight_for_its_weight_is_chosen() -> None:
     a, b = Fake("a"), Fake("b")
     deployments = pool(
-        llm.Deployment("a", a, {"m": ""}, weight=1), llm.Deployment("b", b, {"m": ""}, weight=4)
+        Deployment("a", a, {"m": ""}, weight=1), Deployment("b", b, {"m": ""}, weight=4)
     )
     a.inflight, b.inflight = 1, 3  # 1.0 against 0.75
     assert await call(deployments) == "b:m"
@@ -88,7 +89,7 @@ async def test_the_deployment_with_fewest_calls_in_flight_for_its_weight_is_chos
 async def test_a_failure_before_the_answer_cools_the_deployment_and_the_call_moves_on() -> None:
     a = Fake("a", llm.ProviderUnavailable("HTTP 503"))
     b = Fake("b")
-    first, second = llm.Deployment("a", a, {"m": ""}), llm.Deployment("b", b, {"m": ""})
+    first, second = Deployment("a", a, {"m": ""}), Deployment("b", b, {"m": ""})
     deployments = pool(first, second)
     noted: dict[str, object] = {}
     answer = await deployments.run("m", lambda p, m: p.answer(m), noted=noted)  # type: ignore[attr-defined]
@@ -104,7 +105,7 @@ async def test_a_failure_before_the_answer_cools_the_deployment_and_the_call_mov
 
 async def test_cooling_honours_retry_after_and_otherwise_grows() -> None:
     limited = llm.ProviderRateLimited("HTTP 429", retry_after_s=7)
-    deployment = llm.Deployment("a", Fake("a"), {"*": ""})
+    deployment = Deployment("a", Fake("a"), {"*": ""})
     deployment.failed(limited, now=100)
     assert deployment.cooling_s(100) == 7
     waits = []
@@ -124,7 +125,7 @@ async def test_cooling_honours_retry_after_and_otherwise_grows() -> None:
 async def test_when_every_deployment_cools_the_answer_is_503_with_retry_after() -> None:
     a = Fake("a", llm.ProviderRateLimited("HTTP 429", retry_after_s=3))
     b = Fake("b", llm.ProviderUnavailable("refused"))
-    deployments = pool(llm.Deployment("a", a, {"m": ""}), llm.Deployment("b", b, {"m": ""}))
+    deployments = pool(Deployment("a", a, {"m": ""}), Deployment("b", b, {"m": ""}))
     with pytest.raises(llm.ProviderUnavailable):  # the last deployment's own failure
         await call(deployments)
     with pytest.raises(ApiError) as refused:
@@ -136,7 +137,7 @@ async def test_when_every_deployment_cools_the_answer_is_503_with_retry_after() 
 
 async def test_an_invalid_request_is_not_tried_on_another_deployment() -> None:
     a, b = Fake("a", llm.ProviderBadRequest("context too long")), Fake("b")
-    deployments = pool(llm.Deployment("a", a, {"m": ""}), llm.Deployment("b", b, {"m": ""}))
+    deployments = pool(Deployment("a", a, {"m": ""}), Deployment("b", b, {"m": ""}))
     with pytest.raises(llm.ProviderBadRequest):
         await call(deployments)
     assert b.calls == [] and deployments.all[0].cooling_s(0) == 0
@@ -145,8 +146,8 @@ async def test_an_invalid_request_is_not_tried_on_another_deployment() -> None:
 async def test_a_higher_priority_serves_only_when_the_lowest_are_gone() -> None:
     a, spare = Fake("a", llm.ProviderRateLimited("HTTP 429", retry_after_s=30)), Fake("spare")
     deployments = pool(
-        llm.Deployment("spare", spare, {"m": "spare-model"}, weight=100, priority=1),
-        llm.Deployment("a", a, {"m": ""}),
+        Deployment("spare", spare, {"m": "spare-model"}, weight=100, priority=1),
+        Deployment("a", a, {"m": ""}),
     )
     assert await call(deployments) == "spare:spare-model"
     with pytest.raises(ApiError) as cooling:  # without fallback, only the first priority
@@ -156,7 +157,7 @@ async def test_a_higher_priority_serves_only_when_the_lowest_are_gone() -> None:
 
 async def test_a_model_goes_only_to_the_deployments_that_serve_it() -> None:
     a, b = Fake("a"), Fake("b")
-    deployments = pool(llm.Deployment("a", a, {"x": ""}), llm.Deployment("b", b, {"y": "why"}))
+    deployments = pool(Deployment("a", a, {"x": ""}), Deployment("b", b, {"y": "why"}))
     assert await call(deployments, "x") == "a:x"
     assert await call(deployments, "y") == "b:why"
     assert deployments.first("y") == (b, "why")
@@ -233,6 +234,7 @@ def test_a_bad_deployments_file_is_a_named_setting_error(
 # --- on real processes --------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 async def test_two_mock_providers_share_calls_by_weight_and_a_dead_one_is_skipped(
     tmp_path: Path,
 ) -> None:
@@ -317,6 +319,7 @@ weight = 3
     assert "sk-test-" not in service.output()
 
 
+@pytest.mark.e2e
 async def test_a_dead_deployment_comes_back_once_its_cooling_is_over(tmp_path: Path) -> None:
     mock = start_mock(tmp_path)
     port = mock.port

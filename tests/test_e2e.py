@@ -13,11 +13,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-import llm
 from config import Settings
 from tests.conftest import AUTH_HEADERS, CLIENT_KEY, PROVIDER_KEY, ROOT, Process
+from upstream import SharedClient
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
 
 def directive(**options: object) -> str:
@@ -191,7 +191,7 @@ async def test_a_cookie_the_provider_sets_is_not_sent_on_later_calls(
 ) -> None:
     # By host name: aiohttp's cookie jar ignores cookies from bare IP addresses anyway.
     url = f"http://localhost:{mock_provider.port}/v1/chat/completions"
-    shared = llm.SharedClient(Settings())  # the default transport, aiohttp's pool
+    shared = SharedClient(Settings())  # the default transport, aiohttp's pool
     try:
         for prompt in (directive(set_cookie="session=caller-one; Path=/"), "hi"):
             body = {"model": "m", "messages": [{"role": "user", "content": prompt}]}

@@ -21,8 +21,10 @@ from httpx_aiohttp import AiohttpTransport
 import chat
 import llm
 from config import Settings, SettingsError
+from deployments import Deployments, make_deployments
 from dialects import anthropic_messages, openai_chat
 from tests.conftest import PROVIDER_KEY
+from upstream import SharedClient
 from usage import Usage
 
 pytestmark = pytest.mark.anyio
@@ -64,16 +66,16 @@ USAGE_CHUNK = {
 }
 
 
-def mocked(settings: Settings) -> llm.SharedClient:
+def mocked(settings: Settings) -> SharedClient:
     """The production client, its network replaced by respx's routes (no patching)."""
-    return llm.SharedClient(settings, httpx.MockTransport(respx.mock.async_handler))
+    return SharedClient(settings, httpx.MockTransport(respx.mock.async_handler))
 
 
 CODECS: dict[str, llm.Codec] = {"openai": openai_chat, "anthropic": anthropic_messages}
 
 
-def deployments(settings: Settings) -> llm.Deployments:
-    return llm.make_deployments(settings, mocked(settings), CODECS)
+def deployments(settings: Settings) -> Deployments:
+    return make_deployments(settings, mocked(settings), CODECS)
 
 
 def provider(kind: str, retries: int = 0, **changes: object) -> llm.Provider:
@@ -448,7 +450,7 @@ async def test_echo_answers_with_the_prompts_words_and_exact_counts() -> None:
 
 
 async def test_shared_client_is_made_once_and_sized_on_purpose() -> None:
-    shared = llm.SharedClient(Settings(max_inflight=700, timeout_s=42, transport="httpx"))
+    shared = SharedClient(Settings(max_inflight=700, timeout_s=42, transport="httpx"))
     client = shared.get()
     assert shared.get() is client
     assert client.timeout.read == 42 and client.timeout.connect == 5
@@ -554,7 +556,7 @@ def test_backoff_is_jittered_exponential_and_honours_retry_after() -> None:
     assert policy.delay(0, llm.ProviderTimeout("x")) is None
 
 
-def fallback_to_anthropic() -> llm.Deployments:
+def fallback_to_anthropic() -> Deployments:
     settings = Settings(
         provider="openai",
         openai_api_key=PROVIDER_KEY,
@@ -565,7 +567,7 @@ def fallback_to_anthropic() -> llm.Deployments:
     return deployments(settings)
 
 
-async def complete(pool: llm.Deployments, call: chat.Request) -> chat.Completion:
+async def complete(pool: Deployments, call: chat.Request) -> chat.Completion:
     return await pool.run(call.model, lambda p, m: p.complete(chat.with_model(call, m)))
 
 
@@ -624,7 +626,7 @@ def test_the_fallback_model_defaults_to_its_providers_default() -> None:
 
 
 async def test_the_default_transport_is_aiohttp_with_the_same_pool_size() -> None:
-    shared = llm.SharedClient(Settings(max_inflight=700, timeout_s=42))
+    shared = SharedClient(Settings(max_inflight=700, timeout_s=42))
     client = shared.get()
     transport = client._transport
     assert isinstance(transport, AiohttpTransport)
@@ -639,7 +641,7 @@ async def test_the_default_transport_is_aiohttp_with_the_same_pool_size() -> Non
 
 async def test_a_transport_passed_in_is_the_one_the_shared_client_uses() -> None:
     transport = httpx.MockTransport(lambda request: httpx.Response(200))
-    shared = llm.SharedClient(Settings(), transport)
+    shared = SharedClient(Settings(), transport)
     assert shared.get()._transport is transport
     await shared.aclose()
 

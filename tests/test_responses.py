@@ -11,112 +11,29 @@ import json
 import logging
 import math
 import struct
-import typing
 from collections.abc import Callable
-from enum import Enum
 from typing import Any
 
 import httpx
-import openresponses_types as spec
 import pytest
-from openai.types.responses import Response as SdkResponse
-from openai.types.responses import ResponseStreamEvent
-from pydantic import BaseModel
 from starlette.applications import Starlette
 
+import llm
 from config import Rate, Settings
-from dialects import openai_embeddings
 from server import create_app
-from tests.conftest import AUTH_HEADERS, CLIENT_KEY, PROVIDER_KEY
-from tests.test_dialects import GOLDEN, MESSAGE_WITH_TOOLS, Provider, golden, sse_file
+from tests.conftest import CLIENT_KEY, PROVIDER_KEY
+from tests.helpers import (
+    GOLDEN,
+    MESSAGE_WITH_TOOLS,
+    Provider,
+    client,
+    conforming_events,
+    conforming_response,
+    golden,
+    sse_file,
+)
 
 pytestmark = pytest.mark.anyio
-
-
-def _event_models() -> dict[str, type[BaseModel]]:
-    """The Open Responses streaming events, by their `type`."""
-    models: dict[str, type[BaseModel]] = {}
-    for name in dir(spec):
-        cls = getattr(spec, name)
-        if name.endswith("StreamingEvent") and isinstance(cls, type) and issubclass(cls, BaseModel):
-            kind = cls.model_fields["type"].annotation
-            if isinstance(kind, type) and issubclass(kind, Enum):
-                models[next(iter(kind)).value] = cls
-    return models
-
-
-def _sdk_event_models() -> dict[str, type[BaseModel]]:
-    """The openai SDK's streaming events, by their `type`."""
-    union = typing.get_args(ResponseStreamEvent)[0]
-    return {
-        typing.get_args(cls.model_fields["type"].annotation)[0]: cls
-        for cls in typing.get_args(union)
-    }
-
-
-EVENTS = _event_models()
-SDK_EVENTS = _sdk_event_models()
-# OpenAI's own extension for freeform tools, which the Open Responses schema lacks.
-OPENAI_ONLY = ("response.custom_tool_call_input.delta", "response.custom_tool_call_input.done")
-
-
-def conforming_response(data: dict[str, Any]) -> dict[str, Any]:
-    """`data`, checked to be a response object of both the spec and the SDK."""
-    assert data["object"] == "response"
-    if not _freeform(data):
-        spec.ResponseResource.model_validate(_for_the_typed_models(data))
-    SdkResponse.model_validate(data)
-    return data
-
-
-def _for_the_typed_models(data: dict[str, Any]) -> dict[str, Any]:
-    """The spec's JsonSchemaResponseFormat.json has `schema` an object or null (and
-    OpenAI's SDK needs the object), but openresponses-types generated it as None
-    only: the echoed schema is checked as the spec says, then left out."""
-    form = data["text"]["format"]
-    if form["type"] != "json_schema":
-        return data
-    assert form["schema"] is None or isinstance(form["schema"], dict)
-    return {**data, "text": {**data["text"], "format": {**form, "schema": None}}}
-
-
-def _in_the_spec(event: dict[str, Any]) -> bool:
-    """Whether the Open Responses schema has the event: it has no freeform tools."""
-    return (
-        event["type"] in EVENTS
-        and not _freeform(event.get("response") or {})
-        and ((event.get("item") or {}).get("type") != "custom_tool_call")
-    )
-
-
-def _freeform(response: dict[str, Any]) -> bool:
-    """Whether a response has OpenAI's custom tools, which Open Responses lacks."""
-    things = [*response.get("output", []), *response.get("tools", [])]
-    return any(t.get("type") in ("custom_tool_call", "custom") for t in things)
-
-
-def conforming_events(text: str) -> list[dict[str, Any]]:
-    """The SSE body's events, each checked: named as its type, numbered from 0 up by
-    one, valid in the spec (OpenAI's own events aside) and in the SDK; no [DONE]."""
-    assert "[DONE]" not in text
-    events = []
-    for block in text.strip().split("\n\n"):
-        lines = block.split("\n")
-        assert lines[0].startswith("event: ") and lines[1].startswith("data: "), block
-        data = json.loads(lines[1][6:])
-        assert lines[0][7:] == data["type"]
-        events.append(data)
-    assert [e["sequence_number"] for e in events] == list(range(len(events)))
-    for event in events:
-        kind = event["type"]
-        assert kind in EVENTS or kind in OPENAI_ONLY, kind
-        if _in_the_spec(event):
-            typed = event
-            if "response" in event:
-                typed = {**event, "response": _for_the_typed_models(event["response"])}
-            EVENTS[kind].model_validate(typed)
-        SDK_EVENTS[kind].model_validate(event)
-    return events
 
 
 def timeless(data: Any) -> Any:
@@ -130,12 +47,6 @@ def timeless(data: Any) -> Any:
     if isinstance(data, list):
         return [timeless(v) for v in data]
     return data
-
-
-def client(app: Starlette) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://testserver", headers=AUTH_HEADERS
-    )
 
 
 def echo_app(**changes: object) -> Starlette:
@@ -695,7 +606,7 @@ async def test_echo_embeddings_are_deterministic_unit_vectors_of_the_asked_size(
     assert all(len(v) == 64 and math.isclose(sum(x * x for x in v), 1.0) for v in vectors)
     assert vectors[0] == vectors[1] != vectors[2]
     assert data["usage"] == {"prompt_tokens": 10, "total_tokens": 10}
-    assert len(default.json()["data"][0]["embedding"]) == openai_embeddings.ECHO_DIMENSIONS
+    assert len(default.json()["data"][0]["embedding"]) == llm.ECHO_DIMENSIONS
 
 
 async def test_texts_sharing_words_have_closer_echo_embeddings() -> None:

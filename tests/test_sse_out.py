@@ -11,11 +11,11 @@ import pytest
 from starlette.requests import Request
 from starlette.types import Message
 
-import sse
 from config import Settings
+from dialects import PING
 from dialects.ours import StreamEncoder
 from server import create_app
-from sse import PING, EventStream
+from sse import EventStream, Streams
 
 pytestmark = pytest.mark.anyio
 
@@ -48,7 +48,12 @@ def stream_for(frames: AsyncGenerator[bytes, None], **settings: float) -> EventS
     scope = {"type": "http", "app": app, "method": "POST", "path": "/stream", "headers": []}
     scope["text_tool.call"] = {}
     request = Request(scope)
-    return EventStream(sse.of(request), request, b"data: first\n\n", frames, StreamEncoder())
+    return EventStream(streams(request), request, b"data: first\n\n", frames, StreamEncoder())
+
+
+def streams(request: Request) -> Streams:
+    shared: Streams = request.app.state.streams
+    return shared
 
 
 async def test_idle_streams_get_pings_and_none_follows_the_end() -> None:
@@ -64,7 +69,7 @@ async def test_idle_streams_get_pings_and_none_follows_the_end() -> None:
     assert bodies[0] == b"data: first\n\n"
     assert PING in bodies[1:-2] and bodies[-2:] == [b"data: second\n\n", b""]
     assert channel.sent[-1]["more_body"] is False
-    assert sse.of(stream.request).open_streams.value == 0
+    assert streams(stream.request).open_streams.value == 0
 
 
 async def hanging(closed: asyncio.Event) -> AsyncGenerator[bytes, None]:

@@ -1,0 +1,336 @@
+"""The one serving path of every model route.
+
+A route is a client format (a `Dialect` of dialects/) and an operation; whatever the
+pair, a call goes the same way, once:
+
+    read the body (bounded) and parse it once: the dict is what passes through
+    validate it against the dialect's schema, choose the model (403)
+    decode it into `chat` (400 for what no provider could take)
+    admit it: reserve its worst case under the key's limits (429), get a ticket
+    call the deployments of the model, one after another on failure (deployments.py):
+        the provider speaks the client's format  -> the body passes through
+        else                                      -> translated through `chat`
+    respond: one JSON body, or SSE once the first frame is ready
+    settle the ticket with the provider's counts (or an estimate); note the access line
+
+Every rule on the way (the cap on a stream's output, the accounting of a stream the
+client left, what of the client's headers go upstream, a provider's refusal returned
+as it came) is here, the same for every route; the dialects only say how their format
+reads and writes. Provider keys are masked on the way out by redaction.py, whatever
+made the bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+
+import admission
+import chat
+import jsonio
+import llm
+from admission import Admission, Ticket, invalid_body, note, since_ms
+from deployments import Deployments
+from dialects import Decoded, Dialect, Encoder, Passthrough, Relay, integer
+from dialects import anthropic_messages as messages_format
+from errors import ApiError, ProviderError, request_id
+from jsonio import JSONResponse
+from llm import HttpProvider, Provider
+from requestlog import CALL
+from sse import EventStream, Streams
+from usage import Usage
+
+# Headers naming the client's session, kept in the access line (Claude Code's).
+SESSION_HEADERS = ("x-claude-code-session-id",)
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """What the serving path uses of the app, made once by `create_app`: nothing is
+    looked up in `app.state` on the way."""
+
+    admission: Admission
+    deployments: Deployments
+    streams: Streams
+
+    def route(self, dialect: Dialect, op: str) -> Callable[[Request], Awaitable[Response]]:
+        """The route function of `dialect` for `op` ("chat" or "embeddings")."""
+
+        async def serve(request: Request) -> Response:
+            return await self.serve(request, dialect, op)
+
+        serve.__name__ = f"{dialect.wire}_{op}"
+        return serve
+
+    # --- down: read, validate, decode, admit ---------------------------------------
+
+    async def _read(self, request: Request, schema: type[BaseModel]) -> tuple[dict[str, Any], Any]:
+        """The body parsed once (the dict passes through as it is) and validated."""
+        raw = await self.admission.read_body(request)
+        try:
+            data = jsonio.loads(raw)
+        except ValueError as exc:
+            # "number out of range at line 1 column 4329", "EOF while parsing...": what is
+            # wrong, and where (a 5,000-digit integer is valid JSON that no parser takes).
+            message = f"the body is not valid JSON (UTF-8): {exc}"
+            raise ApiError(400, "invalid_json", message) from None
+        return data, validated(data, schema)
+
+    async def serve(self, request: Request, dialect: Dialect, op: str) -> Response:
+        gate = self.admission
+        data, body = await self._read(request, dialect.body)
+        model = gate.choose_model(request, getattr(body, "model", None))
+        rid = request_id(request.scope)
+        decoded = dialect.decode(body, model, rid)
+        if decoded.refused is not None:
+            if not self.deployments.takes(model, dialect.wire):
+                raise decoded.refused
+            # Counted by its length: only a provider that reads it itself will.
+            text = jsonio.dumps(data).decode()
+            decoded = Decoded(
+                chat.user_text(text, model=model, request_id=rid), [], decoded.refused
+            )
+        for name in SESSION_HEADERS:
+            session = request.headers.get(name)
+            if session:
+                note(request, session=session[:128])
+        ticket = await gate.admit(request, decoded.request)
+        stream = dialect.streams(body)
+
+        async def attempt(provider: Provider, upstream: str) -> Response:
+            relay = llm.passthrough(provider, dialect.wire)
+            if relay is not None and dialect.passthrough is not None:
+                sent = {**data, "model": upstream}
+                return await self._passed_through(
+                    request, ticket, relay, dialect, sent, body, stream
+                )
+            if op == "embeddings":
+                assert decoded.embeddings is not None
+                asked = decoded.embeddings
+                vectors = await gate.call(
+                    request, provider.embed(dataclasses.replace(asked, model=upstream))
+                )
+                usage = Usage(input_tokens=vectors.input_tokens)
+                cost = ticket.settle(vectors.model, usage, "stop")
+                return JSONResponse(dialect.answer(vectors, body, decoded.request, cost))
+            translated = decoded.translated(provider.name, upstream)
+            if translated.dropped:
+                note(request, dropped=list(translated.dropped))
+            if stream:
+                assert dialect.encoder is not None
+                encoder = dialect.encoder(body, translated)
+                frames = _translated(ticket, provider.stream(translated), encoder)
+                return await self._respond(request, frames, encoder)
+            completion = await gate.call(request, provider.complete(translated))
+            cost = ticket.finish(completion)
+            return JSONResponse(dialect.answer(completion, body, translated, cost))
+
+        try:
+            return await self.deployments.run(
+                model,
+                attempt,
+                fallback=dialect.fallback,
+                noted=request.scope.get(CALL),
+                as_is=decoded.as_is(dialect.wire),
+            )
+        except ProviderError as exc:
+            # After every deployment was tried: the last one's own refusal, as it came,
+            # for a format that returns them so.
+            response = verbatim(exc, dialect)
+            if response is None:
+                raise
+            return response
+
+    # --- passed through ---------------------------------------------------------------
+
+    async def _passed_through(
+        self,
+        request: Request,
+        ticket: Ticket,
+        provider: HttpProvider,
+        dialect: Dialect,
+        data: dict[str, Any],
+        body: Any,
+        stream: bool,
+    ) -> Response:
+        """The client's body to a provider of its own format, the answer as it came but
+        for what the accounting and the cap need."""
+        hooks = dialect.passthrough
+        assert hooks is not None
+        hooks.prepare(data)
+        rid = request_id(request.scope)
+        headers = forwarded(request, hooks)
+        query = (request.url.query or None) if hooks.query else None
+        path = provider.paths[dialect.wire]
+        if not stream or hooks.relay is None:
+            call = provider.post(data, rid, headers, path=path, query=query, scale=hooks.scale)
+            answer = await self.admission.call(request, call)
+            accounted = hooks.accounted(answer)
+            usage = accounted.usage or ticket.estimate(chat.estimate_tokens(accounted.text))
+            ticket.settle(accounted.model or str(data["model"]), usage, accounted.finish)
+            return JSONResponse(answer)
+        relay = hooks.relay(data, body, ticket.call)
+        events = provider.open_stream(data, rid, headers, path=path, query=query)
+        return await self._respond(request, _relayed(ticket, events, relay), relay.encoder)
+
+    # --- respond ----------------------------------------------------------------------
+
+    async def _respond(
+        self, request: Request, frames: AsyncGenerator[bytes, None], encoder: Encoder
+    ) -> Response:
+        """The stream of `frames`, answered once the first is ready: provider errors
+        before it propagate as exceptions, for the HTTP error handlers (or the next
+        deployment). It holds a slot of MAX_INFLIGHT from its first frame to its last,
+        and is dropped if the client leaves meanwhile (`ClientDisconnect`)."""
+        inflight = self.admission.inflight
+        inflight.take()
+        started = time.perf_counter()
+        try:
+            first = await admission.unless_disconnected(request.receive, anext(frames))
+        except BaseException:
+            inflight.give()
+            await frames.aclose()
+            raise
+        note(request, ttft_ms=since_ms(started))
+        return EventStream(self.streams, request, first, frames, encoder, inflight.give)
+
+    # --- count_tokens ---------------------------------------------------------------
+
+    async def count_tokens(self, request: Request) -> Response:
+        """Anthropic's own count when the provider speaks its format (and has the route:
+        vLLM, Ollama and llama.cpp answer 404), else an estimate, four characters a
+        token over system, messages and tools. Never a 404, never 0 (a 0 turns Claude
+        Code's automatic compaction off); no reservation."""
+        gate = self.admission
+        dialect = messages_format.DIALECT
+        data, body = await self._read(request, messages_format.CountTokensBody)
+        model = gate.choose_model(request, body.model)
+        provider, upstream = self.deployments.first(model)
+        relay = llm.passthrough(provider, dialect.wire)
+        if relay is not None and dialect.passthrough is not None:
+            sent = {**data, "model": upstream}
+            headers = forwarded(request, dialect.passthrough)
+            path = messages_format.COUNT_PATH
+            try:
+                answer = await gate.call(
+                    request, relay.post(sent, request_id(request.scope), headers, path=path)
+                )
+                if integer(answer.get("input_tokens")) > 0:
+                    return JSONResponse(answer)
+            except ProviderError as exc:
+                if exc.answer is None or exc.answer[0] != 404:
+                    response = verbatim(exc, dialect)
+                    if response is None:
+                        raise
+                    return response
+        estimate = chat.input_estimate(messages_format.decode_request(body, model, None).request)
+        return JSONResponse({"input_tokens": max(1, estimate)})
+
+
+def validated(data: Any, schema: type[BaseModel]) -> Any:
+    """The parsed body as `schema` (strict, as JSON is): 422 naming each field."""
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise invalid_body(exc) from None
+
+
+def forwarded(request: Request, hooks: Passthrough) -> dict[str, str]:
+    """What of the client's headers goes to a provider of its format: those the format
+    names (Anthropic's version and beta flags), never its credentials."""
+    headers = {}
+    for name in hooks.headers:
+        value = request.headers.get(name)
+        if value:
+            headers[name] = value
+    return headers
+
+
+def verbatim(exc: ProviderError, dialect: Dialect) -> Response | None:
+    """A provider's own refusal in the client's format, its status and words as they
+    were, but for our own key being refused, which is ours to say (a 502)."""
+    hooks = dialect.passthrough
+    if hooks is None or not hooks.verbatim:
+        return None
+    if exc.answer is None or exc.wire != dialect.wire or exc.answer[0] in (401, 403):
+        return None
+    status, raw = exc.answer
+    return Response(raw, status_code=status, media_type="application/json")
+
+
+# --- the two relays: translated, and passed through --------------------------------------
+
+
+async def _translated(
+    ticket: Ticket, events: AsyncGenerator[chat.Event, None], encoder: Encoder
+) -> AsyncGenerator[bytes, None]:
+    """A provider's events as a client's frames, accounted: the ticket settles at the
+    end, or with what was sent when the stream is cut short, and a stream that runs
+    past its max tokens is stopped here (its provider call closed) and ends as length."""
+    model = ticket.model
+    try:
+        async for event in events:
+            if isinstance(event, chat.Delta):
+                if not ticket.counts(event):
+                    end = chat.End("length", ticket.estimate(ticket.sent))
+                    cost = ticket.settle(model, end.usage, end.finish_reason)
+                    for piece in encoder.last(end, model, cost):
+                        yield piece
+                    return
+            elif isinstance(event, chat.End):
+                cost = ticket.settle(model, event.usage, event.finish_reason)
+                for piece in encoder.last(event, model, cost):
+                    yield piece
+                return
+            elif isinstance(event, chat.Start):
+                model = event.model or model
+            for piece in encoder.frames(event):
+                yield piece
+    finally:
+        await events.aclose()
+        ticket.close()
+
+
+async def _relayed(
+    ticket: Ticket,
+    stream: AbstractAsyncContextManager[AsyncIterator[tuple[str, str]]],
+    relay: Relay,
+) -> AsyncGenerator[bytes, None]:
+    """A provider's events passed through: each read by the dialect's `Relay` (the
+    frame for the client, the deltas it carries), counted against the cap (past it,
+    the relay's own end), and settled with the provider's usage at the end, or an
+    estimate of what was sent."""
+    try:
+        async with stream as events:
+            async for name, text in events:
+                step = relay.read(name, text)
+                if not all(ticket.counts(delta) for delta in step.deltas):
+                    for piece in relay.cut(ticket.sent):
+                        yield piece
+                    ticket.settle(relay.model, ticket.estimate(ticket.sent), "length")
+                    for piece in relay.tail():
+                        yield piece
+                    return
+                if step.frame is not None:
+                    yield step.frame
+                if step.failed:
+                    return  # the provider's own error, relayed: the stream ends there
+                if step.last:
+                    break
+        end = relay.end()
+        if end is None:
+            raise ProviderError("the provider's stream ended before the answer was complete")
+        usage = end.usage or ticket.estimate(ticket.sent)
+        ticket.settle(end.model or relay.model, usage, end.finish)
+        for piece in relay.tail():
+            yield piece
+    finally:
+        ticket.close()
