@@ -353,9 +353,9 @@ class Ticket:
 
 # --- the client leaving ------------------------------------------------------------------
 
-# A client that leaves in the first tenth of a second of a call is noticed then: a
-# shorter wait left a third of the calls of a busy server (answered in ~30 ms) each
-# making a watcher task that had nothing to do.
+# A client that leaves in the first tenth of a second of a call is noticed then: with a
+# shorter wait, many calls of a busy server each made a watcher task that had nothing
+# to do (bench/README.md).
 WATCH_AFTER_S = 0.1
 
 

@@ -150,9 +150,9 @@ def _sole_json_handler(logger: logging.Logger) -> TurnBatchingHandler | None:
 def info_fields(logger: logging.Logger, msg: str, fields: dict[str, Any]) -> None:
     """`logger.info(msg, extra=fields)`, for the access line of every request. When the
     line can only go to the JSON handler `get_logger` installs, it is made here without
-    a LogRecord: making, handling and formatting one was ~25 us, a twelfth of a request's
-    CPU time, for the same line. Otherwise (a host's own logging set-up) it goes through
-    logging as any other line."""
+    a LogRecord (a departure: making, handling and formatting one is a measurable share
+    of a request's CPU time, bench/README.md). Otherwise (a host's own logging set-up)
+    it goes through logging as any other line."""
     if not logger.isEnabledFor(logging.INFO):
         return
     handler = _sole_json_handler(logger)

@@ -4,9 +4,9 @@ Label values come from configuration only (route templates, configured key names
 models in LLM_MODELS), so no request can add a series: anything else is "other".
 Counts are per process; with several workers each has its own.
 
-The counting is plain dicts of floats, read by a collector when /metrics is scraped:
-prometheus-client's own metric objects take a lock and several calls per increment,
-and a request's ten increments were a tenth of its instructions (bench/README.md).
+A departure: the counting is plain dicts of floats, read by a collector when /metrics
+is scraped, since prometheus-client's own metric objects take a lock and several calls
+per increment, a measurable share of a request (bench/README.md).
 Everything runs on the event loop's thread, so nothing here needs a lock.
 prometheus-client still writes the exposition format.
 """

@@ -1,18 +1,17 @@
 """The connection, before any of the app: uvicorn's httptools protocol with bounds on a
 request's head, and the contract's JSON for what uvicorn answers itself.
 
-httptools has no limit on header bytes and uvicorn no header timeout: 100 connections
-each holding 4 MB of unfinished headers took 390 MB, a request with 8 MB of headers was
-served, and a connection that sends a byte now and then is held forever. Served as
-
-    uvicorn server:app --http protocol:BoundedHttpTools
+A departure from uvicorn's own protocol, because httptools has no limit on header bytes
+and uvicorn no header timeout: connections holding megabytes of unfinished headers
+each, or sending a byte now and then, are held as long as they like. Served as
+`python server.py` serves it (`--http protocol:BoundedHttpTools` to uvicorn),
 
 a head (request line and headers) over MAX_HEADER_BYTES is answered 431 and the
 connection closed, and one not finished within HEADER_TIMEOUT_S of its first byte (or
 of the connection, for a connection that sends nothing) is answered 408, or just
 closed. One timer a second per server looks at every connection, rather than one
 timer a request. uvicorn's own "Invalid HTTP request" 400 gets the error shape too.
-(The overrides are few on purpose: each is a Python call a request, about 1 us.)
+(The overrides are few on purpose: each is a Python call a request.)
 
 An HTTP/1.0 client cannot read chunked encoding, which uvicorn uses for any answer
 without a Content-Length (a stream): its answer is delimited by the connection's

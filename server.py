@@ -1,17 +1,26 @@
 """The HTTP service: `create_app()` puts the stages together (middleware order, route
-table, error handlers, lifespan); the routes of each wire format are in dialects/.
+table, error handlers, lifespan); every model route is one line of the table, its
+client format (a dialect) and its operation, served by gateway.py.
 
 Run it with `python server.py` (or the `text-tool` script), which starts uvicorn with
 what the service needs (`main`); embed it with `Mount("/llm", app=create_app())`.
 `server:app` is made from the environment when first asked for, so importing this
 module for `create_app` changes nothing in the host's process.
 
-A request meets, in this order: protocol.py (the connection), requestlog.py, CORS
-(with CORS_ORIGINS), auth.py, ratelimit.py (the window, then the key's slots for calls
-in flight), tracing.py (with traces on), the router, then its route: a dialect decodes
-the body, admission.py admits it, llm.py calls the provider, the dialect encodes the
-answer (sse.py streams it), and the ticket of admission.py accounts for it on the way
-back.
+A request meets, in this order: protocol.py (the connection), requestlog.py,
+redaction.py, CORS (with CORS_ORIGINS), auth.py, ratelimit.py (the window, then the
+key's slots for calls in flight), tracing.py (with traces on), the router, then
+gateway.py: a dialect decodes the body, admission.py admits it, deployments.py picks
+the provider, llm.py calls it, the dialect encodes the answer (sse.py streams it), and
+the ticket of admission.py accounts for it on the way back.
+
+Departures from Starlette's and uvicorn's ordinary use, each for a measured reason
+(bench/README.md, "Why the departures"):
+- `Endpoint` runs a route function as a plain ASGI app, rather than Starlette's
+  function adapter, which wraps every call in one more exception-handling layer that
+  the app's own ExceptionMiddleware already is;
+- `tune_gc` sets the garbage collector's thresholds for a server that owns its process;
+- `python server.py` runs uvicorn with our own protocol class (protocol.py).
 """
 
 from __future__ import annotations
@@ -476,14 +485,13 @@ def _announce(settings: Settings, keys: KeyRing, logger: logging.Logger) -> None
 def tune_gc() -> None:
     """Make the cyclic garbage collector cheap for a server that owns its process.
 
-    Measured under load (bench/README.md): with Python's default thresholds a collection
-    ran about every 700 allocations, and each full one walked every object imported at
-    start, together about a sixth of the CPU time of a request. Objects made at start
-    are frozen out of collections. With 2,000 calls in flight for a second each, every
-    object of a request outlives a young collection, and collections of the middle
-    generation (every 20 young ones) walked all of them: 15% of the CPU time. Young
-    collections now run every 20,000 allocations and older ones every 50 of those,
-    by when most of a request's objects have been freed by reference counting.
+    A departure from Python's defaults, measured under load (bench/README.md): with the
+    default thresholds collections run every few hundred allocations, full ones walk
+    every object imported at start, and with thousands of calls in flight the middle
+    generation walks every live request. Objects made at start are frozen out of
+    collections; young collections run every 20,000 allocations and older ones every
+    50 of those, by when most of a request's objects have been freed by reference
+    counting.
     Only for the app served as `server:app`: one that mounts `create_app()` keeps
     its own settings."""
     gc.collect()

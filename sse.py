@@ -179,10 +179,10 @@ class EventStream(Response):
     On server shutdown the stream gets SHUTDOWN_GRACE_S to finish, then ends with an
     error frame (`not_ready`), so the client knows it was cut.
 
-    sse-starlette's EventSourceResponse, which the design names, costs about 6 us of
-    CPU an event more than this (a task group of four tasks a stream, a cancel scope
-    an event): 350 us more for a stream of 50 events, against 470 us for the whole of
-    such a stream here (bench/README.md).
+    A departure: sse-starlette's EventSourceResponse, which the design names, makes a
+    task group of four tasks a stream and a cancel scope an event, measurably more CPU
+    an event than this (bench/README.md, "Why the departures"). Its shutdown signal
+    (`AppStatus`) is still the one used here.
     """
 
     def __init__(

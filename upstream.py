@@ -2,12 +2,15 @@
 card's shared client), the table that turns transport exceptions into our
 `ProviderError`s, and the one that turns a provider's non-2xx answer into one.
 
-Departures from the libraries' ordinary use, each for a measured reason (figures in
-bench/README.md):
+Departures from the libraries' ordinary use, each for a measured reason (the figures
+are in bench/README.md, "Why the departures"); do not undo one without measuring:
 - httpx-aiohttp's `AiohttpTransport` under httpx, over one tuned `aiohttp.ClientSession`,
   rather than httpx's own pool, which polls every idle connection on each request;
-- a client that keeps no cookies (`ProviderClient`), rather than a jar refusing them;
-- a closed answer's stream dropped (`close`), breaking httpx's reference cycle.
+- a client that keeps no cookies (`ProviderClient`), rather than a jar refusing them,
+  which urllib still consults on every call;
+- a closed answer's stream dropped (`close`), breaking httpx's reference cycle, which
+  only the cyclic collector would free;
+- requests made whole by `HttpProvider` (llm.py), not by `build_request`.
 """
 
 from __future__ import annotations
@@ -41,10 +44,9 @@ class SharedClient:
     it in time.
 
     Under it, by default, httpx-aiohttp's `AiohttpTransport` over one tuned
-    `aiohttp.ClientSession`: httpx's own pool polls every idle connection on each
-    request and costs several times the CPU past a few dozen connections
-    (bench/README.md). `LLM_TRANSPORT=httpx` selects httpx's own transport, which
-    honours `HTTPS_PROXY`; a `transport` passed in (the tests') replaces both."""
+    `aiohttp.ClientSession` (see the module's departures). `LLM_TRANSPORT=httpx`
+    selects httpx's own transport, which honours `HTTPS_PROXY`; a `transport` passed in
+    (the tests') replaces both."""
 
     def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None):
         self._settings = settings
@@ -94,8 +96,8 @@ class _NoCookies(httpx.Cookies):
 
 class ProviderClient(httpx.AsyncClient):
     """httpx's client, keeping no cookies: a cookie a provider sets must not ride along
-    on other callers' calls. (A jar whose policy refuses every cookie still made
-    urllib's request objects to ask it: a third of httpx's CPU time a call.)"""
+    on other callers' calls. (A jar whose policy refuses every cookie is still asked,
+    through urllib's request objects, on every call.)"""
 
     _none = _NoCookies()
 
@@ -225,11 +227,9 @@ async def close(response: httpx.Response) -> None:
     failure to close is no news to anyone.
 
     httpx's client wraps each answer's stream in one that points back at the answer,
-    for its `elapsed`: a reference cycle of 18 objects a call (the request and its
-    body among them), which only the cyclic collector frees. With thousands of calls
-    a second the young generation filled with them, and each of its collections held
-    the event loop for 4 ms (a p99 of 3 ms at one request at a time). The closed
-    answer's stream is dropped, so reference counting frees the call at once."""
+    for its `elapsed`: a reference cycle (the request and its body among them), which
+    only the cyclic collector frees, and whose collections then hold the event loop.
+    The closed answer's stream is dropped, so reference counting frees the call at once."""
     with contextlib.suppress(httpx.TransportError, aiohttp.ClientError, OSError):
         await response.aclose()
     response.stream = _CLOSED

@@ -591,7 +591,7 @@ class StreamEncoder:
 
     def _text_delta(self, text: str) -> bytes:
         """The hot path, one event a token: what `_at` would make, the open item's
-        fields encoded once rather than in every event (bench/README.md)."""
+        fields encoded once rather than in every event."""
         assert self.open is not None
         if self._around is None or self._around[0] != self.open["id"]:
             around = jsonio.dumps({"item_id": self.open["id"], "output_index": len(self.output) - 1,
