@@ -26,7 +26,7 @@ import httpx  # noqa: E402
 from config import Settings  # noqa: E402
 from server import create_app  # noqa: E402
 
-CHUNKS = [
+CHUNKS: list[dict[str, Any]] = [
     {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
     {"choices": [{"index": 0, "delta": {"content": "Hello"}}]},
     {"choices": [{"index": 0, "delta": {"content": " there"}, "finish_reason": "stop"}]},
