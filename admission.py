@@ -223,7 +223,7 @@ class Admission:
         note(request, call=call)  # for a trace's span (tracing.py); never logged as a whole
         if key is not None and self.quotas.applies(key):
             input_tokens = chat.input_estimate(call)
-            most = call.max_tokens or UNSET_MAX_TOKENS
+            most = (call.max_tokens or UNSET_MAX_TOKENS) * call.choices  # every answer's
             price = self.prices.price(call.model) or self.prices.price(
                 self.settings.upstream_names.get(call.model, call.model)
             )
@@ -253,8 +253,8 @@ class OutputCap:
 
     __slots__ = ("chars", "deltas", "max_chars", "max_deltas")
 
-    def __init__(self, max_tokens: int | None) -> None:
-        tokens = max_tokens or UNSET_MAX_TOKENS
+    def __init__(self, max_tokens: int | None, choices: int = 1) -> None:
+        tokens = (max_tokens or UNSET_MAX_TOKENS) * choices
         self.max_deltas = 2 * tokens + 64
         self.max_chars = 32 * tokens + 1024
         self.deltas = 0
@@ -281,7 +281,7 @@ class Ticket:
         self.request = request
         self.model = call.model
         self.call = call
-        self.cap = OutputCap(call.max_tokens)
+        self.cap = OutputCap(call.max_tokens, call.choices)
         self.sent = 0  # deltas relayed so far
         self.settled = False
         self.started = time.perf_counter()
@@ -289,9 +289,18 @@ class Ticket:
         self.text: list[str] | None = [] if admission.settings.otel_capture_content else None
 
     def counts(self, delta: chat.Delta) -> bool:
-        """Count a delta about to be relayed; False once the stream is past its cap,
-        which is logged."""
+        """Count a delta about to be relayed; False once the stream is past its cap."""
         size = len(delta.arguments) if isinstance(delta, chat.ToolCallDelta) else len(delta.text)
+        if not self.passes(size):
+            return False
+        if self.text is not None and isinstance(delta, chat.TextDelta):
+            self.text.append(delta.text)
+        return True
+
+    def passes(self, size: int) -> bool:
+        """Count a delta of `size` characters (one `chat` has no word for, too: another
+        choice's, a kind it does not read); False once the stream is past its cap, which
+        is logged."""
         if not self.cap.admits(size):
             logging.getLogger("text_tool").warning(
                 "the provider streamed past max_tokens; stream stopped",
@@ -299,8 +308,6 @@ class Ticket:
             )
             return False
         self.sent += 1
-        if self.text is not None and isinstance(delta, chat.TextDelta):
-            self.text.append(delta.text)
         return True
 
     def settle(self, model: str, usage: Usage, finish_reason: str) -> float | None:

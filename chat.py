@@ -153,6 +153,9 @@ class Request:
     user: str | None = None
     request_id: str | None = None
     dropped: tuple[str, ...] = ()  # advisory fields of the client's body, not carried
+    # Answers asked for at once (Chat's `n`): only a body passed through asks for more
+    # than one, and each is reserved and capped at `max_tokens`.
+    choices: int = 1
 
 
 def user_text(text: str, *, model: str, system: str | None = None, **settings: Any) -> Request:

@@ -312,7 +312,8 @@ async def _relayed(
         async with stream as events:
             async for name, text in events:
                 step = relay.read(name, text)
-                if not all(ticket.counts(delta) for delta in step.deltas):
+                counted = all(ticket.counts(delta) for delta in step.deltas)
+                if not (counted and all(ticket.passes(size) for size in step.more)):
                     for piece in relay.cut(ticket.sent):
                         yield piece
                     ticket.settle(relay.model, ticket.estimate(ticket.sent), "length")

@@ -88,13 +88,28 @@ class Accounted(NamedTuple):
 
 class Step(NamedTuple):
     """One event of a stream passed through, read: the frame for the client (None:
-    nothing), the deltas it carries (counted against the cap), and whether it was the
-    answer's last (`last`) or the provider's own error, relayed (`failed`)."""
+    nothing), the deltas it carries as `chat` reads them, and the sizes of what else it
+    carries (other choices, kinds of delta `chat` has no word for), all counted against
+    the cap; and whether it was the answer's last (`last`) or the provider's own error,
+    relayed (`failed`)."""
 
     frame: bytes | None
     deltas: list[chat.Delta]
     last: bool = False
     failed: bool = False
+    more: tuple[int, ...] = ()
+
+
+def text_size(value: Any, skip: frozenset[str] = frozenset()) -> int:
+    """The characters of the strings in a JSON value (but under the keys in `skip`):
+    what a delta of a kind `chat` does not read carries, for the output cap."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(text_size(v, skip) for k, v in value.items() if k not in skip)
+    if isinstance(value, list):
+        return sum(text_size(v, skip) for v in value)
+    return 0
 
 
 class Relay(Protocol):

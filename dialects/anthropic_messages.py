@@ -48,6 +48,7 @@ from dialects import (
     json_object,
     nothing,
     reframed,
+    text_size,
 )
 from errors import ANTHROPIC_TYPES, ApiError, ProviderError, ProviderUnavailable
 from usage import Usage
@@ -928,7 +929,12 @@ class Relay:
             deltas = [e for e in self.decoder.feed(event, data) if isinstance(e, chat.Delta)]
         except ProviderError:
             return Step(_event(event or "error", json_object(data)), [], failed=True)
-        return Step(reframed(data, event), deltas, last=self.decoder.done)
+        more: tuple[int, ...] = ()
+        if event == "content_block_delta" and not deltas:  # a kind the decoder does not read
+            delta = json_object(data).get("delta")
+            if isinstance(delta, dict) and delta.get("type") not in _READ:
+                more = (text_size(delta, frozenset({"type"})),)
+        return Step(reframed(data, event), deltas, last=self.decoder.done, more=more)
 
     def cut(self, sent: int) -> list[bytes]:
         stop = {"type": "content_block_stop", "index": max(self.decoder.blocks, default=0)}
@@ -946,6 +952,10 @@ class Relay:
 
     def tail(self) -> list[bytes]:
         return []
+
+
+# The delta kinds the decoder reads (a signature carries no tokens to count).
+_READ = frozenset({"text_delta", "input_json_delta", "thinking_delta", "signature_delta"})
 
 
 def relay(data: dict[str, Any], body: MessagesBody, call: chat.Request) -> Relay:

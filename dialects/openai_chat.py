@@ -37,6 +37,7 @@ from dialects import (
     integral,
     json_object,
     reframed,
+    text_size,
 )
 from errors import ApiError, ProviderError, shaped
 from usage import Usage
@@ -168,6 +169,7 @@ def decode_request(body: ChatCompletionBody, model: str, rid: str | None) -> Dec
         user=body.user,
         request_id=rid,
         dropped=tuple(dropped),
+        choices=body.n or 1,
     )
     return Decoded(request, lost)
 
@@ -794,9 +796,10 @@ class Relay:
         deltas = [e for e in self.decoder.chunk(obj) if isinstance(e, chat.Delta)]
         self.model = str(obj.get("model") or self.model)
         self.last = obj
+        more = tuple(_unread(obj))
         if obj.get("usage") and not self.include_usage and not obj.get("choices"):
-            return Step(None, deltas)  # the usage chunk this client did not ask for
-        return Step(reframed(data), deltas)
+            return Step(None, deltas, more=more)  # the usage chunk this client did not ask for
+        return Step(reframed(data), deltas, more=more)
 
     def cut(self, sent: int) -> list[bytes]:
         self.decoder.finish, self.decoder.usage = "length", None
@@ -811,6 +814,25 @@ class Relay:
 
     def tail(self) -> list[bytes]:
         return [DONE]
+
+
+# What the decoder reads of the first choice's delta; the rest is counted by its size.
+_READ = frozenset({"role", "content", "reasoning_content", "reasoning", "refusal", "tool_calls"})
+
+
+def _unread(obj: dict[str, Any]) -> list[int]:
+    """The sizes of the deltas the decoder does not read: every choice but the first
+    (`n` > 1), and kinds of delta it has no word for (audio...)."""
+    sizes = []
+    for choice in obj.get("choices") or ():
+        if not isinstance(choice, dict) or not isinstance(choice.get("delta"), dict):
+            continue
+        delta = choice["delta"]
+        if choice.get("index", 0) != 0:
+            sizes.append(text_size(delta, frozenset({"role"})))
+        elif not _READ.issuperset(delta):
+            sizes.append(text_size({k: v for k, v in delta.items() if k not in _READ}))
+    return sizes
 
 
 def relay(data: dict[str, Any], body: ChatCompletionBody, call: chat.Request) -> Relay:

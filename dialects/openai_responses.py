@@ -42,6 +42,7 @@ from dialects import (
     integral,
     json_object,
     reframed,
+    text_size,
 )
 from errors import ApiError, ProviderError
 from usage import Usage
@@ -788,8 +789,13 @@ class Relay:
         obj = json_object(data)
         kind = str(obj.get("type") or event)
         deltas: list[chat.Delta] = []
+        more: tuple[int, ...] = ()
         if kind == "response.output_text.delta" or kind.endswith("arguments.delta"):
             deltas.append(chat.TextDelta(str(obj.get("delta", ""))))
+        elif kind.endswith(".delta"):  # reasoning, refusals, a custom tool's input...
+            more = (text_size(obj.get("delta")),)
+        elif kind == "response.output_item.added":  # each item counts, kept or not
+            more = (0,)
         self.encoder.follow(obj)
         if kind in _LAST:
             response = obj.get("response") or {}
@@ -797,7 +803,7 @@ class Relay:
             usage = usage_of(response.get("usage"))
             finish = "length" if kind == "response.incomplete" else "stop"
             self.final = Accounted(self.model, usage, finish)
-        return Step(reframed(data, kind), deltas, last=self.final is not None)
+        return Step(reframed(data, kind), deltas, last=self.final is not None, more=more)
 
     def cut(self, sent: int) -> list[bytes]:
         raise ProviderError("the provider streamed past max_output_tokens")

@@ -1,0 +1,179 @@
+"""Every answer is held to its budget of output, whatever carries it (issue 24, items 3
+and 4, on the one serving path): a passed-through Chat body's `n` choices are each
+reserved and capped; and a passed-through stream is cut at its cap whatever kind of
+delta the provider streams (other choices, Anthropic delta kinds `chat` has no word for,
+Responses reasoning deltas and output items), the provider's stream closed there.
+
+In process: the provider a MockTransport streaming far more than the cap allows, each
+stream counting how much of it was read.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from config import Settings
+from server import create_app
+from tests.conftest import CLIENT_KEY, PROVIDER_KEY
+from tests.helpers import client
+
+pytestmark = pytest.mark.anyio
+
+ENDLESS = 20_000  # events a hostile stream offers; the cap of max_tokens=10 is about 84
+
+
+class Hostile:
+    """A provider stream of ENDLESS events, counting how many were read."""
+
+    def __init__(self, frames: Iterator[bytes]) -> None:
+        self.frames = frames
+        self.read = 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for frame in self.frames:
+            self.read += 1
+            yield frame
+
+
+def sse(data: dict[str, Any], event: str | None = None) -> bytes:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data)}\n\n".encode()
+
+
+def chat_other_choice() -> Iterator[bytes]:
+    """Choice 0 says nothing; choice 1 goes on for ever."""
+    yield sse({"id": "c", "model": "m", "choices": [{"index": 0, "delta": {"role": "assistant"}}]})
+    for _ in range(ENDLESS):
+        yield sse({"id": "c", "model": "m", "choices": [{"index": 1, "delta": {"content": "w "}}]})
+
+
+def anthropic_citations() -> Iterator[bytes]:
+    message: dict[str, Any] = {"id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+               "content": [], "stop_reason": None, "usage": {"input_tokens": 5,
+               "output_tokens": 1}}  # fmt: skip
+    yield sse({"type": "message_start", "message": message}, "message_start")
+    block = {"type": "content_block_start", "index": 0,
+             "content_block": {"type": "text", "text": ""}}  # fmt: skip
+    yield sse(block, "content_block_start")
+    citation = {"type": "char_location", "cited_text": "a quoted line", "document_index": 0}
+    for _ in range(ENDLESS):
+        delta = {"type": "citations_delta", "citation": citation}
+        yield sse({"type": "content_block_delta", "index": 0, "delta": delta},
+                  "content_block_delta")  # fmt: skip
+
+
+def responses_reasoning(kind: str) -> Iterator[bytes]:
+    created = {"id": "resp_1", "object": "response", "status": "in_progress", "model": "m",
+               "output": []}  # fmt: skip
+    yield sse({"type": "response.created", "sequence_number": 0, "response": created},
+              "response.created")  # fmt: skip
+    event: dict[str, Any]
+    for n in range(ENDLESS):
+        if kind == "items":
+            item = {"type": "reasoning", "id": f"rs_{n}", "summary": []}
+            event = {"type": "response.output_item.added", "output_index": n, "item": item}
+        else:
+            event = {"type": "response.reasoning_summary_text.delta", "item_id": "rs_1",
+                     "output_index": 0, "summary_index": 0, "delta": "thinking "}  # fmt: skip
+        yield sse({**event, "sequence_number": n + 1}, str(event["type"]))
+
+
+def streaming(stream: Hostile) -> httpx.MockTransport:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=stream, headers={"content-type": "text/event-stream"})
+
+    return httpx.MockTransport(handler)
+
+
+def app_with(transport: httpx.MockTransport, provider: str, **changes: object) -> Any:
+    settings = Settings(
+        provider=provider,
+        openai_api_key=PROVIDER_KEY,
+        anthropic_api_key=PROVIDER_KEY,
+        openai_base_url="https://api.openai.com/v1",  # serves Responses itself: passes through
+        anthropic_base_url="http://provider.test",
+        model="m",
+        api_keys=(CLIENT_KEY,),
+        max_retries=0,
+    ).replace(**changes)
+    return create_app(settings, transport=transport)
+
+
+@pytest.mark.parametrize(
+    ("provider", "path", "body", "frames", "ending"),
+    [
+        ("openai", "/v1/chat/completions",
+         {"messages": [{"role": "user", "content": "hi"}], "n": 2}, chat_other_choice,
+         b'"finish_reason":"length"'),
+        ("anthropic", "/v1/messages",
+         {"messages": [{"role": "user", "content": "hi"}]}, anthropic_citations,
+         b'"stop_reason":"max_tokens"'),
+        ("openai", "/v1/responses", {"input": "hi"}, lambda: responses_reasoning("deltas"),
+         b"response.failed"),
+        ("openai", "/v1/responses", {"input": "hi"}, lambda: responses_reasoning("items"),
+         b"response.failed"),
+    ],
+    ids=["chat-second-choice", "anthropic-citations", "responses-reasoning", "responses-items"],
+)  # fmt: skip
+async def test_a_passed_through_stream_is_cut_at_its_cap_whatever_carries_the_output(
+    provider: str, path: str, body: dict[str, Any], frames: Any, ending: bytes
+) -> None:
+    hostile = Hostile(frames())
+    app = app_with(streaming(hostile), provider)
+    limit = "max_output_tokens" if path == "/v1/responses" else "max_tokens"
+    async with client(app) as c:
+        r = await c.post(path, json={**body, "model": "m", "stream": True, limit: 10})
+    assert r.status_code == 200
+    assert ending in r.content  # ended by us, in the format's own words
+    # n = 2 choices of 10 tokens: at most 2 x (2 x 10 + 64) deltas; one choice: half.
+    assert hostile.read < 2 * (2 * 10 + 64) + 10, hostile.read
+
+
+KEYS = """
+[[keys]]
+name = "budget"
+key = "budget-key"
+budget_usd = 0.01
+"""
+
+
+async def test_n_choices_passed_through_are_each_reserved_against_the_budget(
+    tmp_path: Path,
+) -> None:
+    """n = 128 with max_tokens = 1000 is 128,000 tokens of output at worst: $0.077 at
+    gpt-4o-mini's $0.60 a million, over a $0.01 budget, refused before any call; the same
+    body with n = 1 fits."""
+    calls: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(json.loads(request.content))
+        choices = [
+            {"index": i, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
+            for i in range(calls[-1].get("n", 1))
+        ]
+        usage = {"prompt_tokens": 5, "completion_tokens": 2}
+        return httpx.Response(200, json={"id": "c", "model": "gpt-4o-mini",
+                                         "choices": choices, "usage": usage})  # fmt: skip
+
+    keys = tmp_path / "keys.toml"
+    keys.write_text(KEYS)
+    app = app_with(httpx.MockTransport(handler), "openai", model="gpt-4o-mini",
+                   api_keys_file=keys)  # fmt: skip
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 1000}  # fmt: skip
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://t",
+        headers={"X-API-Key": "budget-key"},
+    ) as c:
+        many = await c.post("/v1/chat/completions", json={**body, "n": 128})
+        one = await c.post("/v1/chat/completions", json={**body, "n": 1})
+    assert many.status_code == 429 and many.json()["error"]["type"] == "budget_exceeded"
+    assert one.status_code == 200
+    assert [call.get("n") for call in calls] == [1]  # the refused one never reached it
