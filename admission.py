@@ -284,6 +284,8 @@ class Ticket:
         self.cap = OutputCap(call.max_tokens, call.choices)
         self.sent = 0  # deltas relayed so far
         self.settled = False
+        # The provider has the prompt: it answered, or the client left while it worked.
+        self.accepted = False
         self.started = time.perf_counter()
         # The answer's text, only for a trace that records content.
         self.text: list[str] | None = [] if admission.settings.otel_capture_content else None
@@ -345,8 +347,16 @@ class Ticket:
         return self.settle(completion.model, completion.usage, completion.finish_reason)
 
     def close(self) -> None:
-        if not self.settled and self.sent:
+        """A call cut short (an error, the client leaving): settled with what was sent
+        and the prompt, which the provider bills once it has accepted the call; a call
+        it never accepted costs nothing."""
+        if not self.settled and (self.sent or self.accepted):
             self.settle(self.model, self.estimate(self.sent), "interrupted")
+
+    def left(self) -> None:
+        """The client left before the answer began: the provider has the prompt."""
+        self.accepted = True
+        self.close()
 
     def estimate(self, output_tokens: int) -> Usage:
         """Counts for a provider that reported none: the input estimated, the output as

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 import admission
@@ -128,7 +128,7 @@ class Gateway:
                 assert dialect.encoder is not None
                 encoder = dialect.encoder(body, translated)
                 frames = _translated(ticket, provider.stream(translated), encoder)
-                return await self._respond(request, frames, encoder)
+                return await self._respond(request, ticket, frames, encoder)
             completion = await gate.call(request, provider.complete(translated))
             cost = ticket.finish(completion)
             return JSONResponse(dialect.answer(completion, body, translated, cost))
@@ -141,6 +141,9 @@ class Gateway:
                 noted=request.scope.get(CALL),
                 as_is=decoded.as_is(dialect.wire),
             )
+        except ClientDisconnect:
+            ticket.left()  # billed the prompt, as the provider bills it
+            raise
         except ProviderError as exc:
             # After every deployment was tried: the last one's own refusal, as it came,
             # for a format that returns them so.
@@ -179,12 +182,17 @@ class Gateway:
             return JSONResponse(answer)
         relay = hooks.relay(data, body, ticket.call)
         events = provider.open_stream(data, rid, headers, path=path, query=query)
-        return await self._respond(request, _relayed(ticket, events, relay), relay.encoder)
+        frames = _relayed(ticket, events, relay)
+        return await self._respond(request, ticket, frames, relay.encoder)
 
     # --- respond ----------------------------------------------------------------------
 
     async def _respond(
-        self, request: Request, frames: AsyncGenerator[bytes, None], encoder: Encoder
+        self,
+        request: Request,
+        ticket: Ticket,
+        frames: AsyncGenerator[bytes, None],
+        encoder: Encoder,
     ) -> Response:
         """The stream of `frames`, answered once the first is ready: provider errors
         before it propagate as exceptions, for the HTTP error handlers (or the next
@@ -199,6 +207,7 @@ class Gateway:
             inflight.give()
             await frames.aclose()
             raise
+        ticket.accepted = True  # its first event: a stream cut from now on bills the prompt
         note(request, ttft_ms=since_ms(started))
         return EventStream(self.streams, request, first, frames, encoder, inflight.give)
 

@@ -10,6 +10,7 @@ stream counting how much of it was read.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from auth import default_name, digest
 from config import Settings
 from server import create_app
 from tests.conftest import CLIENT_KEY, PROVIDER_KEY
@@ -177,3 +179,77 @@ async def test_n_choices_passed_through_are_each_reserved_against_the_budget(
     assert many.status_code == 429 and many.json()["error"]["type"] == "budget_exceeded"
     assert one.status_code == 200
     assert [call.get("n") for call in calls] == [1]  # the refused one never reached it
+
+
+# --- a client that leaves before the answer began is billed its prompt ------------------
+
+
+class Leaving:
+    """One request's ASGI channel: its body, then the client leaves after `after_s`."""
+
+    def __init__(self, body: dict[str, Any], after_s: float) -> None:
+        self.body = json.dumps(body).encode()
+        self.after_s = after_s
+        self.sent = False
+        self.status = 0
+
+    async def receive(self) -> dict[str, Any]:
+        if not self.sent:
+            self.sent = True
+            return {"type": "http.request", "body": self.body, "more_body": False}
+        await asyncio.sleep(self.after_s)
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+
+
+def slow_provider(first_event_s: float) -> httpx.MockTransport:
+    """An OpenAI-protocol provider that takes its time: a whole answer after
+    `first_event_s`, or a stream whose role chunk comes at once and its text after it."""
+
+    async def stream() -> AsyncIterator[bytes]:
+        role = {"id": "c", "model": "m", "choices": [{"index": 0, "delta": {"role": "assistant"}}]}
+        yield sse(role)
+        await asyncio.sleep(first_event_s)
+        yield sse({"id": "c", "model": "m", "choices": [{"index": 0, "delta": {"content": "x"}}]})
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if json.loads(request.content).get("stream"):
+            return httpx.Response(200, content=stream(),
+                                  headers={"content-type": "text/event-stream"})  # fmt: skip
+        await asyncio.sleep(first_event_s)
+        return httpx.Response(500)
+
+    return httpx.MockTransport(handler)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/complete", {"prompt": "word " * 400}),
+        ("/stream", {"prompt": "word " * 400}),
+        ("/v1/chat/completions",
+         {"messages": [{"role": "user", "content": "word " * 400}], "stream": True}),
+    ],
+    ids=["whole", "translated-stream", "passed-through-stream"],
+)  # fmt: skip
+async def test_a_client_that_leaves_before_the_first_token_is_billed_its_prompt(
+    path: str, body: dict[str, Any]
+) -> None:
+    """About 500 tokens of prompt, the client gone at 0.3 s, the provider still quiet
+    (no answer at all, or only its role chunk): the key's usage counts the prompt, as
+    the provider bills it, not 0."""
+    app = app_with(slow_provider(first_event_s=5), "openai")
+    channel = Leaving({**body, "model": "m"}, after_s=0.3)
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "path": path, "raw_path": path.encode(), "root_path": "",
+             "query_string": b"", "scheme": "http", "server": ("t", 80),
+             "client": ("127.0.0.1", 1), "headers": [(b"content-type", b"application/json"),
+             (b"x-api-key", CLIENT_KEY.encode())]}  # fmt: skip
+    await asyncio.wait_for(app(scope, channel.receive, channel.send), 10)
+    report = await app.state.admission.usage.report(default_name(digest(CLIENT_KEY)))
+    assert report["requests"] == 1
+    assert report["input_tokens"] >= 400  # the prompt, estimated at four characters a token
+    assert report["output_tokens"] <= 1
