@@ -28,6 +28,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect, Request
@@ -39,7 +40,7 @@ import jsonio
 import llm
 from admission import Admission, Ticket, invalid_body, note, since_ms
 from deployments import Deployments
-from dialects import Decoded, Dialect, Encoder, Passthrough, Relay, integer
+from dialects import Decoded, Dialect, Encoder, Passthrough, Relay, bad, integer
 from dialects import anthropic_messages as messages_format
 from errors import ApiError, ProviderError, request_id
 from jsonio import JSONResponse
@@ -47,6 +48,10 @@ from llm import HttpProvider, Provider
 from requestlog import CALL
 from sse import EventStream, Streams
 from usage import Usage
+
+# Fields of a body that choose models or routes at the provider (OpenRouter reads them):
+# passed through, they would let a key reach models its allowlist and budget do not cover.
+UPSTREAM_CHOICES = ("models", "route", "provider", "fallbacks")
 
 # Headers naming the client's session, kept in the access line (Claude Code's).
 SESSION_HEADERS = ("x-claude-code-session-id",)
@@ -168,10 +173,15 @@ class Gateway:
         for what the accounting and the cap need."""
         hooks = dialect.passthrough
         assert hooks is not None
+        for field in UPSTREAM_CHOICES:
+            if field in data:
+                raise bad(
+                    field, "chooses models or routes at the provider, which this service does"
+                )
         hooks.prepare(data)
         rid = request_id(request.scope)
         headers = forwarded(request, hooks)
-        query = (request.url.query or None) if hooks.query else None
+        query = forwarded_query(request, hooks)
         path = provider.paths[dialect.wire]
         if not stream or hooks.relay is None:
             call = provider.post(data, rid, headers, path=path, query=query, scale=hooks.scale)
@@ -220,26 +230,39 @@ class Gateway:
         Code's automatic compaction off); no reservation."""
         gate = self.admission
         dialect = messages_format.DIALECT
+        hooks = dialect.passthrough
+        assert hooks is not None
         data, body = await self._read(request, messages_format.CountTokensBody)
         model = gate.choose_model(request, body.model)
-        provider, upstream = self.deployments.first(model)
-        relay = llm.passthrough(provider, dialect.wire)
-        if relay is not None and dialect.passthrough is not None:
+        rid = request_id(request.scope)
+
+        async def attempt(provider: Provider, upstream: str) -> Response | None:
+            """The provider's own count, or None: it has none (the estimate will do)."""
+            relay = llm.passthrough(provider, dialect.wire)
+            if relay is None:
+                return None
             sent = {**data, "model": upstream}
-            headers = forwarded(request, dialect.passthrough)
-            path = messages_format.COUNT_PATH
+            call = relay.post(sent, rid, forwarded(request, hooks), path=messages_format.COUNT_PATH,
+                              query=forwarded_query(request, hooks))  # fmt: skip
             try:
-                answer = await gate.call(
-                    request, relay.post(sent, request_id(request.scope), headers, path=path)
-                )
-                if integer(answer.get("input_tokens")) > 0:
-                    return JSONResponse(answer)
+                answer = await gate.call(request, call)
             except ProviderError as exc:
-                if exc.answer is None or exc.answer[0] != 404:
-                    response = verbatim(exc, dialect)
-                    if response is None:
-                        raise
-                    return response
+                if exc.answer is not None and exc.answer[0] == 404:
+                    return None  # a server without the route
+                raise
+            return JSONResponse(answer) if integer(answer.get("input_tokens")) > 0 else None
+
+        try:
+            # Like any call: a deployment cooling down is passed over, a failing one
+            # fails over to the next.
+            counted = await self.deployments.run(model, attempt, noted=request.scope.get(CALL))
+        except ProviderError as exc:
+            response = verbatim(exc, dialect)
+            if response is None:
+                raise
+            return response
+        if counted is not None:
+            return counted
         estimate = chat.input_estimate(messages_format.decode_request(body, model, None).request)
         return JSONResponse({"input_tokens": max(1, estimate)})
 
@@ -261,6 +284,13 @@ def forwarded(request: Request, hooks: Passthrough) -> dict[str, str]:
         if value:
             headers[name] = value
     return headers
+
+
+def forwarded_query(request: Request, hooks: Passthrough) -> str | None:
+    """What of the client's query string goes to a provider of its format: the
+    parameters the format names (Anthropic's `beta`), nothing else."""
+    kept = [(k, v) for k, v in request.query_params.multi_items() if k in hooks.query]
+    return urlencode(kept) if kept else None
 
 
 def verbatim(exc: ProviderError, dialect: Dialect) -> Response | None:

@@ -331,7 +331,7 @@ def create_app(
                 ConcurrencyMiddleware,
                 slots=slots,
                 default_limit=settings.key_max_concurrent,
-                paths=frozenset(PROVIDER_CALLS),
+                paths=frozenset([*PROVIDER_CALLS, "/v1/messages/count_tokens"]),
             ),
             *tracing_,
         ],

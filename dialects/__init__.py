@@ -145,7 +145,8 @@ class Relay(Protocol):
 class Passthrough:
     """How a body of this format goes to a provider that speaks it: `prepare` edits it
     (the model is set already), `accounted` reads a whole answer, `relay` a stream;
-    `headers` are the client's headers passed on, `query` whether its query string is,
+    `headers` are the client's headers passed on, `query` the parameters of its query
+    string that are (no others: one could choose what the provider does),
     `scale` how many times the answer-size bound its answers may be."""
 
     prepare: Callable[[dict[str, Any]], None]
@@ -153,7 +154,7 @@ class Passthrough:
     # the body as it goes, as validated, and as decoded
     relay: Callable[[dict[str, Any], Any, chat.Request], Relay] | None = None
     headers: tuple[str, ...] = ()
-    query: bool = False
+    query: tuple[str, ...] = ()
     scale: int = 1
     verbatim: bool = False  # the provider's refusals go back as they came
 

@@ -1008,7 +1008,7 @@ DIALECT = Dialect(
         relay=relay,
         # Its API version and beta flags go with it (`?beta=true` too), never its key.
         headers=("anthropic-version", "anthropic-beta"),
-        query=True,
+        query=("beta",),
         # Its refusals come back with their status and words: Claude Code matches on them.
         verbatim=True,
     ),

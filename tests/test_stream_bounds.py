@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from auth import default_name, digest
-from config import Settings
+from config import DeploymentSpec, Settings
 from server import create_app
 from tests.conftest import CLIENT_KEY, PROVIDER_KEY
 from tests.helpers import client
@@ -253,3 +253,83 @@ async def test_a_client_that_leaves_before_the_first_token_is_billed_its_prompt(
     assert report["requests"] == 1
     assert report["input_tokens"] >= 400  # the prompt, estimated at four characters a token
     assert report["output_tokens"] <= 1
+
+
+# --- what a passed-through body may choose upstream; count_tokens like any call ---------
+
+
+def anthropic_counting(seen: list[httpx.Request], failing: str = "") -> httpx.MockTransport:
+    """Anthropic-protocol providers: `failing` (a host) answers 529, the others count."""
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.host == failing:
+            error = {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}
+            return httpx.Response(529, json=error)
+        if request.url.path.endswith("/count_tokens"):
+            await asyncio.sleep(0.3)
+            return httpx.Response(200, json={"input_tokens": 42})
+        return httpx.Response(400, json={"type": "error", "error": {"message": "unused"}})
+
+    return httpx.MockTransport(handler)
+
+
+def two_deployments() -> tuple[DeploymentSpec, ...]:
+    return tuple(
+        DeploymentSpec(
+            name=host,
+            provider="anthropic",
+            base_url=f"http://{host}",
+            api_key=PROVIDER_KEY,
+            models=(("m", ""),),
+        )  # fmt: skip
+        for host in ("first.test", "second.test")
+    )
+
+
+async def test_count_tokens_fails_over_past_a_failing_deployment() -> None:
+    seen: list[httpx.Request] = []
+    app = app_with(anthropic_counting(seen, failing="first.test"), "anthropic",
+                   deployments=two_deployments(), models=("m",))  # fmt: skip
+    async with client(app) as c:
+        counts = [
+            (await c.post("/v1/messages/count_tokens?beta=true&other=1",
+                          json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}))
+            for _ in range(3)
+        ]  # fmt: skip
+    assert [(r.status_code, r.json()) for r in counts] == [(200, {"input_tokens": 42})] * 3
+    # once to the first (then cooling, passed over), every time to the second
+    assert [r.url.host for r in seen] == ["first.test", "second.test", "second.test",
+                                         "second.test"]  # fmt: skip
+    assert {r.url.query for r in seen} == {b"beta=true"}  # the format's own parameter only
+
+
+async def test_count_tokens_holds_a_slot_of_the_keys_calls_in_flight() -> None:
+    seen: list[httpx.Request] = []
+    app = app_with(anthropic_counting(seen), "anthropic", key_max_concurrent=1)
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    async with client(app) as c:
+        both = await asyncio.gather(
+            *(c.post("/v1/messages/count_tokens", json=body) for _ in range(2))
+        )
+    statuses = sorted(r.status_code for r in both)
+    assert statuses == [200, 429], statuses
+    refused = next(r for r in both if r.status_code == 429)
+    assert refused.json()["error"]["type"] == "rate_limit_error"  # Anthropic's word for a 429
+    assert refused.headers["retry-after"] == "1"
+
+
+@pytest.mark.parametrize("field", ["models", "route", "provider", "fallbacks"])
+async def test_a_passed_through_body_cannot_choose_models_upstream(field: str) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(500)
+
+    app = app_with(httpx.MockTransport(handler), "openai")
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], field: ["pricey"]}
+    async with client(app) as c:
+        r = await c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == field
+    assert seen == []
