@@ -29,7 +29,7 @@ from config import Settings
 from errors import ApiError
 from quotas import RESERVATION, Hold
 from requestlog import CALL
-from usage import PriceTable, Usage
+from usage import PriceTable, Usage, undated
 
 T = TypeVar("T")
 BodyT = TypeVar("BodyT", bound=BaseModel)
@@ -284,6 +284,9 @@ class Ticket:
         self.cap = OutputCap(call.max_tokens, call.choices)
         self.sent = 0  # deltas relayed so far
         self.settled = False
+        # The model asked of the deployment serving the call (its upstream name): what
+        # the call is priced as, whatever model the answer claims to be.
+        self.upstream: str | None = None
         # The provider has the prompt: it answered, or the client left while it worked.
         self.accepted = False
         self.started = time.perf_counter()
@@ -319,9 +322,16 @@ class Ticket:
             return None
         self.settled = True
         admission, request = self.admission, self.request
-        cost = admission.prices.cost(model, usage)
-        if cost is None and model != self.model:  # priced by the name the caller used
-            cost = admission.prices.cost(self.model, usage)
+        # Priced as what was asked of the deployment (an answer naming a cheaper model
+        # is not billed as one), else as the answer's model, else the caller's name.
+        asked = self.upstream or model
+        cost = None
+        for name in dict.fromkeys((asked, model, self.model)):
+            cost = admission.prices.cost(name, usage)
+            if cost is not None:
+                break
+        if undated(model) != undated(asked):  # a dated snapshot is the same model
+            note(request, upstream_model=asked)
         reservation = request.scope.get(RESERVATION)
         if reservation is not None:
             reservation.settle(usage.input_tokens + usage.output_tokens, cost)

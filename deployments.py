@@ -57,6 +57,7 @@ class Deployment:
         self.priority = priority
         self.cools = cools  # the single provider of the settings (and its fallback) do not
         self.cooling_until = 0.0
+        self.cooled_at = -math.inf  # when the last period of cooling began
         self.calls = 0  # begun here
         self.failed_calls = 0  # of them, failed before the answer began
         self.failures = 0  # in a row
@@ -71,16 +72,22 @@ class Deployment:
     def cooling_s(self, now: float) -> float:
         return max(0.0, self.cooling_until - now)
 
-    def failed(self, exc: ProviderError, now: float) -> None:
+    def failed(self, exc: ProviderError, now: float, began: float | None = None) -> None:
+        """A call (begun at `began`) failed before its answer began. A call begun before
+        the deployment's cooling did is the same failure seen again (twenty calls in
+        flight through one 503 blip): it does not make the cooling grow."""
         self.failed_calls += 1
-        self.failures += 1
         self.failed_at = now
+        if began is not None and began < self.cooled_at:
+            return
+        self.failures += 1
         if not self.cools or isinstance(exc, ProviderTimeout):
             return  # a timeout may be a slow answer, not a sick deployment
         wait = exc.retry_after_s if isinstance(exc, ProviderRateLimited) else None
         if wait is None:
             wait = 2.0 ** min(self.failures - 1, 8)
         self.cooling_until = now + min(wait, MOST_COOLING_S)
+        self.cooled_at = now
 
     def served(self, began: float) -> None:
         """A call begun at `began` was answered: the deployment is well again, unless
@@ -190,7 +197,7 @@ class Deployments:
             except ProviderError as exc:
                 if isinstance(exc, ProviderBadRequest):
                     raise
-                pick.failed(exc, self.clock())
+                pick.failed(exc, self.clock(), began=now)
                 last = exc
                 if self.clock() - started > self.deadline_s:
                     raise

@@ -111,6 +111,7 @@ class Gateway:
         stream = dialect.streams(body)
 
         async def attempt(provider: Provider, upstream: str) -> Response:
+            ticket.upstream = upstream
             relay = llm.passthrough(provider, dialect.wire)
             if relay is not None and dialect.passthrough is not None:
                 sent = {**data, "model": upstream}

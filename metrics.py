@@ -13,7 +13,6 @@ prometheus-client still writes the exposition format.
 
 from __future__ import annotations
 
-import re
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -29,7 +28,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.utils import floatToGoString
 from starlette.responses import Response
 
-_SNAPSHOT = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")  # a model's dated snapshot
+from usage import undated
+
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 OTHER = "other"
 
@@ -170,8 +170,8 @@ class Metrics:
     def _model(self, model: Any) -> str:
         if model in self.models:
             return str(model)
-        undated = _SNAPSHOT.sub("", str(model))  # gpt-4o-mini-2024-07-18: gpt-4o-mini
-        return undated if undated in self.models else OTHER
+        plain = undated(str(model))  # gpt-4o-mini-2024-07-18: gpt-4o-mini
+        return plain if plain in self.models else OTHER
 
     def _key(self, key: str | None) -> str:
         if key is None:

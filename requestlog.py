@@ -37,6 +37,7 @@ CALL = "text_tool.call"  # a dict the routes fill with model, tokens and cost fo
 _SANE_ID = re.compile(rb"^[A-Za-z0-9._-]{1,128}$")
 _LOGGED_FIELDS = (
     "model",
+    "upstream_model",
     "deployment",
     "input_tokens",
     "output_tokens",

@@ -92,6 +92,11 @@ DEFAULT_PRICES: dict[str, Price] = {
 _SNAPSHOT = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
 
 
+def undated(model: str) -> str:
+    """The model a dated snapshot is of (gpt-4o-mini-2024-07-18: gpt-4o-mini)."""
+    return _SNAPSHOT.sub("", model)
+
+
 class PriceTable:
     def __init__(self, prices: dict[str, Price] | None = None) -> None:
         self._prices = dict(DEFAULT_PRICES if prices is None else prices)
@@ -117,7 +122,7 @@ class PriceTable:
     def price(self, model: str) -> Price | None:
         found = self._prices.get(model)
         if found is None:
-            found = self._prices.get(_SNAPSHOT.sub("", model))
+            found = self._prices.get(undated(model))
         return found
 
     def cost(self, model: str, usage: Usage) -> float | None:

@@ -540,3 +540,40 @@ async def test_a_body_only_the_fallback_could_take_as_is_still_goes_to_the_first
     # Anthropic cannot take logprobs: the first provider's 400, not the fallback's answer.
     assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
     assert seen == []
+
+
+class Blip(llm.Provider):
+    """A provider that fails every call in flight at one moment (a 503 blip): each call
+    waits for the blip, then fails."""
+
+    def __init__(self) -> None:
+        self.name = "blip"
+        self.blip = asyncio.Event()
+
+    async def answer(self, model: str) -> str:
+        await self.blip.wait()
+        raise llm.ProviderUnavailable("HTTP 503")
+
+    async def stream(self, request: chat.Request) -> AsyncGenerator[chat.Event, None]:
+        raise NotImplementedError
+        yield
+
+
+async def test_one_blip_under_many_calls_cools_once_not_once_a_call() -> None:
+    """Twenty calls in flight through one 503 blip are one failure: the deployment cools
+    for 1 s, as the README says, not 2**19 s (capped at 60) of 503s after it is back."""
+    now = [100.0]
+    blip, spare = Blip(), Fake("spare")
+    deployments = Deployments(
+        [Deployment("a", blip, {"m": ""}, weight=1000), Deployment("b", spare, {"m": ""})],
+        clock=lambda: now[0],
+    )
+    calls = [asyncio.ensure_future(call(deployments)) for _ in range(20)]
+    await asyncio.sleep(0)  # every call is in flight at the blip
+    now[0] = 101.0
+    blip.blip.set()
+    served = await asyncio.gather(*calls)
+    assert set(served) == {"spare:m"}  # each moved on to the other deployment
+    a = deployments.all[0]
+    assert a.cooling_s(101.0) == 1 and a.failed_calls == 20
+    assert a.cooling_s(102.0) == 0  # back after a second

@@ -1,17 +1,22 @@
-"""Every answer is held to its budget of output, whatever carries it (issue 24, items 3
-and 4, on the one serving path): a passed-through Chat body's `n` choices are each
-reserved and capped; and a passed-through stream is cut at its cap whatever kind of
-delta the provider streams (other choices, Anthropic delta kinds `chat` has no word for,
-Responses reasoning deltas and output items), the provider's stream closed there.
+"""The gateway's promises, on every route (issue 24): a key gets no more than its limits,
+models and budget, whatever it sends and whatever the provider answers.
 
-In process: the provider a MockTransport streaming far more than the cap allows, each
-stream counting how much of it was read.
+- every answer is held to its budget of output, whatever carries it: a passed-through
+  Chat body's `n` choices are each reserved and capped, and a passed-through stream is
+  cut at its cap whatever kind of delta the provider streams;
+- a client that leaves before the first token is billed its prompt;
+- a passed-through body cannot choose models upstream; count_tokens is a call like any;
+- a call is priced as what was asked of its deployment, not as the model the answer names.
+
+In process: the provider a MockTransport (streaming far more than the cap allows, each
+stream counting how much of it was read, where that is the point).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -333,3 +338,29 @@ async def test_a_passed_through_body_cannot_choose_models_upstream(field: str) -
         r = await c.post("/v1/chat/completions", json=body)
     assert r.status_code == 400 and r.json()["error"]["param"] == field
     assert seen == []
+
+
+async def test_a_call_is_priced_as_the_model_asked_not_the_one_the_answer_names(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A deployment answering "gpt-4o-mini" for a gpt-4o call is billed as gpt-4o (16.7x
+    more), and the access line notes what was asked."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        usage = {"prompt_tokens": 1_000_000, "completion_tokens": 0}
+        message = {"role": "assistant", "content": "ok"}
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
+        return httpx.Response(200, json={"id": "c", "model": "gpt-4o-mini",
+                                         "choices": [choice], "usage": usage})  # fmt: skip
+
+    app = app_with(httpx.MockTransport(handler), "openai", model="gpt-4o", models=("gpt-4o",))
+    with caplog.at_level(logging.INFO, logger="text_tool"):
+        async with client(app) as c:
+            r = await c.post("/complete", json={"prompt": "hi"})
+    access = [rec for rec in caplog.records if getattr(rec, "event", None) == "access"]
+    assert [(getattr(a, "model", None), getattr(a, "upstream_model", None)) for a in access] == [
+        ("gpt-4o-mini", "gpt-4o")
+    ]
+    prices = app.state.admission.prices
+    assert r.json()["cost_usd"] == pytest.approx(prices.price("gpt-4o").input)
+    assert prices.price("gpt-4o").input > 10 * prices.price("gpt-4o-mini").input
