@@ -386,6 +386,7 @@ class SettingsArgs(TypedDict, total=False):
     timeout_s: float
     connect_timeout_s: float
     total_timeout_s: float
+    first_byte_timeout_s: float
     max_response_bytes: int
     max_body_bytes: int
     body_timeout_s: float
@@ -474,6 +475,13 @@ class Settings:
     )
     total_timeout_s: float = row(
         "LLM_TOTAL_TIMEOUT_S", _number, 600.0, _seconds, "the most a whole answer may take"
+    )
+    first_byte_timeout_s: float = row(
+        "LLM_FIRST_BYTE_TIMEOUT_S",
+        _number,
+        30.0,
+        _seconds,
+        "a stream's answer must begin within this, else its deployment cools as for a 503",
     )
     max_response_bytes: int = row(
         "LLM_MAX_RESPONSE_BYTES",

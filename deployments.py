@@ -332,6 +332,7 @@ def _make(
             max_response_bytes=settings.max_response_bytes,
             total_s=settings.total_timeout_s,
             idle_s=settings.timeout_s,
+            first_byte_s=settings.first_byte_timeout_s,
         ),
         also=also,
     )

@@ -109,11 +109,14 @@ class RetryPolicy:
 class Bounds:
     """What one call may take of us, whatever the provider sends: `max_response_bytes`
     of a whole answer or of one event of a stream; `total_s` for a whole answer; and
-    `idle_s` between two events of a stream, however the bytes trickle in."""
+    `idle_s` between two events of a stream, however the bytes trickle in; and
+    `first_byte_s` for a stream's answer to begin: a server that accepts and never
+    answers is a failed deployment (cooled, the call moved on), not a 60 s wait."""
 
     max_response_bytes: int = 16 * 1024 * 1024
     total_s: float = 600.0
     idle_s: float = 60.0
+    first_byte_s: float = 30.0
 
 
 class StreamDecoder(Protocol):
@@ -390,7 +393,13 @@ class HttpProvider(Provider):
         url = self.url(path, query)
 
         async def once() -> httpx.Response:
-            response = await self._send(data, sent, url)
+            try:
+                async with asyncio.timeout(self._bounds.first_byte_s):
+                    response = await self._send(data, sent, url)
+            except TimeoutError:
+                raise ProviderUnavailable(
+                    f"the provider's stream did not begin within {self._bounds.first_byte_s:g} s"
+                ) from None
             kind = response.headers.get("content-type", "")
             if response.status_code == 200 and (not kind or "event-stream" in kind):
                 return response

@@ -364,3 +364,42 @@ async def test_a_call_is_priced_as_the_model_asked_not_the_one_the_answer_names(
     prices = app.state.admission.prices
     assert r.json()["cost_usd"] == pytest.approx(prices.price("gpt-4o").input)
     assert prices.price("gpt-4o").input > 10 * prices.price("gpt-4o-mini").input
+
+
+async def test_a_deployment_that_accepts_and_never_answers_a_stream_is_cooled() -> None:
+    """The first deployment takes the request and says nothing: after the first-byte
+    deadline the call moves on to the second, and the first cools (no 60 s waits)."""
+    hung: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "hung.test":
+            hung.append(request.url.host)
+            await asyncio.sleep(3600)
+        frames = [{"id": "c", "model": "m", "choices": [{"index": 0, "delta": {"content": "ok"}}]},
+                  {"id": "c", "model": "m", "choices": [{"index": 0, "delta": {},
+                                                         "finish_reason": "stop"}]}]  # fmt: skip
+        raw = "".join(f"data: {json.dumps(f)}\n\n" for f in frames) + "data: [DONE]\n\n"
+        return httpx.Response(200, text=raw, headers={"content-type": "text/event-stream"})
+
+    specs = tuple(
+        DeploymentSpec(
+            name=host,
+            provider="openai",
+            base_url=f"http://{host}/v1",
+            api_key=PROVIDER_KEY,
+            models=(("m", ""),),
+            weight=weight,
+        )  # fmt: skip
+        for host, weight in (("hung.test", 100.0), ("well.test", 1.0))
+    )
+    app = app_with(httpx.MockTransport(handler), "openai", deployments=specs, models=("m",),
+                   first_byte_timeout_s=0.2)  # fmt: skip
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    async with client(app) as c:
+        answers = [await asyncio.wait_for(c.post("/v1/chat/completions", json=body), 5)
+                   for _ in range(3)]  # fmt: skip
+    assert [r.status_code for r in answers] == [200, 200, 200]
+    assert all(b'"content": "ok"' in r.content for r in answers)  # relayed as it came
+    assert hung == ["hung.test"]  # tried once, then cooling: passed over
+    states = {d["name"]: d["state"] for d in app.state.deployments.states()}
+    assert states == {"hung.test": "cooling", "well.test": "up"}
