@@ -330,7 +330,7 @@ class Ticket:
             cost = admission.prices.cost(name, usage)
             if cost is not None:
                 break
-        if undated(model) != undated(asked):  # a dated snapshot is the same model
+        if model != asked and undated(model) != undated(asked):  # a snapshot is the same model
             note(request, upstream_model=asked)
         reservation = request.scope.get(RESERVATION)
         if reservation is not None:

@@ -290,6 +290,8 @@ def forwarded(request: Request, hooks: Passthrough) -> dict[str, str]:
 def forwarded_query(request: Request, hooks: Passthrough) -> str | None:
     """What of the client's query string goes to a provider of its format: the
     parameters the format names (Anthropic's `beta`), nothing else."""
+    if not hooks.query or not request.scope.get("query_string"):
+        return None
     kept = [(k, v) for k, v in request.query_params.multi_items() if k in hooks.query]
     return urlencode(kept) if kept else None
 

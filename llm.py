@@ -201,6 +201,8 @@ class HttpProvider(Provider):
         self._client = client
         self._url = httpx.URL(url)  # parsed once, not per call
         self._base = url.removesuffix(codec.PATH)
+        # Each endpoint's URL, parsed once (httpx parses a URL in pure Python).
+        self._urls = {path: httpx.URL(self._base + path) for path in self.paths.values()}
         # Built once: httpx normalises every header it is given.
         self._headers = httpx.Headers(
             {"host": self._url.netloc.decode("ascii"), "content-type": "application/json",
@@ -294,7 +296,7 @@ class HttpProvider(Provider):
 
     def url(self, path: str | None, query: str | None) -> httpx.URL:
         """The endpoint, or another of the provider's (`path`), with a query string."""
-        url = self._url if path is None else httpx.URL(self._base + path)
+        url = self._url if path is None else self._urls.get(path) or httpx.URL(self._base + path)
         return url if query is None else url.copy_with(query=query.encode())
 
     async def _send(
