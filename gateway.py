@@ -355,7 +355,7 @@ async def _relayed(
             async for name, text in events:
                 step = relay.read(name, text)
                 counted = all(ticket.counts(delta) for delta in step.deltas)
-                if not (counted and all(ticket.passes(size) for size in step.more)):
+                if not counted or (step.more and not all(map(ticket.passes, step.more))):
                     for piece in relay.cut(ticket.sent):
                         yield piece
                     ticket.settle(relay.model, ticket.estimate(ticket.sent), "length")

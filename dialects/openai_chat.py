@@ -823,8 +823,16 @@ _READ = frozenset({"role", "content", "reasoning_content", "reasoning", "refusal
 def _unread(obj: dict[str, Any]) -> list[int]:
     """The sizes of the deltas the decoder does not read: every choice but the first
     (`n` > 1), and kinds of delta it has no word for (audio...)."""
+    choices = obj.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return []
+    first = choices[0]
+    if len(choices) == 1 and isinstance(first, dict) and first.get("index", 0) == 0:
+        delta = first.get("delta")
+        if not isinstance(delta, dict) or _READ.issuperset(delta):
+            return []  # the first choice, of kinds the decoder reads: nearly every chunk
     sizes = []
-    for choice in obj.get("choices") or ():
+    for choice in choices:
         if not isinstance(choice, dict) or not isinstance(choice.get("delta"), dict):
             continue
         delta = choice["delta"]
