@@ -41,7 +41,7 @@ USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=5s --retries=3 \
     CMD ["python", "-c", "import urllib.request, sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2).status != 200)"]
-# Proxy headers are trusted only from FORWARDED_ALLOW_IPS (uvicorn reads it from the
-# environment); request heads are bounded (protocol.py); open streams get 20 s to
-# finish on SIGTERM.
-CMD ["uvicorn", "server:app", "--host", "0.0.0.0", "--port", "8000", "--http", "protocol:BoundedHttpTools", "--proxy-headers", "--no-access-log", "--timeout-graceful-shutdown", "20"]
+# The one way to start it (server.main): proxy headers trusted only from
+# FORWARDED_ALLOW_IPS (uvicorn reads it from the environment), request heads bounded
+# (protocol.py), open streams given SHUTDOWN_GRACE_S to end on SIGTERM, uvicorn 5 s more.
+CMD ["python", "server.py", "--host", "0.0.0.0", "--port", "8000"]

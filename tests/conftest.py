@@ -126,23 +126,11 @@ def start_service(tmp_path: Path, env: dict[str, str]) -> Process:
         k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_", "LLM_"))
     }
     proc = Process(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "server:app",
-            "--http",
-            "protocol:BoundedHttpTools",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-access-log",
-            "--timeout-graceful-shutdown",
-            "5",
-        ],
-        # run outside the repo so that a developer's .env cannot change the test
-        {**clean, "PYTHONPATH": str(ROOT), **env},
+        # The one way to start it, as the README and the image do (server.main).
+        [sys.executable, str(ROOT / "server.py"), "--host", "127.0.0.1", "--port", str(port)],
+        # run outside the repo so that a developer's .env cannot change the test; streams
+        # get 3 s at SIGTERM (uvicorn 8 s), well within Process.stop's 10 s
+        {**clean, "PYTHONPATH": str(ROOT), "SHUTDOWN_GRACE_S": "3", **env},
         tmp_path / f"service-{port}.log",
         port,
         cwd=tmp_path,

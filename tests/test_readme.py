@@ -31,7 +31,7 @@ def sh_lines(prefix: str) -> list[str]:
 
 @pytest.fixture
 def readme_service(tmp_path: Path) -> Iterator[Process]:
-    (run,) = sh_lines("uvicorn server:app --port 8000")
+    (run,) = sh_lines("python server.py --port 8000")
     port = free_port()
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_", "LLM_"))
