@@ -20,6 +20,10 @@ COPY pyproject.toml uv.lock ./
 # Optional extras, space-separated: --build-arg EXTRAS="redis otel" for a Redis
 # rate-limit store (+6 MB) and OpenTelemetry traces over OTLP/HTTP.
 ARG EXTRAS=""
+# --no-install-project: the service's modules are copied into the final stage as they
+# are, not installed, so the image needs no build backend and keeps the dependencies'
+# layer when only the code changes; it runs `python server.py`, the same main() as the
+# `text-tool` console script that `uv sync` installs on a developer's machine.
 # hadolint ignore=SC2086
 RUN extras=""; for extra in $EXTRAS; do extras="$extras --extra $extra"; done \
     && uv sync --frozen --no-dev --no-install-project $extras --python python3 \

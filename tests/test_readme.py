@@ -1,4 +1,5 @@
-"""The README's run command and curl examples work verbatim (only the port differs)."""
+"""The README's set-up, run command and curl examples work verbatim (only the port and the
+virtualenv's place differ)."""
 
 from __future__ import annotations
 
@@ -29,13 +30,73 @@ def sh_lines(prefix: str) -> list[str]:
     ]
 
 
+def quick_start() -> list[str]:
+    """The shell lines of the quick start, in order: set-up, run, tests."""
+    section = README.split("\n## Quick start\n", 1)[1].split("\n## ", 1)[0]
+    return [
+        line
+        for lang, body in re.findall(r"```(\w*)\n(.*?)```", section, flags=re.S)
+        if lang == "sh"
+        for line in body.splitlines()
+    ]
+
+
+def test_readme_quick_start_is_set_up_run_test() -> None:
+    get_uv, sync, run, test = quick_start()
+    # uv in a virtualenv of its own: nothing pip-installed into the current Python
+    assert get_uv.startswith("python3 -m venv ") and "pip install uv" in get_uv
+    assert not re.search(r"(^|&& )(python3? -m )?pip install", get_uv)
+    assert sync == "uv sync --locked --no-dev"  # the service's packages only, as locked
+    assert run == "API_KEYS=dev-key uv run --no-dev python server.py --port 8000"
+    assert test == "uv run pytest"  # uv run adds the dev group
+
+
+def test_readme_starts_the_service_one_way() -> None:
+    """Every command in the README that starts the service goes through server.main: no
+    bare uvicorn (no bounded heads, a second access log, uvicorn's short shutdown)."""
+    lines = [line for lang, body in BLOCKS if lang == "sh" for line in body.splitlines()]
+    assert not [x for x in lines if re.search(r"(^|[\s;&|])(python3? -m )?uvicorn\s", x)]
+    starts = [
+        x
+        for x in lines
+        if not x.startswith("docker ")  # `-t text-tool`: the image's name
+        and ("server.py" in x or re.search(r"(^|\s)(\S*/)?text-tool\s", x))
+    ]
+    assert len(starts) == 3  # the quick start, Redis with workers, Ollama
+    for line in starts:
+        assert "API_KEYS=" in line and "uv run --no-dev" in line, line
+        assert "python server.py" in line and "--host" not in line, line  # 127.0.0.1
+    assert "uvicorn server:app" not in README
+    (cmd,) = re.findall(r"^CMD (.*)$", (ROOT / "Dockerfile").read_text(), flags=re.M)
+    assert json.loads(cmd)[:2] == ["python", "server.py"]
+
+
+@pytest.fixture(scope="module")
+def readme_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment after the quick start's set-up: its `uv sync` line run as written,
+    into a virtualenv of its own (not the tests' .venv), so the service is run with only
+    the packages the README installs."""
+    _, sync, _, _ = quick_start()
+    venv = tmp_path_factory.mktemp("readme") / "venv"
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OPENAI_", "ANTHROPIC_", "LLM_")) and k != "VIRTUAL_ENV"
+    }
+    env["UV_PROJECT_ENVIRONMENT"] = str(venv)
+    done = subprocess.run(
+        ["bash", "-c", sync], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert (venv / "bin" / "text-tool").exists()  # the console script, with the project
+    assert not (venv / "bin" / "pytest").exists()  # and none of the tests' packages
+    return env
+
+
 @pytest.fixture
-def readme_service(tmp_path: Path) -> Iterator[Process]:
+def readme_service(tmp_path: Path, readme_env: dict[str, str]) -> Iterator[Process]:
     (run,) = sh_lines("python server.py --port 8000")
     port = free_port()
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_", "LLM_"))
-    }
     proc = Process(
         [
             "bash",
@@ -43,7 +104,7 @@ def readme_service(tmp_path: Path) -> Iterator[Process]:
             # exec: so that stopping the shell stops uv, which passes the signal to uvicorn
             run.replace("--port 8000", f"--port {port}").replace("uv run", "exec uv run"),
         ],
-        env,
+        readme_env,
         tmp_path / "readme-service.log",
         port,
     )
@@ -152,3 +213,29 @@ def test_readme_responses_and_embeddings_example_runs(readme_service: Process) -
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["Hello there 4", "Hello there", "2 256"]
+
+
+@pytest.mark.e2e
+def test_readme_text_tool_command(readme_env: dict[str, str]) -> None:
+    """The console script `uv sync` installs is server.main, with the options the README
+    names; a bad setting is one line naming it and exit status 2, before uvicorn starts."""
+    text_tool = str(Path(readme_env["UV_PROJECT_ENVIRONMENT"]) / "bin" / "text-tool")
+    (shown,) = [x for x in README.split("\n\n") if "go on to uvicorn" in x]
+    options = re.findall(r"`(--[a-z-]+)`", shown.split("go on to uvicorn")[0])
+    assert len(options) == 9
+    done = subprocess.run(
+        [text_tool, "--help"], env=readme_env, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: text-tool ")
+    assert [x for x in options if x not in done.stdout] == []
+    done = subprocess.run(
+        [text_tool, "--port", "1"],
+        env={**readme_env, "LLM_PROVIDER": "nope"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.startswith("text-tool: bad setting: LLM_PROVIDER")
+    assert len(done.stderr.splitlines()) == 1
