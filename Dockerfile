@@ -36,7 +36,12 @@ ENV PATH=/app/.venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     FORWARDED_ALLOW_IPS=127.0.0.1
-RUN useradd --system --uid 10001 --no-create-home --home-dir /nonexistent text-tool
+RUN useradd --system --uid 10001 --no-create-home --home-dir /nonexistent text-tool \
+    && mkdir /data && chown 10001 /data
+# The ledger of calls (store.py) in a volume, so that it outlives the container; mount
+# one (-v text-tool-data:/data), or set LEDGER_URL to a PostgreSQL, or to off.
+ENV LEDGER_URL=/data/text-tool.db
+VOLUME ["/data"]
 WORKDIR /app
 COPY --from=build /app/.venv /app/.venv
 COPY *.py ./

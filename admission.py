@@ -340,6 +340,8 @@ class Ticket:
         note(
             request,
             model=model,
+            upstream=asked,
+            usage=usage,  # the whole counts, for the ledger's row
             input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens,
             cost_usd=cost,

@@ -31,7 +31,7 @@ PUBLIC_PATHS = frozenset({"/", "/health", "/ready", "/metrics", "/openapi.json",
 PUBLIC_PREFIXES = ("/docs/",)  # the Swagger UI page's own assets
 KEYS_CHECK_S = 2.0
 _FILE_FIELDS = {"name", "key", "rate_limit", "models", "token_limit", "budget_usd", "budget_period",
-                "max_concurrent"}  # fmt: skip
+                "max_concurrent", "admin"}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +46,7 @@ class ApiKey:
     budget_usd: float | None = None
     budget_period: str = "day"
     max_concurrent: int | None = None  # calls in flight at once
+    admin: bool = False  # may read every key's usage (GET /usage?key=, the dashboard)
 
 
 def digest(key: str) -> bytes:
@@ -207,6 +208,9 @@ def _key_from_entry(where: str, entry: Mapping[str, Any]) -> ApiKey:
         isinstance(concurrent, bool) or not isinstance(concurrent, int) or concurrent < 1
     ):
         raise SettingsError(f"{where}: max_concurrent must be a whole number, 1 or more")
+    admin = entry.get("admin", False)
+    if not isinstance(admin, bool):
+        raise SettingsError(f"{where}: admin must be true or false")
     models = entry.get("models")
     if models is not None and (
         not isinstance(models, list) or not all(isinstance(m, str) and m for m in models)
@@ -221,6 +225,7 @@ def _key_from_entry(where: str, entry: Mapping[str, Any]) -> ApiKey:
         budget_usd=float(budget) if budget is not None else None,
         budget_period=period,
         max_concurrent=concurrent,
+        admin=admin,
     )
 
 

@@ -40,6 +40,9 @@ DEFAULT_MODELS = {
 }
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
+# The ledger read from the environment with LEDGER_URL unset; a Settings made in code
+# keeps no ledger unless it is given one.
+DEFAULT_LEDGER = "text-tool.db"
 ANTHROPIC_BASE_URL = "https://api.anthropic.com"
 
 _PERIODS = {
@@ -349,6 +352,16 @@ def _store(url: str) -> None:
         raise ValueError("a Redis store needs the redis extra (uv sync --extra redis)")
 
 
+def _ledger(url: str) -> None:
+    if url.startswith(("postgresql://", "postgres://")):
+        if importlib.util.find_spec("psycopg") is None:
+            raise ValueError(
+                "a PostgreSQL ledger needs the postgres extra (uv sync --extra postgres)"
+            )
+    elif url.startswith(("redis://", "http://", "https://", "mysql://")):
+        raise ValueError("the ledger is an SQLite file, a postgresql:// URL, or off")
+
+
 def _origins(origins: tuple[str, ...]) -> None:
     for origin in origins:
         if origin != "*" and not _ORIGIN.match(origin):
@@ -404,6 +417,8 @@ class SettingsArgs(TypedDict, total=False):
     transport: str
     rate_limit_store: str
     rate_limit_store_fail: str
+    ledger_url: str
+    ledger_retention_days: float
     cors_origins: tuple[str, ...]
     otel_endpoint: str
     otel_service: str
@@ -551,6 +566,17 @@ class Settings:
         _one_of("open", "closed"),
         "with the store down: open (this replica's memory) or closed (503)",
     )
+    ledger_url: str = row(
+        "LEDGER_URL",
+        _text,
+        "off",
+        _ledger,
+        f"the ledger of calls: an SQLite file, postgresql://..., or off; unset: {DEFAULT_LEDGER}",
+        secret=True,  # a PostgreSQL URL may hold a password
+    )
+    ledger_retention_days: float = row(
+        "LEDGER_RETENTION_DAYS", _number, 400.0, _at_least(1), "how long the ledger keeps a row"
+    )
     cors_origins: tuple[str, ...] = row(
         "CORS_ORIGINS", _names, (), _origins, "the origins of pages that may call it"
     )
@@ -625,6 +651,8 @@ class Settings:
             text = env(known.env)
             if text and (not known.only_with or env(known.only_with)):
                 given[name] = _parsed(known, text, env)
+        if "ledger_url" not in given:
+            given["ledger_url"] = DEFAULT_LEDGER  # in the working directory (the image: /data)
         if "provider" not in given:
             given["provider"] = _provider_by_key(given)
             given["provider_was_defaulted"] = True

@@ -128,6 +128,12 @@ class Metrics:
         self.keys_loaded = Gauge(
             "text_tool_keys_loaded_timestamp_seconds", "When the API keys were last loaded"
         )
+        self.ledger_waiting = Gauge(
+            "text_tool_ledger_rows_waiting", "Ledger rows taken and not yet written"
+        )
+        self.ledger_dropped = Gauge(
+            "text_tool_ledger_rows_dropped", "Ledger rows dropped: too many were waiting"
+        )
         # The state of each deployment (llm.Deployment.state), read at each scrape.
         self.deployments: Callable[[], Iterable[Mapping[str, Any]]] = lambda: ()
         self.registry = CollectorRegistry(auto_describe=False)
@@ -138,6 +144,7 @@ class Metrics:
         for metric in (
             self.requests, self.duration, self.ttft, self.provider, self.tokens, self.cost,
             self.limited, self.in_flight, self.open_streams, self.store_up, self.keys_loaded,
+            self.ledger_waiting, self.ledger_dropped,
         ):  # fmt: skip
             yield metric.family()
         yield from self._deployment_families()

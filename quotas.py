@@ -15,7 +15,7 @@ from __future__ import annotations
 import calendar
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -90,6 +90,18 @@ class Quotas:
 
     def applies(self, key: ApiKey) -> bool:
         return bool(key.token_limit or self.default_token_limit or key.budget_usd is not None)
+
+    def restore(
+        self, spent: Mapping[tuple[str, str], float], calls: Iterable[tuple[str, float, int]]
+    ) -> None:
+        """What the ledger says was spent this period (by key and bucket, as `reserve`
+        keeps it) and each recent call's (key, wall-clock time, tokens): read at start, so
+        that a restart gives no key a fresh budget or an empty token window."""
+        for bucket, cost in spent.items():
+            self.spent[bucket] = self.spent.get(bucket, 0.0) + cost
+        now, wall = self._clock(), self._wall()
+        for name, at, tokens in calls:
+            self.windows.setdefault(name, deque()).append([now - (wall - at), float(tokens)])
 
     async def reserve(self, key: ApiKey, tokens: int, cost: float) -> Hold:
         """Admit `tokens` and `cost` for `key`, or raise a 429 before any provider call.

@@ -116,6 +116,7 @@ class RequestContextMiddleware:
         metrics: Metrics | None = None,
         known_paths: frozenset[str] = frozenset(),
         shapes: Mapping[str, str] | None = None,
+        record: Callable[[float, str, dict[str, Any], dict[str, Any]], None] | None = None,
     ) -> None:
         self.app = app
         self.logger = logger
@@ -124,6 +125,9 @@ class RequestContextMiddleware:
         # The error shape each route's clients read, recorded once for the request.
         self.shapes = dict(shapes or {})
         self.refusals = Sampler()
+        # Each admitted call, once answered: (its wall-clock start, request id, the access
+        # line's fields, the call's notes) to the ledger (store.py).
+        self.record = record
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -187,6 +191,8 @@ class RequestContextMiddleware:
                 if skipped:
                     fields["unlogged_401s"] = skipped
                 info_fields(self.logger, "request", fields)
+            if self.record is not None and "call" in call:  # it reached admission
+                self.record(time.time() - seconds, rid, fields, call)
             if self.metrics is not None:
                 self.metrics.in_flight.dec()
                 self.metrics.observe(fields["route"], fields["status"], key, seconds, call)

@@ -46,6 +46,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 import admission
+import dashboard
 import openapi
 import sse
 from admission import Admission, Inflight, QuotaStore, UsageStore, caller
@@ -81,6 +82,8 @@ from ratelimit import (
 from redaction import RedactionMiddleware, Redactor
 from redis_store import RedisLimiter, RedisQuotas, RedisSlots, RedisUsage, SharedStore
 from requestlog import CALL, RequestContextMiddleware
+from store import Ledger, StoreError
+from store import backend as ledger_backend
 from upstream import SharedClient
 from usage import PriceTable, UsageBook
 
@@ -170,6 +173,10 @@ async def ready(request: Request) -> Response:
 
 
 async def usage(request: Request) -> Response:
+    """Since this process started, from memory; with a range, a grouping or a key, from
+    the ledger (dashboard.py)."""
+    if dashboard.asks_the_ledger(request):
+        return await dashboard.ledger_usage(request, request.app.state.ledger)
     key = caller(request)
     return JSONResponse(await admission.of(request).usage.report(key.name if key else "anonymous"))
 
@@ -234,10 +241,17 @@ def create_app(
     keys.on_reload.append(lambda ring: metrics_.name_keys(ring.names()))
     if store is not None:
         metrics_.store_up.set_function(lambda: 1.0 if store.healthy else 0.0)
+    ledger = _ledger(settings, logger)
+    if ledger is not None:
+        metrics_.ledger_waiting.set_function(lambda: ledger.waiting)
+        metrics_.ledger_dropped.set_function(lambda: ledger.dropped)
+        if isinstance(quotas, Quotas):  # with Redis, the store keeps them
+            now = time.time()  # a token window is an hour at most
+            quotas.restore(ledger.spent_this_period(now), ledger.tokens_since(now - 3600))
     deployments = make_deployments(settings, client)
     metrics_.deployments = deployments.states
     tracing_, own_tracer = _tracing(settings, tracer_provider)
-    _announce(settings, keys, logger)
+    _announce(settings, keys, ledger, logger)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -261,6 +275,8 @@ def create_app(
                 await slots.aclose()
             if store is not None:
                 await store.aclose()
+            if ledger is not None:  # every row of the calls answered
+                await asyncio.to_thread(ledger.close)
             logger.info("usage totals", extra={"event": "usage_totals", "keys": usage_store.all()})
 
     admitting = Admission(
@@ -316,6 +332,7 @@ def create_app(
                 metrics=metrics_,
                 known_paths=frozenset(path for path, _, _ in table),
                 shapes=ERROR_SHAPES,
+                record=ledger.record if ledger is not None else None,
             ),
             Middleware(RedactionMiddleware, redactor=Redactor(provider_keys(settings))),
             *_cors(settings),
@@ -352,6 +369,7 @@ def create_app(
     app.state.metrics = metrics_
     app.state.keys = keys
     app.state.store = store
+    app.state.ledger = ledger
     app.state.ready = True  # a mounted app gets no lifespan: it is ready when made
     return app
 
@@ -446,6 +464,23 @@ def _stores(
     )
 
 
+def _ledger(settings: Settings, logger: logging.Logger) -> Ledger | None:
+    """The ledger LEDGER_URL names, its schema upgraded and its writer started; None when
+    it is off. One line naming LEDGER_URL when it cannot be opened."""
+    if settings.ledger_url == "off":
+        return None
+    try:
+        ledger = Ledger(
+            ledger_backend(settings.ledger_url),
+            logger=logger,
+            retention_days=settings.ledger_retention_days,
+        )
+        ledger.open()
+    except StoreError as exc:
+        raise SettingsError(f"LEDGER_URL: {exc}") from None
+    return ledger
+
+
 def _prices(settings: Settings) -> PriceTable:
     try:
         return PriceTable.from_file(settings.prices_file)
@@ -453,13 +488,16 @@ def _prices(settings: Settings) -> PriceTable:
         raise SettingsError(f"PRICES_FILE: cannot use {settings.prices_file}: {exc}") from None
 
 
-def _announce(settings: Settings, keys: KeyRing, logger: logging.Logger) -> None:
+def _announce(
+    settings: Settings, keys: KeyRing, ledger: Ledger | None, logger: logging.Logger
+) -> None:
     fields = {
         "event": "start",
         "provider": settings.provider,
         "models": list(settings.models),
         "keys": len(keys),
         "rate_limit": str(settings.rate_limit),
+        "ledger": "off" if ledger is None else f"{ledger.db.name} {ledger.db.where}",
     }
     if settings.deployments:
         fields["deployments"] = [spec.name for spec in settings.deployments]

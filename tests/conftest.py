@@ -24,6 +24,11 @@ PROVIDER_KEY = "sk-test-" + "S3CR3T" * 6
 CLIENT_KEY = "client-" + "k3y" * 8
 AUTH_HEADERS = {"X-API-Key": CLIENT_KEY}
 
+# An app made in the tests' own process from the environment keeps no ledger (its default
+# is a file in the working directory, here the checkout); the services the tests start
+# run in a directory of their own and keep theirs there, as by default (start_service).
+os.environ.setdefault("LEDGER_URL", "off")
+
 
 @pytest.fixture
 def anyio_backend() -> str:
@@ -123,7 +128,9 @@ def start_mock(tmp_path: Path, *extra: str, port: int | None = None) -> Process:
 def start_service(tmp_path: Path, env: dict[str, str]) -> Process:
     port = free_port()
     clean = {
-        k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_", "LLM_"))
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OPENAI_", "ANTHROPIC_", "LLM_", "LEDGER_"))
     }
     proc = Process(
         # The one way to start it, as the README and the image do (server.main).

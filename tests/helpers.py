@@ -8,8 +8,10 @@ real redis-server.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import tempfile
 import time
 import typing
 from collections.abc import Callable
@@ -295,3 +297,65 @@ class Redis:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+
+
+# A real PostgreSQL, from Debian's package, on a free port of 127.0.0.1
+
+POSTGRES_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)), None)
+
+
+class Postgres:
+    """A throwaway PostgreSQL server: its own data directory, trust authentication on
+    127.0.0.1 only, no fsync; stopped (and its files removed) by `stop`. As root (CI),
+    it runs as Debian's `postgres` user, since PostgreSQL refuses to run as root."""
+
+    def __init__(self) -> None:
+        assert POSTGRES_BIN is not None
+        self.port = free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        # not under pytest's tmp_path: its parents are closed to other users
+        self.dir = Path(tempfile.mkdtemp(prefix="text-tool-pg-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def _as_owner(self, argv: list[str]) -> list[str]:
+        if os.geteuid() != 0:
+            return argv
+        return ["runuser", "-u", "postgres", "--", *argv]
+
+    def start(self) -> None:
+        assert POSTGRES_BIN is not None
+        data = self.dir / "data"
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "postgres", "postgres")
+        subprocess.run(
+            self._as_owner([str(POSTGRES_BIN / "initdb"), "-D", str(data), "-A", "trust",
+                            "-U", "postgres", "--no-sync"]),
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        self.proc = subprocess.Popen(
+            self._as_owner([str(POSTGRES_BIN / "postgres"), "-D", str(data), "-p", str(self.port),
+                            "-k", str(self.dir), "-c", "listen_addresses=127.0.0.1",
+                            "-c", "fsync=off", "-c", "full_page_writes=off"]),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        import psycopg
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                psycopg.connect(self.url, connect_timeout=1).close()
+                return
+            except psycopg.OperationalError:
+                assert self.proc.poll() is None, "postgres exited"
+                assert time.monotonic() < deadline, "postgres did not start"
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # a fast shutdown
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        shutil.rmtree(self.dir, ignore_errors=True)

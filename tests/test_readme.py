@@ -81,7 +81,7 @@ def readme_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("OPENAI_", "ANTHROPIC_", "LLM_")) and k != "VIRTUAL_ENV"
+        if not k.startswith(("OPENAI_", "ANTHROPIC_", "LLM_", "LEDGER_")) and k != "VIRTUAL_ENV"
     }
     env["UV_PROJECT_ENVIRONMENT"] = str(venv)
     done = subprocess.run(
@@ -104,7 +104,9 @@ def readme_service(tmp_path: Path, readme_env: dict[str, str]) -> Iterator[Proce
             # exec: so that stopping the shell stops uv, which passes the signal to uvicorn
             run.replace("--port 8000", f"--port {port}").replace("uv run", "exec uv run"),
         ],
-        readme_env,
+        # run from the checkout (uv finds the project there); its ledger in the test's
+        # directory rather than the default text-tool.db of the working directory
+        {**readme_env, "LEDGER_URL": str(tmp_path / "text-tool.db")},
         tmp_path / "readme-service.log",
         port,
     )
@@ -117,7 +119,7 @@ def readme_service(tmp_path: Path, readme_env: dict[str, str]) -> Iterator[Proce
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_readme_curl_examples_work_verbatim(readme_service: Process) -> None:
     curls = sh_lines("curl ")
-    assert len(curls) == 3
+    assert len(curls) == 4  # /complete, /stream, /v1/chat/completions, then /usage of them
     outputs = []
     for line in curls:
         command = line.replace("127.0.0.1:8000", f"127.0.0.1:{readme_service.port}")
@@ -138,6 +140,10 @@ def test_readme_curl_examples_work_verbatim(readme_service: Process) -> None:
     chat = json.loads(outputs[2])
     assert chat["object"] == "chat.completion"
     assert chat["choices"][0]["message"]["content"] == "Hello there"
+
+    (shown_usage,) = [body for lang, body in BLOCKS if lang == "json" and '"group_by"' in body]
+    expected_usage, got_usage = json.loads(shown_usage), json.loads(outputs[3])
+    assert {**got_usage, "to": "now"} == {**expected_usage, "to": "now"}
 
 
 @pytest.mark.e2e

@@ -1,0 +1,539 @@
+"""The durable store: the ledger, one row per call that reached admission.
+
+What a row holds is what the access line says of a call (who, which route and model,
+which deployment, the status and error, the token counts and whether they were
+estimated, the cost, the times, the client's session), never a prompt or an answer.
+
+Two databases behind one small interface, both through their DB-API drivers:
+SQLite by default (the standard library's `sqlite3`: nothing to install; a file in
+WAL mode, which several workers of one machine share), PostgreSQL (`psycopg` 3, the
+`postgres` extra) when replicas on several machines keep one book. Why not a layer
+such as SQLAlchemy: the ledger is one table written in batches and a few grouped
+sums read back; the two drivers differ in three small things (the parameter mark,
+the id column, a bucket's expression), which `Backend` holds, and a layer would add
+its import and an object per row for nothing (bench/README.md has the figures).
+
+Writing costs a request nothing it waits for: `Ledger.add` appends a tuple to a
+bounded deque on the event loop's thread; one writer thread of its own takes what is
+there at most `interval_s` apart and writes it in one transaction. A database that
+stalls or is down stalls only that thread: rows wait (a gauge and one log line say
+how many), and past `bound` are dropped (a counter and a log line, with the count);
+they are written when it is back. `close` writes every row left (SIGTERM); a SIGKILL
+loses what was not yet written, at most the last `interval_s` of calls.
+
+The schema is versioned (`MIGRATIONS`, `schema_version`) and upgraded at start, each
+step in a transaction that one process at a time runs.
+"""
+
+from __future__ import annotations
+
+import calendar
+import collections
+import contextlib
+import logging
+import math
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from quotas import period_bucket
+from usage import Usage
+
+# One row of the ledger, in this order.
+COLUMNS = (
+    "at",  # when the request began, seconds since the epoch (UTC)
+    "request_id",
+    "key",
+    "route",
+    "model",  # as the client named it
+    "upstream_model",  # as the deployment serving it was asked
+    "deployment",
+    "provider",
+    "status",
+    "error",
+    "finish_reason",
+    "input_tokens",
+    "output_tokens",
+    "cached_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "estimated",
+    "cost_usd",
+    "duration_ms",
+    "provider_ms",
+    "ttft_ms",
+    "session",
+)
+
+# Each version of the schema is the statements that make it from the one before.
+# `{serial}` is the backend's auto-numbered id column.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (  # 1: the ledger of calls
+        """CREATE TABLE calls (
+            id {serial} PRIMARY KEY,
+            at DOUBLE PRECISION NOT NULL,
+            request_id TEXT NOT NULL,
+            key TEXT NOT NULL,
+            route TEXT NOT NULL,
+            model TEXT,
+            upstream_model TEXT,
+            deployment TEXT,
+            provider TEXT,
+            status INTEGER NOT NULL,
+            error TEXT,
+            finish_reason TEXT,
+            input_tokens BIGINT NOT NULL,
+            output_tokens BIGINT NOT NULL,
+            cached_tokens BIGINT NOT NULL,
+            cache_write_tokens BIGINT NOT NULL,
+            reasoning_tokens BIGINT NOT NULL,
+            estimated BOOLEAN NOT NULL,
+            cost_usd DOUBLE PRECISION,
+            duration_ms DOUBLE PRECISION NOT NULL,
+            provider_ms DOUBLE PRECISION,
+            ttft_ms DOUBLE PRECISION,
+            session TEXT
+        )""",
+        "CREATE INDEX calls_at ON calls (at)",
+        "CREATE INDEX calls_key_at ON calls (key, at)",
+    ),
+)
+
+# What the rows left waiting may hold at most: about 400 bytes each, 20 MB.
+DEFAULT_BOUND = 50_000
+# Rows a transaction writes at most (a backlog is written in several).
+BATCH_ROWS = 5_000
+
+
+class Connection(Protocol):
+    """What the ledger uses of a DB-API connection (sqlite3's and psycopg's)."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ...) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+class StoreError(Exception):
+    """The store cannot be opened or upgraded: a start-up error naming LEDGER_URL."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One database: how to connect, and the little SQL in which the two differ."""
+
+    name: str  # "sqlite" or "postgresql"
+    where: str  # the file or the server, for the start-up line (no password)
+    connect: Callable[[], Any]
+    mark: str  # the parameter mark: "?" or "%s"
+    serial: str  # the auto-numbered id column
+    lock: str  # serializes upgrades of the schema, inside a transaction
+    begin: str  # opens a transaction that writes
+
+    def bucket(self, seconds: int) -> str:
+        """SQL for the start of the `seconds`-long bucket (a day, an hour) of `at`."""
+        if self.name == "sqlite":
+            return f"(CAST(at / {seconds} AS INTEGER) * {seconds})"
+        return f"(FLOOR(at / {seconds}) * {seconds})"
+
+    def marks(self, n: int) -> str:
+        return ", ".join([self.mark] * n)
+
+
+def backend(url: str) -> Backend:
+    """The backend LEDGER_URL names: `postgresql://...` (or `postgres://`), or an SQLite
+    file (`sqlite:////abs/path` and `sqlite:///rel/path` as SQLAlchemy writes them,
+    `sqlite:rel/path`, or a plain path)."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return _postgresql(url)
+    path = url
+    for prefix in ("sqlite:///", "sqlite://", "sqlite:"):
+        if url.startswith(prefix):
+            path = url[len(prefix) :]  # as SQLAlchemy reads it: sqlite:////abs, sqlite:///rel
+            break
+    return _sqlite(Path(path))
+
+
+def _sqlite(path: Path) -> Backend:
+    def connect() -> sqlite3.Connection:
+        # autocommit (isolation_level None): transactions are the ledger's own BEGINs
+        conn = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")  # readers and other workers' writers
+        conn.execute("PRAGMA synchronous=NORMAL")  # WAL's durable-enough, much cheaper
+        return conn
+
+    return Backend(
+        name="sqlite",
+        where=str(path),
+        connect=connect,
+        mark="?",
+        serial="INTEGER",
+        lock="SELECT 1",  # BEGIN IMMEDIATE has the write lock already
+        begin="BEGIN IMMEDIATE",
+    )
+
+
+def _postgresql(url: str) -> Backend:
+    try:
+        import psycopg
+    except ImportError:
+        raise StoreError("PostgreSQL needs the postgres extra (uv sync --extra postgres)") from None
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    shown = f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
+
+    def connect() -> Any:
+        return psycopg.connect(url, autocommit=True, connect_timeout=5)
+
+    return Backend(
+        name="postgresql",
+        where=shown,
+        connect=connect,
+        mark="%s",
+        serial="BIGSERIAL",
+        lock="SELECT pg_advisory_xact_lock(7447101)",  # one upgrader among the replicas
+        begin="BEGIN",
+    )
+
+
+def upgrade(conn: Any, db: Backend) -> int:
+    """Bring the schema to the newest version, each step in its own transaction; the
+    version it is at now."""
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    while True:
+        conn.execute(db.begin)
+        try:
+            conn.execute(db.lock)
+            found = conn.execute("SELECT version FROM schema_version").fetchone()
+            version = 0 if found is None else int(found[0])
+            if version >= len(MIGRATIONS):
+                conn.execute("COMMIT")
+                return version
+            for statement in MIGRATIONS[version]:
+                conn.execute(statement.format(serial=db.serial))
+            if found is None:
+                conn.execute("INSERT INTO schema_version (version) VALUES (1)")
+            else:
+                conn.execute(f"UPDATE schema_version SET version = {version + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+def call_row(
+    started: float, rid: str, fields: Mapping[str, Any], call: Mapping[str, Any]
+) -> tuple[Any, ...]:
+    """The ledger's row of one call, from what the access line and the call's notes say
+    (requestlog.CALL): `started` is the request's wall-clock start."""
+    usage: Usage = call.get("usage") or Usage()
+    asked = call.get("call")
+    return (
+        started,
+        rid,
+        fields.get("key") or "anonymous",
+        fields["route"],
+        getattr(asked, "model", None),
+        call.get("upstream"),
+        call.get("deployment"),
+        call.get("provider"),
+        fields["status"],
+        call.get("error"),
+        call.get("finish_reason"),
+        usage.input_tokens,
+        usage.output_tokens,
+        usage.cached_input_tokens,
+        usage.cache_write_tokens,
+        usage.reasoning_tokens,
+        usage.estimated,
+        call.get("cost_usd"),
+        fields["duration_ms"],
+        call.get("provider_ms"),
+        call.get("ttft_ms"),
+        call.get("session"),
+    )
+
+
+class Ledger:
+    """The rows of calls, written behind the requests by a thread of its own."""
+
+    def __init__(
+        self,
+        db: Backend,
+        *,
+        logger: logging.Logger,
+        interval_s: float = 1.0,
+        bound: int = DEFAULT_BOUND,
+        retention_days: float = 0.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.db = db
+        self.logger = logger
+        self.interval_s = interval_s
+        self.bound = bound
+        self.retention_days = retention_days
+        self._clock = clock
+        self._waiting: collections.deque[tuple[Any, ...]] = collections.deque()
+        self.added = 0  # rows taken (the loop's thread counts them)
+        self.written = 0  # rows written (the writer's thread counts them)
+        self.dropped = 0
+        self._dropped_logged = 0
+        self._wake = threading.Event()
+        self._done = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._insert = f"INSERT INTO calls ({', '.join(COLUMNS)}) VALUES ({db.marks(len(COLUMNS))})"
+        self._pruned_at = 0.0
+
+    # --- on the event loop's thread -------------------------------------------------
+
+    def open(self) -> None:
+        """Upgrade the schema and start the writer; a StoreError naming the database when
+        it cannot be reached or upgraded."""
+        try:
+            conn = self.db.connect()
+            try:
+                upgrade(conn, self.db)
+            finally:
+                conn.close()
+        except Exception as exc:  # the drivers' own errors: any is a failed start
+            raise StoreError(f"cannot open the ledger at {self.db.where}: {exc}") from None
+        self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
+        self._thread.start()
+
+    def add(self, row: tuple[Any, ...]) -> None:
+        """Take one row to be written; never waits. Past `bound` rows waiting (the
+        database has been down a while), the row is dropped and counted."""
+        if len(self._waiting) >= self.bound:
+            self.dropped += 1
+            if self.dropped >= 2 * self._dropped_logged:  # 1, 2, 4, 8...: a few lines
+                self._dropped_logged = self.dropped
+                self.logger.error(
+                    "ledger rows dropped: the database is not taking them",
+                    extra={"event": "ledger_dropped", "dropped": self.dropped},
+                )
+            return
+        self._waiting.append(row)
+        self.added += 1
+
+    def record(
+        self, started: float, rid: str, fields: Mapping[str, Any], call: Mapping[str, Any]
+    ) -> None:
+        """The access line's hook (requestlog): one admitted call's row."""
+        self.add(call_row(started, rid, fields, call))
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait (in a thread, not on the loop) until every row taken so far is written;
+        False if that did not happen within `timeout_s`."""
+        target = self.added
+        self._wake.set()
+        deadline = time.monotonic() + timeout_s
+        with self._done:
+            while self.written < target:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._thread is None or not self._thread.is_alive():
+                    return False
+                self._done.wait(left)
+        return True
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Write every row left, then stop the writer (SIGTERM's shutdown); rows still
+        waiting when `timeout_s` runs out (the database is down) are logged as lost."""
+        thread = self._thread
+        if thread is None:
+            return
+        self._stopping = True
+        self._wake.set()
+        thread.join(timeout_s)
+        self._thread = None
+        lost = len(self._waiting)
+        if lost:
+            self.logger.error(
+                "ledger rows lost at shutdown: the database did not take them",
+                extra={"event": "ledger_lost", "rows": lost},
+            )
+
+    # --- on the writer's thread --------------------------------------------------------
+
+    def _run(self) -> None:
+        conn: Any = None
+        failing = False
+        while True:
+            stopping = self._stopping
+            if not stopping:
+                self._wake.wait(self.interval_s)
+                self._wake.clear()
+            try:
+                if conn is None:
+                    conn = self.db.connect()
+                while self._waiting:
+                    self._write(conn)
+                self._prune(conn)
+                if failing:
+                    failing = False
+                    self.logger.info("ledger written again", extra={"event": "ledger_resumed"})
+            except Exception as exc:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.close()
+                conn = None
+                if not failing:
+                    failing = True
+                    self.logger.error(
+                        "ledger rows waiting: the database is not taking them",
+                        extra={"event": "ledger_waiting", "rows": len(self._waiting),
+                               "error": f"{type(exc).__name__}: {exc}"[:300]},
+                    )  # fmt: skip
+                if stopping:
+                    return  # close() logs what is lost
+                time.sleep(min(self.interval_s, 1.0))
+                continue
+            if stopping and not self._waiting:
+                if conn is not None:
+                    conn.close()
+                return
+
+    def _write(self, conn: Any) -> None:
+        """One transaction of the rows waiting (up to BATCH_ROWS); put back if it fails,
+        so nothing is lost to a database that is down for a while."""
+        batch: list[tuple[Any, ...]] = []
+        waiting = self._waiting
+        while waiting and len(batch) < BATCH_ROWS:
+            batch.append(waiting.popleft())
+        try:
+            conn.execute(self.db.begin)
+            cursor = conn.cursor()
+            cursor.executemany(self._insert, batch)
+            conn.execute("COMMIT")
+        except BaseException:
+            waiting.extendleft(reversed(batch))
+            with contextlib.suppress(Exception):
+                conn.execute("ROLLBACK")
+            raise
+        with self._done:
+            self.written += len(batch)
+            self._done.notify_all()
+
+    def _prune(self, conn: Any) -> None:
+        """Rows older than the retention, deleted about once an hour."""
+        if self.retention_days <= 0:
+            return
+        now = self._clock()
+        if now - self._pruned_at < 3600:
+            return
+        self._pruned_at = now
+        cutoff = now - self.retention_days * 86400
+        conn.execute(f"DELETE FROM calls WHERE at < {self.db.mark}", (cutoff,))
+
+    # --- reading ------------------------------------------------------------------------
+
+    def read(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        """Rows of a query, on a connection of its own (blocking: run it in a thread)."""
+        conn = self.db.connect()
+        try:
+            return list(conn.execute(sql, tuple(params)).fetchall())
+        finally:
+            conn.close()
+
+    def spent_since(self, since: float) -> dict[str, float]:
+        """Each key's cost since `since`."""
+        rows = self.read(
+            f"SELECT key, SUM(cost_usd) FROM calls WHERE at >= {self.db.mark} GROUP BY key",
+            (since,),
+        )
+        return {key: float(cost or 0.0) for key, cost in rows}
+
+    def spent_this_period(self, now: float) -> dict[tuple[str, str], float]:
+        """Each key's spend this UTC day and this UTC month, keyed as the budgets keep
+        it: (key, "2026-12-03") and (key, "2026-12")."""
+        spent = {}
+        for period in ("day", "month"):
+            bucket = period_bucket(period, now)[0]
+            for key, cost in self.spent_since(period_start(period, now)).items():
+                spent[(key, bucket)] = cost
+        return spent
+
+    def tokens_since(self, since: float) -> list[tuple[str, float, int]]:
+        """Each call's key, time and tokens since `since` (a token window's worth)."""
+        rows = self.read(
+            "SELECT key, at, input_tokens + output_tokens FROM calls "
+            f"WHERE at >= {self.db.mark} ORDER BY at",
+            (since,),
+        )
+        return [(key, float(at), int(tokens)) for key, at, tokens in rows]
+
+
+GROUPS = ("key", "model", "day", "hour", "deployment", "session")
+
+
+def usage_query(
+    db: Backend, start: float, end: float, group_by: str | None, keys: Sequence[str] | None
+) -> tuple[str, list[Any]]:
+    """SQL and parameters of the calls' sums between `start` and `end`, by `group_by`
+    (one of GROUPS, or None for one line), of `keys` (None: every key)."""
+    group = {"day": db.bucket(86400), "hour": db.bucket(3600)}.get(group_by or "", group_by)
+    selected = f"{group} AS grp, " if group else ""
+    where = f"at >= {db.mark} AND at < {db.mark}"
+    params: list[Any] = [start, end]
+    if keys is not None:
+        where += f" AND key IN ({db.marks(len(keys))})"
+        params.extend(keys)
+    sql = (
+        f"SELECT {selected}COUNT(*), SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END), "
+        "SUM(input_tokens), SUM(output_tokens), SUM(cached_tokens), SUM(reasoning_tokens), "
+        "SUM(cost_usd), SUM(CASE WHEN cost_usd IS NULL THEN 1 ELSE 0 END), "
+        "SUM(CASE WHEN estimated THEN 1 ELSE 0 END) "
+        f"FROM calls WHERE {where}"
+    )
+    if group:
+        sql += " GROUP BY grp ORDER BY grp"
+    return sql, params
+
+
+USAGE_FIELDS = (
+    "requests",
+    "errors",
+    "input_tokens",
+    "output_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+    "cost_usd",
+    "unpriced_requests",
+    "estimated_requests",
+)
+
+
+def usage_lines(rows: Iterable[tuple[Any, ...]], grouped: bool) -> list[dict[str, Any]]:
+    """The rows of `usage_query` as dicts; a group of a day or an hour keeps its epoch
+    start (the caller writes it as a date)."""
+    lines = []
+    for found in rows:
+        values = list(found[1:] if grouped else found)
+        if not values[0]:
+            continue  # no call in the range: SUM() of nothing
+        line: dict[str, Any] = {}
+        if grouped:
+            line["group"] = found[0]
+        for name, value in zip(USAGE_FIELDS, values, strict=True):
+            if name == "cost_usd":
+                line[name] = round(float(value or 0.0), 10)
+            else:
+                line[name] = int(value or 0)
+        lines.append(line)
+    return lines
+
+
+def period_start(period: str, now: float) -> float:
+    """The start of the UTC day or month `now` falls in."""
+    if period == "month":
+        t = time.gmtime(now)
+        return float(calendar.timegm((t.tm_year, t.tm_mon, 1, 0, 0, 0)))
+    return float(math.floor(now / 86400) * 86400)

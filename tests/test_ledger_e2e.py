@@ -1,0 +1,161 @@
+"""The ledger with real processes: the service writes its rows behind the requests, every
+one of them at SIGTERM, all but the last second's at SIGKILL, and a restarted service
+reads its budgets back, on SQLite (its default, a file in its working directory) and on
+a real PostgreSQL."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import signal
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import AUTH_HEADERS, CLIENT_KEY, Process, openai_env, start_service
+from tests.helpers import POSTGRES_BIN, Postgres
+
+pytestmark = pytest.mark.e2e
+
+
+def count_rows(url: str) -> int:
+    if url.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(url) as pg:
+            found = pg.execute("SELECT COUNT(*) FROM calls").fetchone()
+    else:
+        conn = sqlite3.connect(url)
+        try:
+            found = conn.execute("SELECT COUNT(*) FROM calls").fetchone()
+        finally:
+            conn.close()
+    assert found is not None
+    return int(found[0])
+
+
+def complete(service: Process, prompt: str = "hello there", **body: object) -> httpx.Response:
+    return httpx.post(
+        service.url + "/complete",
+        json={"prompt": prompt, **body},
+        headers=AUTH_HEADERS,
+        timeout=20,
+    )
+
+
+def mock_stats(mock: Process) -> dict[str, int]:
+    stats: dict[str, int] = httpx.get(mock.url + "/_stats", timeout=5).json()
+    return stats
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield str(tmp_path / "text-tool.db")  # where the service keeps it by default
+        return
+    if POSTGRES_BIN is None:
+        pytest.skip("PostgreSQL is not installed (Debian's postgresql package)")
+    server = Postgres()
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def env_for(ledger_url: str, tmp_path: Path, mock: Process, **extra: str) -> dict[str, str]:
+    env = openai_env(mock, LLM_MODEL="gpt-4o-mini", **extra)
+    if ledger_url.startswith("postgresql://"):
+        env["LEDGER_URL"] = ledger_url  # else unset: the default file in its directory
+    return env
+
+
+def test_sigterm_writes_a_row_for_every_call_in_flight(
+    tmp_path: Path, mock_provider: Process, ledger_url: str
+) -> None:
+    service = start_service(tmp_path, env_for(ledger_url, tmp_path, mock_provider))
+    try:
+        assert complete(service).status_code == 200
+        slow = 'mock:{"ttft_ms": 1500}\nslow one'
+        calls = 8
+        with concurrent.futures.ThreadPoolExecutor(calls) as pool:
+            answers = [pool.submit(complete, service, slow) for _ in range(calls)]
+            deadline = time.monotonic() + 10
+            while mock_stats(mock_provider).get("requests", 0) < 1 + calls:
+                assert time.monotonic() < deadline, "the calls did not reach the provider"
+                time.sleep(0.05)
+            service.proc.send_signal(signal.SIGTERM)
+            statuses = [a.result(timeout=20).status_code for a in answers]
+        assert statuses == [200] * calls  # each let finish, and each a row
+        service.proc.wait(timeout=15)
+        assert count_rows(ledger_url) == 1 + calls
+        assert "ledger_lost" not in service.output()
+    finally:
+        service.stop()
+
+
+def test_sigkill_loses_at_most_the_last_second_of_calls(
+    tmp_path: Path, mock_provider: Process
+) -> None:
+    service = start_service(tmp_path, openai_env(mock_provider, LLM_MODEL="gpt-4o-mini"))
+    db = str(tmp_path / "text-tool.db")
+    try:
+        for _ in range(10):
+            assert complete(service).status_code == 200
+        deadline = time.monotonic() + 5  # the writer takes what waits at most 1 s apart
+        while count_rows(db) < 10:
+            assert time.monotonic() < deadline, "the rows were not written within 5 s"
+            time.sleep(0.1)
+        for _ in range(5):
+            assert complete(service).status_code == 200
+        service.proc.kill()
+        service.proc.wait(timeout=10)
+        assert 10 <= count_rows(db) <= 15  # the last second's 5 may be lost, no more
+    finally:
+        service.stop()
+
+
+def test_a_restart_gives_no_key_a_fresh_budget(
+    tmp_path: Path, mock_provider: Process, ledger_url: str
+) -> None:
+    keys = tmp_path / "keys.toml"
+    keys.write_text(
+        f'[[keys]]\nname = "capped"\nkey = "{CLIENT_KEY}"\nbudget_usd = 0.001\n'
+        'budget_period = "month"\n'
+    )
+    env = env_for(ledger_url, tmp_path, mock_provider, API_KEYS_FILE=str(keys))
+    del env["API_KEYS"]
+    big = 'mock:{"tokens": 1000}\nspend it'  # gpt-4o-mini: 1,000 out cost $0.0006
+    service = start_service(tmp_path, env)
+    try:
+        spent = complete(service, big, max_tokens=1000)
+        assert spent.status_code == 200 and spent.json()["output_tokens"] == 1000
+        usage = httpx.get(
+            service.url + "/usage?group_by=model", headers=AUTH_HEADERS, timeout=10
+        ).json()
+        assert usage["keys"] == ["capped"]
+        assert [(r["model"], r["requests"], r["output_tokens"]) for r in usage["rows"]] == [
+            ("gpt-4o-mini", 1, 1000)
+        ]
+    finally:
+        service.stop()
+    again = start_service(tmp_path, env)
+    try:
+        # its worst case ($0.0006) on top of what the ledger says was spent is over $0.001
+        refused = complete(again, big, max_tokens=1000)
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["type"] == "budget_exceeded"
+        by_day = httpx.get(
+            again.url + "/usage", params={"group_by": "day"}, headers=AUTH_HEADERS, timeout=10
+        ).json()
+        assert by_day["total"]["requests"] == 2  # the call before, and the refusal
+        assert [r["requests"] for r in by_day["rows"]] == [2]
+        lines = [json.loads(line) for line in again.output().splitlines() if line.startswith("{")]
+        (start,) = [line for line in lines if line.get("event") == "start"]
+        assert start["ledger"].startswith(("sqlite", "postgresql"))
+    finally:
+        again.stop()
