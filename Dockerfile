@@ -46,6 +46,7 @@ WORKDIR /app
 COPY --from=build /app/.venv /app/.venv
 COPY *.py ./
 COPY dialects/ ./dialects/
+COPY pages/ ./pages/
 USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=5s --retries=3 \

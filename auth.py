@@ -27,7 +27,9 @@ from config import Rate, Settings, SettingsError, toml_tables, unique_names
 from errors import error_response, relative_path
 
 AUTH = "text_tool.auth"
-PUBLIC_PATHS = frozenset({"/", "/health", "/ready", "/metrics", "/openapi.json", "/docs"})
+PUBLIC_PATHS = frozenset({"/", "/health", "/ready", "/metrics", "/openapi.json", "/docs",
+                          # the dashboard's page asks for a key; its figures need one
+                          "/dashboard", "/dashboard/app.js", "/dashboard/app.css"})  # fmt: skip
 PUBLIC_PREFIXES = ("/docs/",)  # the Swagger UI page's own assets
 KEYS_CHECK_S = 2.0
 _FILE_FIELDS = {"name", "key", "rate_limit", "models", "token_limit", "budget_usd", "budget_period",
@@ -82,6 +84,10 @@ class KeyRing:
 
     def names(self) -> list[str]:
         return [key.name for key in self._by_digest.values()]
+
+    def keys(self) -> list[ApiKey]:
+        """Every key, for what shows their settings by name (the dashboard's budgets)."""
+        return list(self._by_digest.values())
 
     def lookup(self, presented: str) -> ApiKey | None:
         if self._settings is not None and self._clock() >= self._next_check:

@@ -110,6 +110,11 @@ def _errors(*statuses: str, shape: str = "Error") -> dict[str, Any]:
     return {status: _json(shape, _ERRORS[status]) for status in statuses}
 
 
+def _query(name: str, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "description": description,
+            "schema": {"type": "string"}}  # fmt: skip
+
+
 _CALL_ERRORS = ("400", "401", "403", "413", "415", "422", "429", "500", "502", "504")
 # Anthropic answers a schema violation with 400, and so do its routes here.
 _MESSAGES_ERRORS = tuple(status for status in _CALL_ERRORS if status != "422")
@@ -162,7 +167,11 @@ def _body(name: str) -> dict[str, Any]:
 
 
 # Routes of the table that are not operations of the API: the document and its page.
-UNDOCUMENTED = frozenset({"/openapi.json", "/docs", "/docs/{name}"})
+# The pages, their assets, and what only the dashboard's page reads.
+UNDOCUMENTED = frozenset(
+    {"/openapi.json", "/docs", "/docs/{name}", "/dashboard", "/dashboard/app.js",
+     "/dashboard/app.css", "/dashboard/data"}
+)  # fmt: skip
 
 
 def served(paths: dict[str, Any], table: list[tuple[str, str]]) -> dict[str, Any]:
@@ -267,12 +276,40 @@ def build_document(
         "/usage": {
             "get": {
                 "tags": ["text-tool"],
-                "summary": "The calling key's usage since start",
+                "summary": "The calling key's usage: since start, or from the ledger",
+                "description": "Without parameters: totals since this process started. "
+                "With any of from, to, group_by or key: sums from the ledger, which "
+                "outlives restarts, as JSON or (Accept: text/csv) CSV.",
                 "operationId": "usage",
                 "security": _SECURITY,
+                "parameters": [
+                    _query(
+                        "from",
+                        "ISO 8601 date or time (UTC unless it says); default 30 days before to",
+                    ),
+                    _query("to", "ISO 8601 date or time; default now"),
+                    _query(
+                        "group_by", "comma-separated: key, model, day, hour, deployment, session"
+                    ),
+                    _query("key", "an admin key: this key's calls (default every key's)"),
+                ],  # fmt: skip
                 "responses": {
-                    "200": _json("UsageReport", "Totals, and by model"),
-                    **_errors("401", "429"),
+                    "200": {
+                        "description": "Totals and by model (no parameters), or the "
+                        "ledger's rows and total",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "oneOf": [
+                                        {"$ref": "#/components/schemas/UsageReport"},
+                                        {"type": "object", "required": ["rows", "total"]},
+                                    ]
+                                }
+                            },
+                            "text/csv": {"schema": {"type": "string"}},
+                        },
+                    },  # fmt: skip
+                    **_errors("400", "401", "403", "429"),
                 },
             }
         },

@@ -189,19 +189,37 @@ class ConcurrencyMiddleware:
         slots: Slots,
         default_limit: int | None,
         paths: frozenset[str],
+        open_calls: dict[str, int] | None = None,
     ) -> None:
         self.app = app
         self.slots = slots
         self.default_limit = default_limit
         self.paths = paths
+        # Each key's calls of `paths` in this process now, limited or not (the dashboard
+        # shows them); a key with none is not in it.
+        self.open_calls: dict[str, int] = {} if open_calls is None else open_calls
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         key: ApiKey | None = scope.get(AUTH) if scope["type"] == "http" else None
-        limit = None if key is None else key.max_concurrent or self.default_limit
-        if limit is None or relative_path(scope) not in self.paths:
+        if key is None or relative_path(scope) not in self.paths:
             await self.app(scope, receive, send)
             return
-        assert key is not None
+        name, open_calls = key.name, self.open_calls
+        open_calls[name] = open_calls.get(name, 0) + 1
+        try:
+            await self._limited(key, scope, receive, send)
+        finally:
+            left = open_calls[name] - 1
+            if left:
+                open_calls[name] = left
+            else:
+                del open_calls[name]
+
+    async def _limited(self, key: ApiKey, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = key.max_concurrent or self.default_limit
+        if limit is None:
+            await self.app(scope, receive, send)
+            return
         try:
             lease = await self.slots.take(key.name, limit)
         except (StoreUnavailable, StoreBusy) as exc:

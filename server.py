@@ -242,6 +242,7 @@ def create_app(
     if store is not None:
         metrics_.store_up.set_function(lambda: 1.0 if store.healthy else 0.0)
     ledger = _ledger(settings, logger)
+    open_calls: dict[str, int] = {}  # each key's calls in flight (the dashboard's)
     if ledger is not None:
         metrics_.ledger_waiting.set_function(lambda: ledger.waiting)
         metrics_.ledger_dropped.set_function(lambda: ledger.dropped)
@@ -303,6 +304,10 @@ def create_app(
         ("/health", health, "GET"),
         ("/ready", ready, "GET"),
         ("/usage", usage, "GET"),
+        ("/dashboard", dashboard.page, "GET"),
+        ("/dashboard/app.js", dashboard.page, "GET"),
+        ("/dashboard/app.css", dashboard.page, "GET"),
+        ("/dashboard/data", dashboard.data, "GET"),
         ("/metrics", metrics, "GET"),
     ]
     table = [
@@ -349,6 +354,7 @@ def create_app(
                 slots=slots,
                 default_limit=settings.key_max_concurrent,
                 paths=frozenset([*PROVIDER_CALLS, "/v1/messages/count_tokens"]),
+                open_calls=open_calls,
             ),
             *tracing_,
         ],
@@ -370,6 +376,7 @@ def create_app(
     app.state.keys = keys
     app.state.store = store
     app.state.ledger = ledger
+    app.state.open_calls = open_calls
     app.state.ready = True  # a mounted app gets no lifespan: it is ready when made
     return app
 

@@ -475,26 +475,28 @@ GROUPS = ("key", "model", "day", "hour", "deployment", "session")
 
 
 def usage_query(
-    db: Backend, start: float, end: float, group_by: str | None, keys: Sequence[str] | None
+    db: Backend, start: float, end: float, groups: Sequence[str], keys: Sequence[str] | None
 ) -> tuple[str, list[Any]]:
-    """SQL and parameters of the calls' sums between `start` and `end`, by `group_by`
-    (one of GROUPS, or None for one line), of `keys` (None: every key)."""
-    group = {"day": db.bucket(86400), "hour": db.bucket(3600)}.get(group_by or "", group_by)
-    selected = f"{group} AS grp, " if group else ""
+    """SQL and parameters of the calls' sums between `start` and `end`, by `groups`
+    (each one of GROUPS; none: one line), of `keys` (None: every key)."""
+    buckets = {"day": db.bucket(86400), "hour": db.bucket(3600)}
+    columns = [f"{buckets.get(g, g)} AS g{i}" for i, g in enumerate(groups)]
     where = f"at >= {db.mark} AND at < {db.mark}"
     params: list[Any] = [start, end]
     if keys is not None:
         where += f" AND key IN ({db.marks(len(keys))})"
         params.extend(keys)
     sql = (
-        f"SELECT {selected}COUNT(*), SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END), "
+        f"SELECT {''.join(c + ', ' for c in columns)}COUNT(*), "
+        "SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END), "
         "SUM(input_tokens), SUM(output_tokens), SUM(cached_tokens), SUM(reasoning_tokens), "
         "SUM(cost_usd), SUM(CASE WHEN cost_usd IS NULL THEN 1 ELSE 0 END), "
         "SUM(CASE WHEN estimated THEN 1 ELSE 0 END) "
         f"FROM calls WHERE {where}"
     )
-    if group:
-        sql += " GROUP BY grp ORDER BY grp"
+    if groups:
+        named = ", ".join(f"g{i}" for i in range(len(groups)))
+        sql += f" GROUP BY {named} ORDER BY {named}"
     return sql, params
 
 
@@ -511,18 +513,16 @@ USAGE_FIELDS = (
 )
 
 
-def usage_lines(rows: Iterable[tuple[Any, ...]], grouped: bool) -> list[dict[str, Any]]:
-    """The rows of `usage_query` as dicts; a group of a day or an hour keeps its epoch
-    start (the caller writes it as a date)."""
+def usage_lines(rows: Iterable[tuple[Any, ...]], groups: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows of `usage_query` as dicts, each group first; a day or an hour is kept as
+    its epoch start (the caller writes it as a date)."""
     lines = []
+    n = len(groups)
     for found in rows:
-        values = list(found[1:] if grouped else found)
-        if not values[0]:
+        if not found[n]:
             continue  # no call in the range: SUM() of nothing
-        line: dict[str, Any] = {}
-        if grouped:
-            line["group"] = found[0]
-        for name, value in zip(USAGE_FIELDS, values, strict=True):
+        line: dict[str, Any] = dict(zip(groups, found[:n], strict=True))
+        for name, value in zip(USAGE_FIELDS, found[n:], strict=True):
             if name == "cost_usd":
                 line[name] = round(float(value or 0.0), 10)
             else:
