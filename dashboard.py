@@ -13,7 +13,6 @@ Queries run in a thread: the database is never waited on by the event loop.
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import math
@@ -30,7 +29,7 @@ from admission import caller
 from errors import ApiError
 from jsonio import JSONResponse
 from quotas import period_bucket
-from store import GROUPS, USAGE_FIELDS, Backend, Ledger, usage_lines, usage_query
+from store import GROUPS, MAX_READ_ROWS, USAGE_FIELDS, Backend, Ledger, usage_lines, usage_query
 
 LEDGER_PARAMS = ("from", "to", "group_by", "key")
 DEFAULT_RANGE_S = 30 * 86400
@@ -123,7 +122,8 @@ async def ledger_usage(request: Request, ledger: Ledger | None) -> Response:
         ledger.flush(FLUSH_WAIT_S)
         return ledger.read(sql, values)
 
-    rows = usage_lines(await asyncio.to_thread(read), groups)
+    found = await ledger.reading(read)
+    rows = usage_lines(found, groups)
     for line in rows:
         for group in ("day", "hour"):
             if group in line:
@@ -139,6 +139,8 @@ async def ledger_usage(request: Request, ledger: Ledger | None) -> Response:
             "group_by": group_by or None,
             "rows": rows,
             "total": total,
+            # past MAX_READ_ROWS groups, the first of them (and their total) only
+            "truncated": len(found) >= MAX_READ_ROWS,
         }
     )
 
@@ -189,7 +191,7 @@ PAGE_HEADERS = {
 }
 DAYS = 14  # of spend and tokens
 HOURS = 48  # of requests and errors
-LATENCY_CALLS = 20_000  # the latest calls whose times make the percentiles
+LATENCY_CALLS = MAX_READ_ROWS  # the latest calls whose times make the percentiles
 LAST_CALLS = 50
 
 
@@ -304,7 +306,7 @@ async def data(request: Request) -> Response:
         name: request.query_params.get(name, "")[:200] for name in ("key", "model", "status")
     }
     now = time.time()
-    figures = await asyncio.to_thread(_figures, ledger, view, now, filters)
+    figures = await ledger.reading(lambda: _figures(ledger, view, now, filters))
     for line in figures["daily"]:
         line["day"] = _group_label("day", line["day"])
     for line in figures["hourly"]:

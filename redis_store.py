@@ -65,6 +65,11 @@ return {allowed, remaining, tonumber(oldest[2]) + window - now}
 # Connections to Redis a replica keeps. Redis runs one script at a time, each a few
 # tens of microseconds, so more connections add no throughput; a request that finds
 # them all in use waits for one (POOL_WAIT_S at most) instead of opening another.
+# What a ledger gives a store found empty: the period's spend by (key, bucket), and the
+# last hour's calls as (key, wall-clock time, tokens).
+Books = tuple[dict[tuple[str, str], float], list[tuple[str, float, int]]]
+# How long the other replicas wait for the one refilling an empty store.
+SEED_WAIT_S = 10.0
 POOL_SIZE = 64
 POOL_WAIT_S = 2.0
 
@@ -333,6 +338,9 @@ class RedisLease:
 # ARGV: window µs (0: no token limit), token limit, tokens, member, budget (-1: none),
 # cost, the spend key's lifetime in s. Returns {ok, what refused, wait µs, used}.
 RESERVE = """
+if ARGV[8] == '1' and redis.call('EXISTS', KEYS[4]) == 0 then
+  return {0, 'unseeded', '0', '0'}
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local window = tonumber(ARGV[1])
@@ -390,22 +398,70 @@ return 1
 class RedisQuotas:
     """Token limits and budgets in Redis, reserved and settled as in `quotas.Quotas`."""
 
-    def __init__(self, store: SharedStore, local: Quotas, *, prefix: str = PREFIX) -> None:
+    def __init__(
+        self,
+        store: SharedStore,
+        local: Quotas,
+        *,
+        prefix: str = PREFIX,
+        books: Callable[[], Awaitable[Books]] | None = None,
+    ) -> None:
         self.store = store
         self.local = local
         self.applies = local.applies
         self._reserve: Any = store.redis.register_script(RESERVE)
         self._settle: Any = store.redis.register_script(SETTLE)
         self._prefix = prefix + "quota:"
+        # With a ledger: what it says was spent this period and the last hour's tokens,
+        # to refill a store found empty (restarted without persistence, or flushed)
+        # before it admits anything; a key marks a store so refilled.
+        self.books = books
+        self._seeded = self._prefix + "seeded"
+
+    async def _seed(self) -> None:
+        """Refill the store from the ledger, once among the replicas: the one that takes
+        the lock writes it all in one transaction, the others wait for its mark."""
+        assert self.books is not None
+        redis = self.store.redis
+        lock = self._prefix + "seeding"
+        if not await redis.set(lock, "1", nx=True, px=int(SEED_WAIT_S * 1000)):
+            deadline = time.monotonic() + SEED_WAIT_S
+            # another process's mark: nothing to wait on but the store itself
+            while not await redis.exists(self._seeded) and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            return
+        try:
+            spent, calls = await self.books()
+            now = time.time()
+            pipe = redis.pipeline(transaction=True)
+            for (name, bucket), cost in spent.items():
+                period = "month" if len(bucket) == 7 else "day"  # 2026-12 or 2026-12-03
+                left_s = period_bucket(period, now)[1]
+                pipe.set(f"{self._prefix}spent:{name}:{bucket}", repr(cost), ex=int(left_s) + 3600)
+            for name, at, tokens in calls:
+                member = uuid.uuid4().hex
+                pipe.zadd(f"{self._prefix}tokens:{name}", {member: int(at * 1_000_000)})
+                pipe.hset(f"{self._prefix}amounts:{name}", member, tokens)
+                pipe.expire(f"{self._prefix}tokens:{name}", 3601)
+                pipe.expire(f"{self._prefix}amounts:{name}", 3601)
+            pipe.set(self._seeded, "1")
+            await pipe.execute()
+            logging.getLogger("text_tool").warning(
+                "the shared store was empty: refilled from the ledger",
+                extra={"event": "store_refilled", "buckets": len(spent), "calls": len(calls)},
+            )
+        finally:
+            await redis.delete(lock)
 
     async def reserve(self, key: ApiKey, tokens: int, cost: float) -> Hold:
-        async def shared() -> Hold | tuple[str, float, float]:
+        async def shared(seeded: bool) -> Hold | tuple[str, float, float] | str:
             rate = key.token_limit or self.local.default_token_limit
             bucket, left_s = period_bucket(key.budget_period, time.time())
             keys = [
                 f"{self._prefix}tokens:{key.name}",
                 f"{self._prefix}amounts:{key.name}",
                 f"{self._prefix}spent:{key.name}:{bucket}",
+                self._seeded,
             ]
             member = uuid.uuid4().hex
             ok, what, wait_us, used = await self._reserve(
@@ -418,19 +474,31 @@ class RedisQuotas:
                     key.budget_usd if key.budget_usd is not None else -1,
                     repr(cost),
                     int(left_s) + 3600,
+                    "1" if seeded else "0",
                 ],
             )
+            if what == b"unseeded":
+                return "unseeded"
             if not int(ok):
                 wait = int(wait_us) / 1_000_000 if what == b"tokens" else left_s
                 return (what.decode(), wait, float(used))
             return RedisReservation(self, keys, member, cost)
 
-        result = await self.store.call(shared, lambda: None)
+        # A store found empty is refilled from the ledger before it admits; should that
+        # fail (the refilling replica died), the call is admitted on what the store has.
+        seeded = self.books is not None
+        result = await self.store.call(lambda: shared(seeded), lambda: None)
+        if result == "unseeded":
+            await self.store.call(self._seed, lambda: None)
+            result = await self.store.call(lambda: shared(seeded), lambda: None)
+            if result == "unseeded":
+                result = await self.store.call(lambda: shared(False), lambda: None)
         if result is None:  # Redis is away: this replica's own memory decides
             return await self.local.reserve(key, tokens, cost)
         if isinstance(result, tuple):
             what, wait, used = result
             raise self.local.refusal(key, what, tokens, cost, used, wait)
+        assert not isinstance(result, str)
         return result
 
 

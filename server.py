@@ -234,21 +234,23 @@ def create_app(
     logger = get_logger(settings.log_format)
     client = SharedClient(settings, transport)
     keys = KeyRing.from_settings(settings, logger)
-    limiter, slots, quotas, usage_store, store = _stores(settings, logger)
+    ledger = _ledger(settings, logger)
+    limiter, slots, quotas, usage_store, store = _stores(settings, logger, ledger)
     upstream = settings.upstream_names.values()  # what answers name as their model
     metrics_ = Metrics(models=[*settings.models, *upstream], keys=keys.names())
     metrics_.keys_loaded.set_function(lambda: keys.loaded_at)
     keys.on_reload.append(lambda ring: metrics_.name_keys(ring.names()))
     if store is not None:
         metrics_.store_up.set_function(lambda: 1.0 if store.healthy else 0.0)
-    ledger = _ledger(settings, logger)
     open_calls: dict[str, int] = {}  # each key's calls in flight (the dashboard's)
     if ledger is not None:
         metrics_.ledger_waiting.set_function(lambda: ledger.waiting)
         metrics_.ledger_dropped.set_function(lambda: ledger.dropped)
-        if isinstance(quotas, Quotas):  # with Redis, the store keeps them
-            now = time.time()  # a token window is an hour at most
-            quotas.restore(ledger.spent_this_period(now), ledger.tokens_since(now - 3600))
+        # What this process's memory decides (with Redis, while it is away) starts from
+        # the books: a restart forgives no budget.
+        local = quotas.local if isinstance(quotas, RedisQuotas) else quotas
+        assert isinstance(local, Quotas)
+        local.restore(*ledger.books(time.time()))
     deployments = make_deployments(settings, client)
     metrics_.deployments = deployments.states
     tracing_, own_tracer = _tracing(settings, tracer_provider)
@@ -450,9 +452,10 @@ def _tracing(settings: Settings, provider: Any) -> tuple[list[Middleware], Any]:
 
 
 def _stores(
-    settings: Settings, logger: logging.Logger
+    settings: Settings, logger: logging.Logger, ledger: Ledger | None
 ) -> tuple[Limiter, Slots, QuotaStore, UsageStore, SharedStore | None]:
-    """Limits, slots, quotas and usage in this process's memory, or shared through Redis."""
+    """Limits, slots, quotas and usage in this process's memory, or shared through Redis
+    (refilled from the ledger when found empty)."""
     limiter, quotas = MemoryLimiter(), Quotas(default_token_limit=settings.token_limit)
     slots, usage_book = MemorySlots(), UsageBook()
     if settings.rate_limit_store == "memory":
@@ -465,7 +468,7 @@ def _stores(
     return (
         RedisLimiter(store, limiter),
         RedisSlots(store, slots, lease_s=settings.concurrency_lease_s),
-        RedisQuotas(store, quotas),
+        RedisQuotas(store, quotas, books=None if ledger is None else ledger.read_books),
         RedisUsage(store, usage_book),
         store,
     )

@@ -27,6 +27,7 @@ step in a transaction that one process at a time runs.
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import collections
 import contextlib
@@ -36,9 +37,10 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from quotas import period_bucket
 from usage import Usage
@@ -107,6 +109,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 DEFAULT_BOUND = 50_000
 # Rows a transaction writes at most (a backlog is written in several).
 BATCH_ROWS = 5_000
+# Questions of the books answered at once (the rest wait their turn), and the most rows
+# one answers with: a grouping by a client's own session ids is bounded too.
+READERS = 2
+MAX_READ_ROWS = 10_000
+
+T = TypeVar("T")
 
 
 class Connection(Protocol):
@@ -288,6 +296,7 @@ class Ledger:
         self._thread: threading.Thread | None = None
         self._insert = f"INSERT INTO calls ({', '.join(COLUMNS)}) VALUES ({db.marks(len(COLUMNS))})"
         self._pruned_at = 0.0
+        self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="ledger-reader")
 
     # --- on the event loop's thread -------------------------------------------------
 
@@ -347,6 +356,7 @@ class Ledger:
     def close(self, timeout_s: float = 10.0) -> None:
         """Write every row left, then stop the writer (SIGTERM's shutdown); rows still
         waiting when `timeout_s` runs out (the database is down) are logged as lost."""
+        self._readers.shutdown(wait=False, cancel_futures=True)
         thread = self._thread
         if thread is None:
             return
@@ -435,11 +445,19 @@ class Ledger:
 
     # --- reading ------------------------------------------------------------------------
 
+    async def reading(self, work: Callable[[], T]) -> T:
+        """`work` (queries, with `read`) in one of the ledger's own reader threads: never on
+        the event loop, and never in the loop's default executor, which resolves the
+        providers' host names, so that slow questions of the books (a year of rows, a
+        database that stalls) wait for each other and hold up no call."""
+        return await asyncio.get_running_loop().run_in_executor(self._readers, work)
+
     def read(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
-        """Rows of a query, on a connection of its own (blocking: run it in a thread)."""
+        """Rows of a query (at most MAX_READ_ROWS), on a connection of its own; blocking:
+        run it in `reading`."""
         conn = self.db.connect()
         try:
-            return list(conn.execute(sql, tuple(params)).fetchall())
+            return list(conn.execute(sql, tuple(params)).fetchmany(MAX_READ_ROWS))
         finally:
             conn.close()
 
@@ -460,6 +478,27 @@ class Ledger:
             for key, cost in self.spent_since(period_start(period, now)).items():
                 spent[(key, bucket)] = cost
         return spent
+
+    def books(
+        self, now: float
+    ) -> tuple[dict[tuple[str, str], float], list[tuple[str, float, int]]]:
+        """What the limits need of the books: this period's spend by key and bucket, and
+        the last hour's calls (an hour is the longest token window)."""
+        return self.spent_this_period(now), self.tokens_since(now - 3600)
+
+    async def read_books(
+        self,
+    ) -> tuple[dict[tuple[str, str], float], list[tuple[str, float, int]]]:
+        """`books` now, in a reader thread, once every process's writer has written what
+        it held: this one's flushed, the others' (replicas sharing the database) given
+        the time in which each writes what it holds."""
+
+        def read() -> tuple[dict[tuple[str, str], float], list[tuple[str, float, int]]]:
+            self.flush(5.0)
+            time.sleep(self.interval_s + 0.5)
+            return self.books(time.time())
+
+        return await self.reading(read)
 
     def tokens_since(self, since: float) -> list[tuple[str, float, int]]:
         """Each call's key, time and tokens since `since` (a token window's worth)."""

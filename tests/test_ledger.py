@@ -10,6 +10,7 @@ import json
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -349,3 +350,24 @@ def test_the_environment_keeps_a_ledger_by_default() -> None:
     assert Settings.from_env({}, env_file=None).ledger_url == "text-tool.db"
     assert Settings.from_env({"LEDGER_URL": "off"}, env_file=None).ledger_url == "off"
     assert Settings().ledger_url == "off"
+
+
+def test_rows_past_the_retention_are_pruned(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    now = 1_000 * 86400.0
+    ledger = Ledger(store.backend(str(path)), logger=logging.getLogger("t"), interval_s=0.05,
+                    retention_days=30, clock=lambda: now)  # fmt: skip
+    ledger.open()
+    for age_days in (40, 31, 29, 1):
+        ledger.add(row(int(now - age_days * 86400)))
+    assert ledger.flush(5.0)
+    ledger.close()
+    again = Ledger(store.backend(str(path)), logger=logging.getLogger("t"), interval_s=0.05,
+                   retention_days=30, clock=lambda: now)  # fmt: skip
+    again.open()  # prunes on its first round, then about once an hour
+    deadline = time.monotonic() + 5
+    while len(ledger_rows(path)) > 2:
+        assert time.monotonic() < deadline, "the old rows were not pruned"
+        time.sleep(0.02)
+    again.close()
+    assert [r["at"] for r in ledger_rows(path)] == [now - 29 * 86400, now - 86400]

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import AUTH_HEADERS, CLIENT_KEY, Process, openai_env, start_service
-from tests.helpers import POSTGRES_BIN, Postgres
+from tests.helpers import POSTGRES_BIN, REDIS, Postgres, Redis
 
 pytestmark = pytest.mark.e2e
 
@@ -159,3 +159,40 @@ def test_a_restart_gives_no_key_a_fresh_budget(
         assert start["ledger"].startswith(("sqlite", "postgresql"))
     finally:
         again.stop()
+
+
+@pytest.mark.skipif(REDIS is None, reason="redis-server is not installed (.ci/run does it)")
+def test_an_emptied_redis_is_refilled_from_the_ledger_before_it_admits(
+    tmp_path: Path, mock_provider: Process
+) -> None:
+    import redis as redis_client
+
+    keys = tmp_path / "keys.toml"
+    keys.write_text(
+        f'[[keys]]\nname = "capped"\nkey = "{CLIENT_KEY}"\nbudget_usd = 0.0025\n'
+        'budget_period = "month"\n'
+    )
+    server = Redis(tmp_path)
+    server.start()
+    env = openai_env(mock_provider, LLM_MODEL="gpt-4o-mini", API_KEYS_FILE=str(keys),
+                     RATE_LIMIT_STORE=server.url)  # fmt: skip
+    del env["API_KEYS"]
+    # two replicas of one machine: one Redis, one ledger file (the default, in their
+    # shared working directory)
+    one, two = start_service(tmp_path, env), start_service(tmp_path, env)
+    big = 'mock:{"tokens": 1000}\nspend it'  # each about $0.0006 of a $0.0025 budget
+    try:
+        for replica in (one, two):
+            assert complete(replica, big, max_tokens=1000).status_code == 200
+        redis_client.Redis.from_url(server.url).flushall()  # restarted without persistence
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            answers = [pool.submit(complete, (one, two)[i % 2], big, max_tokens=1000)
+                       for i in range(10)]  # fmt: skip
+            statuses = sorted(a.result(timeout=30).status_code for a in answers)
+        # two more fit what the ledger says is left, not four (an empty store's)
+        assert statuses == [200] * 2 + [429] * 8
+        assert "store_refilled" in one.output() + two.output()
+    finally:
+        one.stop()
+        two.stop()
+        server.stop()
