@@ -411,12 +411,14 @@ class SettingsArgs(TypedDict, total=False):
     max_retries: int
     retry_deadline_s: float
     shutdown_grace_s: float
+    shutdown_drain_s: float
     ping_interval_s: float
     prices_file: Path | None
     log_format: str
     transport: str
     rate_limit_store: str
     rate_limit_store_fail: str
+    rate_limit_store_timeout_s: float
     ledger_url: str
     ledger_retention_days: float
     cors_origins: tuple[str, ...]
@@ -545,6 +547,13 @@ class Settings:
     shutdown_grace_s: float = row(
         "SHUTDOWN_GRACE_S", _number, 15.0, _seconds, "on SIGTERM, the time streams get to end"
     )
+    shutdown_drain_s: float = row(
+        "SHUTDOWN_DRAIN_S",
+        _number,
+        5.0,
+        _at_least(0),
+        "on SIGTERM, the time /ready is 503 and new requests get 503 before the shutdown",
+    )
     ping_interval_s: float = row(
         "SSE_PING_INTERVAL_S", _number, 15.0, _seconds, "between keep-alives on a stream"
     )
@@ -565,6 +574,13 @@ class Settings:
         "open",
         _one_of("open", "closed"),
         "with the store down: open (this replica's memory) or closed (503)",
+    )
+    rate_limit_store_timeout_s: float = row(
+        "RATE_LIMIT_STORE_TIMEOUT_S",
+        _number,
+        5.0,
+        _seconds,
+        "a store that leaves a command unanswered this long is down (a slow one is waited for)",
     )
     ledger_url: str = row(
         "LEDGER_URL",

@@ -8,6 +8,7 @@ id, and the client gets the contract's 500 body.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -159,6 +160,16 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_id)
         except ClientDisconnect:
             status = status or 499  # the client left while sending its body
+        except asyncio.CancelledError:
+            # uvicorn's graceful shutdown ran out (the only canceller of a request's task)
+            # before this answer began: the contract's JSON, not uvicorn's plain-text 500.
+            if status:
+                raise
+            response = error_response(
+                scope, 503, "not_ready", "the service shut down before the answer was ready; "
+                "retry", headers={"Retry-After": "1"},
+            )  # fmt: skip
+            await response(scope, receive, send_with_id)
         except Exception:
             self.logger.exception("unhandled error", extra={"event": "error"})
             if status == 0:

@@ -43,7 +43,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 import admission
 import dashboard
@@ -61,7 +61,14 @@ from dialects import (
     openai_responses,
     ours,
 )
-from errors import ApiError, ProviderError, api_error_response, error_response, provider_api_error
+from errors import (
+    ApiError,
+    ProviderError,
+    api_error_response,
+    error_response,
+    provider_api_error,
+    relative_path,
+)
 from gateway import Gateway
 from jsonio import JSONResponse
 from logs import get_logger
@@ -149,7 +156,7 @@ async def get_model(request: Request) -> Response:
 
 async def ready(request: Request) -> Response:
     state = request.app.state
-    if not state.ready or sse.Draining.shutting_down():
+    if not state.ready or Drain.active or sse.Draining.shutting_down():
         return error_response(request.scope, 503, "not_ready", "the service is shutting down")
     store: SharedStore | None = state.store
     shown = "memory"
@@ -263,6 +270,7 @@ def create_app(
             tune_gc()
             tune_logging()
             survive_sighup(logger, keys.reload)
+            Drain.on_sigterm(settings.shutdown_drain_s, logger)
         app.state.ready = True
         try:
             yield
@@ -342,6 +350,7 @@ def create_app(
                 record=ledger.record if ledger is not None else None,
             ),
             Middleware(RedactionMiddleware, redactor=Redactor(provider_keys(settings))),
+            Middleware(DrainMiddleware),
             *_cors(settings),
             Middleware(AuthMiddleware, keys=keys),
             Middleware(
@@ -464,6 +473,7 @@ def _stores(
         settings.rate_limit_store,
         fail_open=settings.rate_limit_store_fail == "open",
         logger=logger,
+        timeout_s=settings.rate_limit_store_timeout_s,
     )
     return (
         RedisLimiter(store, limiter),
@@ -559,6 +569,56 @@ def survive_sighup(logger: logging.Logger, reload: Callable[[], object]) -> None
     # Not where signals cannot be handled (another thread's loop, or Windows).
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hangup)
+
+
+class Drain:
+    """SIGTERM's first SHUTDOWN_DRAIN_S: /ready answers 503 and so does any new request
+    (`not_ready`, Retry-After) while the process still accepts connections, so that a
+    load balancer stops sending before the socket closes (else the connections still in
+    the listen backlog are reset); then uvicorn's own shutdown, with the streams' grace.
+    Process-wide, as the signal is."""
+
+    active = False
+
+    @classmethod
+    def on_sigterm(cls, drain_s: float, logger: logging.Logger) -> None:
+        """Put the drain before the SIGTERM handler uvicorn installed; a second SIGTERM
+        (or SIGINT) goes to uvicorn at once."""
+        previous = signal.getsignal(signal.SIGTERM)
+        if drain_s <= 0 or not callable(previous):
+            return
+        loop = asyncio.get_running_loop()
+
+        def handler(sig: int, frame: Any) -> None:
+            if cls.active:
+                previous(sig, frame)
+                return
+            cls.active = True
+            logger.warning(
+                f"SIGTERM: draining for {drain_s:g} s before shutting down",
+                extra={"event": "draining", "drain_s": drain_s},
+            )
+            loop.call_soon_threadsafe(loop.call_later, drain_s, previous, sig, None)
+
+        with contextlib.suppress(ValueError):  # not the main thread: no signals here
+            signal.signal(signal.SIGTERM, handler)
+
+
+class DrainMiddleware:
+    """During the drain, every request but /health (the process is alive) gets 503."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if Drain.active and scope["type"] == "http" and relative_path(scope) != "/health":
+            response = error_response(
+                scope, 503, "not_ready", "the service is shutting down; retry",
+                headers={"Retry-After": "1"},
+            )  # fmt: skip
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 def tune_logging() -> None:

@@ -28,6 +28,8 @@ AUTH_HEADERS = {"X-API-Key": CLIENT_KEY}
 # is a file in the working directory, here the checkout); the services the tests start
 # run in a directory of their own and keep theirs there, as by default (start_service).
 os.environ.setdefault("LEDGER_URL", "off")
+# The services the tests start shut down at once on SIGTERM (the drain has its own test).
+os.environ.setdefault("SHUTDOWN_DRAIN_S", "0")
 
 
 @pytest.fixture

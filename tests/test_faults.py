@@ -5,6 +5,7 @@ process is signalled with streams open. Every wait is bounded."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import signal
 import socket
@@ -239,3 +240,65 @@ async def test_a_dead_provider_falls_back_and_the_answer_names_the_model(
     assert done.json()["text"] == "still answered" and done.json()["model"] == "echo"
     assert events(streamed.text)[-1] == ("message", "[DONE]")
     assert '"provider_fallback"' in service.output()
+
+
+async def test_sigterm_drains_first_saying_503_while_it_still_accepts(
+    tmp_path: Path, mock_provider: Process
+) -> None:
+    service = start_service(
+        tmp_path, openai_env(mock_provider, SHUTDOWN_DRAIN_S="2", SHUTDOWN_GRACE_S="1.5")
+    )
+    async with httpx.AsyncClient(timeout=15, headers=AUTH_HEADERS) as c:
+
+        async def read() -> list[tuple[str, str]]:
+            prompt = directive(tokens=30, token_delay_ms=50)
+            async with c.stream("POST", service.url + "/stream", json={"prompt": prompt}) as r:
+                return events("".join([chunk async for chunk in r.aiter_text()]))
+
+        open_stream = asyncio.ensure_future(read())
+        deadline = time.monotonic() + 5
+        while (await stats(mock_provider))["open"] < 1:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        service.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while (await c.get(service.url + "/ready")).status_code != 503:
+            assert time.monotonic() < deadline, "/ready did not turn 503"
+            await asyncio.sleep(0.02)
+        refused = await c.post(service.url + "/complete", json={"prompt": "hi"})
+        alive = await c.get(service.url + "/health")
+        assert service.proc.poll() is None  # still accepting, and answering
+        streamed = await asyncio.wait_for(open_stream, timeout=15)
+    service.proc.wait(timeout=15)
+    service.stop()
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["type"] == "not_ready"
+    assert alive.status_code == 200
+    assert streamed[-1] == ("message", "[DONE]")  # begun before: served to its end
+    assert '"event":"draining"' in service.output()
+    assert "Traceback" not in service.output()
+
+
+def test_an_answer_still_awaited_when_uvicorn_gives_up_is_the_contracts_json(
+    tmp_path: Path, mock_provider: Process
+) -> None:
+    service = start_service(tmp_path, openai_env(mock_provider, SHUTDOWN_GRACE_S="0.5"))
+    answers: list[httpx.Response] = []
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(
+            httpx.post, service.url + "/complete",
+            json={"prompt": directive(ttft_ms=30_000)}, headers=AUTH_HEADERS, timeout=30,
+        )  # fmt: skip
+        deadline = time.monotonic() + 5
+        while httpx.get(mock_provider.url + "/_stats", timeout=5).json()["requests"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        service.proc.send_signal(signal.SIGTERM)  # uvicorn waits 0.5 + 5 s, then cancels
+        answers.append(waiting.result(timeout=20))
+    service.proc.wait(timeout=15)
+    service.stop()
+    (answer,) = answers
+    assert answer.status_code == 503
+    assert answer.json()["error"]["type"] == "not_ready"
+    assert answer.headers["x-request-id"]
+    assert "Traceback" not in service.output()
