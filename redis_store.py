@@ -64,14 +64,19 @@ return {allowed, remaining, tonumber(oldest[2]) + window - now}
 
 # Connections to Redis a replica keeps. Redis runs one script at a time, each a few
 # tens of microseconds, so more connections add no throughput; a request that finds
-# them all in use waits for one (POOL_WAIT_S at most) instead of opening another.
+# them all in use waits for one (as long as a command may take) instead of opening another.
 # What a ledger gives a store found empty: the period's spend by (key, bucket), and the
 # last hour's calls as (key, wall-clock time, tokens).
 Books = tuple[dict[tuple[str, str], float], list[tuple[str, float, int]]]
 # How long the other replicas wait for the one refilling an empty store.
 SEED_WAIT_S = 10.0
 POOL_SIZE = 64
-POOL_WAIT_S = 2.0
+# A store whose TCP handshake takes longer than this is not there.
+CONNECT_S = 2.0
+
+
+class _Down(Exception):
+    """The store did not answer (SharedStore's own signal, never raised out of it)."""
 
 
 class SharedStore:
@@ -79,7 +84,7 @@ class SharedStore:
     its own memory (fail open) or `StoreUnavailable` (fail closed).
 
     Only a failure to reach Redis counts as Redis being down. A full pool is
-    back-pressure: the call waits for a connection, and past POOL_WAIT_S it is refused
+    back-pressure: the call waits for a connection, and past `wait_s` it is refused
     with `StoreBusy` (503 overloaded); it never falls back to this replica's memory,
     where every replica would admit the whole limit again."""
 
@@ -91,16 +96,20 @@ class SharedStore:
         logger: logging.Logger,
         retry_s: float = 2.0,
         pool_size: int = POOL_SIZE,
-        wait_s: float = POOL_WAIT_S,
+        wait_s: float | None = None,
+        timeout_s: float = 5.0,
     ) -> None:
         import redis.asyncio as redis
         from redis.exceptions import MaxConnectionsError
 
-        # Fail fast: a call waits half a second at most before the fallback decides.
+        # Slow is not dead. A store that answers, however slowly, is waited for: its
+        # answer is exact, and memory would let every replica admit the whole limit
+        # again. It is down only when it cannot be connected to (refused, or no
+        # handshake within CONNECT_S) or leaves a command unanswered for `timeout_s`.
         self.redis = redis.Redis.from_url(
             url,
-            socket_connect_timeout=0.5,
-            socket_timeout=0.5,
+            socket_connect_timeout=min(CONNECT_S, timeout_s),
+            socket_timeout=timeout_s,
             retry_on_timeout=False,
             max_connections=pool_size,
         )
@@ -109,12 +118,15 @@ class SharedStore:
         )  # fmt: skip
         self._full_pool = MaxConnectionsError  # cannot happen past `_slots`; if it did
         self._slots = asyncio.Semaphore(pool_size)
-        self.wait_s = wait_s
+        # A full pool is waited for as long as a command is: on a slow store the
+        # connections are busy longer, which is no reason to refuse.
+        self.wait_s = timeout_s if wait_s is None else wait_s
         self.fail_open = fail_open
         self.logger = logger
         self.retry_s = retry_s
         self.down_since: float | None = None
         self._next_try = 0.0
+        self._probing = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -128,25 +140,38 @@ class SharedStore:
         `StoreUnavailable` (fail closed) while Redis cannot be reached. `wait`: take as
         long as a connection takes to come free (writes nobody waits for)."""
         now = time.monotonic()
-        if self.down_since is None or now >= self._next_try:
-            await self._take_slot(wait)
+        # While it is down, one call at a time finds out whether it is back; the others
+        # do not wait on a store that has not answered for seconds.
+        if self.down_since is None or (now >= self._next_try and not self._probing):
+            probing = self.down_since is not None
+            self._probing = self._probing or probing
             try:
-                result = await shared()
-            except self._down_errors as exc:
-                if isinstance(exc, self._full_pool):
-                    raise StoreBusy("every connection to the shared store is in use") from None
-                self._went_down(now, exc)
-                # Connections opened before the failure are dead: do not reuse them.
-                with contextlib.suppress(*self._down_errors):
-                    await self.redis.connection_pool.disconnect()
-            else:
-                self._came_back(now)
-                return result
+                return await self._shared(shared, wait)
+            except _Down:
+                pass
             finally:
-                self._slots.release()
+                if probing:
+                    self._probing = False
         if not self.fail_open:
             raise StoreUnavailable("the shared rate-limit store is unreachable")
         return local()
+
+    async def _shared(self, shared: Callable[[], Awaitable[T]], wait: bool) -> T:
+        await self._take_slot(wait)
+        try:
+            result = await shared()
+        except self._down_errors as exc:
+            if isinstance(exc, self._full_pool):
+                raise StoreBusy("every connection to the shared store is in use") from None
+            self._went_down(time.monotonic(), exc)
+            # Connections opened before the failure are dead: do not reuse them.
+            with contextlib.suppress(*self._down_errors):
+                await self.redis.connection_pool.disconnect()
+            raise _Down() from None
+        finally:
+            self._slots.release()
+        self._came_back(time.monotonic())
+        return result
 
     async def _take_slot(self, wait: bool) -> None:
         if not self._slots.locked() or wait:

@@ -7,11 +7,14 @@ real redis-server.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import typing
 from collections.abc import Callable
@@ -359,3 +362,80 @@ class Postgres:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class DelayProxy:
+    """A TCP proxy on 127.0.0.1 that holds every chunk `delay_s` before passing it on, in
+    order, both ways: a network with that much latency a packet (a slow store)."""
+
+    def __init__(self, target_port: int, delay_s: float) -> None:
+        self.target_port, self.delay_s = target_port, delay_s
+        self.port = free_port()
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        assert self._ready.wait(5), "the proxy did not start"
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+            async def later() -> None:
+                while True:
+                    due, chunk = await queue.get()
+                    await asyncio.sleep(max(0.0, due - time.monotonic()))
+                    if not chunk:
+                        writer.close()
+                        return
+                    writer.write(chunk)
+                    await writer.drain()
+
+            sender = asyncio.ensure_future(later())
+            try:
+                while chunk := await reader.read(65536):
+                    queue.put_nowait((time.monotonic() + self.delay_s, chunk))
+            finally:
+                queue.put_nowait((time.monotonic() + self.delay_s, b""))
+                await asyncio.wait([sender], timeout=self.delay_s + 5)
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+            except OSError:
+                writer.close()
+                return
+            try:
+                await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer),
+                                     return_exceptions=True)  # fmt: skip
+            finally:
+                writer.close()
+                up_writer.close()
+
+        async def serve() -> None:
+            server = await asyncio.start_server(handle, "127.0.0.1", self.port)
+            self._ready.set()
+            async with server:
+                await server.serve_forever()
+
+        with contextlib.suppress(asyncio.CancelledError, RuntimeError):
+            self._loop.run_until_complete(serve())
+        left = asyncio.all_tasks(self._loop)
+        for task in left:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, RuntimeError):
+            self._loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+        self._loop.close()
+
+    def stop(self) -> None:
+        def cancel() -> None:
+            for task in asyncio.all_tasks(self._loop):
+                task.cancel()
+
+        with contextlib.suppress(RuntimeError):  # closed already
+            self._loop.call_soon_threadsafe(cancel)
+        self._thread.join(timeout=10)

@@ -16,7 +16,7 @@ import pytest
 from config import Rate
 from ratelimit import MemoryLimiter
 from tests.conftest import AUTH_HEADERS, CLIENT_KEY, Process, start_service
-from tests.helpers import REDIS, Redis
+from tests.helpers import REDIS, DelayProxy, Redis
 
 pytestmark = [
     pytest.mark.skipif(REDIS is None, reason="redis-server is not installed (.ci/run does it)"),
@@ -243,3 +243,46 @@ async def test_a_budget_is_crossed_once_across_replicas(
     # counted together by both replicas
     assert statuses == [200] * 9 + [429] * 11
     assert refused["type"] == "budget_exceeded"
+
+
+async def test_a_slow_redis_is_waited_for_not_taken_for_dead(tmp_path: Path, redis: Redis) -> None:
+    proxy = DelayProxy(redis.port, 0.4)  # 400 ms a packet, each way
+    proxy.start()
+    slow = service(tmp_path, redis, RATE_LIMIT="50/minute",
+                   RATE_LIMIT_STORE=f"redis://127.0.0.1:{proxy.port}/0")  # fmt: skip
+    try:
+        async with httpx.AsyncClient(
+            timeout=60, headers=AUTH_HEADERS, limits=httpx.Limits(max_connections=100)
+        ) as c:
+            responses = await asyncio.gather(
+                *(c.post(slow.url + "/complete", json={"prompt": "hi"}) for _ in range(100))
+            )
+    finally:
+        slow.stop()
+        proxy.stop()
+    # every check waited for Redis's exact answer: memory would have admitted all 100
+    assert Counter(r.status_code for r in responses) == {200: 50, 429: 50}
+    assert "store_down" not in slow.output()
+
+
+async def test_a_redis_that_stops_answering_is_down_after_the_timeout(
+    tmp_path: Path, redis: Redis
+) -> None:
+    import signal
+
+    hung = service(tmp_path, redis, RATE_LIMIT_STORE_TIMEOUT_S="1")
+    assert redis.proc is not None
+    try:
+        async with httpx.AsyncClient(timeout=30, headers=AUTH_HEADERS) as c:
+            assert (await c.post(hung.url + "/complete", json={"prompt": "hi"})).status_code == 200
+            redis.proc.send_signal(signal.SIGSTOP)  # connected, and silent
+            try:
+                answers = await asyncio.gather(
+                    *(c.post(hung.url + "/complete", json={"prompt": "hi"}) for _ in range(20))
+                )
+            finally:
+                redis.proc.send_signal(signal.SIGCONT)
+        assert [a.status_code for a in answers] == [200] * 20  # fail open: this replica's memory
+        assert hung.output().count('"event":"store_down"') == 1
+    finally:
+        hung.stop()
