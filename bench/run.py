@@ -238,6 +238,12 @@ def main() -> None:
         help="the Python of the service and floors: a production environment's "
         "(uv sync --no-dev) shows the memory a deployment has",
     )
+    parser.add_argument(
+        "--ledger",
+        default="",
+        help="the service's LEDGER_URL (default: an SQLite file in a temporary directory, "
+        "as a deployment's default; off to compare without it)",
+    )
     args = parser.parse_args()
     python = args.service_python
     seconds = 3 if args.quick else 6
@@ -255,6 +261,7 @@ def main() -> None:
         "LLM_MODEL": "gpt-4o-mini",
         "MAX_INFLIGHT": "4096",
         "LOG_FORMAT": "json",
+        "LEDGER_URL": args.ledger or str(Path(tempfile.mkdtemp()) / "text-tool.db"),
     }
     mock_cmd = pinned(
         LOAD_CPU, [sys.executable, "bench/mock_provider.py", "--port", str(mock_port)]
