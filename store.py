@@ -28,6 +28,7 @@ step in a transaction that one process at a time runs.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import calendar
 import collections
 import contextlib
@@ -313,6 +314,9 @@ class Ledger:
             raise StoreError(f"cannot open the ledger at {self.db.where}: {exc}") from None
         self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
         self._thread.start()
+        # An app mounted in another gets no lifespan, so no shutdown of ours: the rows
+        # still waiting are written as the interpreter exits.
+        atexit.register(self.close)
 
     def add(self, row: tuple[Any, ...]) -> None:
         """Take one row to be written; never waits. Past `bound` rows waiting (the
@@ -360,6 +364,7 @@ class Ledger:
         thread = self._thread
         if thread is None:
             return
+        atexit.unregister(self.close)
         self._stopping = True
         self._wake.set()
         thread.join(timeout_s)
