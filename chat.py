@@ -158,6 +158,13 @@ class Request:
     choices: int = 1
 
 
+# Bounds on what one request holds, past which a provider refuses it anyway: each
+# dialect's decoder answers a 400 naming the field, rather than read it all through.
+MAX_MESSAGES = 100_000  # Anthropic's documented limit, past any model's context
+MAX_PARTS = 100_000  # content parts, tool calls and tool results, in all the messages
+MAX_TOOLS = 128  # OpenAI's limit on the tools of Chat Completions and Responses
+
+
 def user_text(text: str, *, model: str, system: str | None = None, **settings: Any) -> Request:
     """A request of one user message, and a system prompt if given."""
     messages = (Message("system", (Text(system),)),) if system else ()

@@ -111,7 +111,7 @@ def answer_tool(request: chat.Request) -> str | None:
 
 def encode_request(request: chat.Request, *, stream: bool, origin: str = "") -> dict[str, Any]:
     system: list[dict[str, Any]] = []
-    turns: list[dict[str, Any]] = []
+    runs: list[_Turn] = []
     for message in request.messages:
         if message.role in ("system", "developer"):
             system += [_text(p) for p in message.parts if isinstance(p, chat.Text) and p.text]
@@ -120,14 +120,16 @@ def encode_request(request: chat.Request, *, stream: bool, origin: str = "") -> 
         blocks = _blocks(message, origin)
         if not blocks:
             continue
-        if turns and turns[-1]["role"] == role:
-            _merge(turns[-1]["content"], blocks)
+        if runs and runs[-1].role == role:
+            runs[-1].merge(blocks)
         else:
-            turns.append({"role": role, "content": blocks})
-    for turn in turns:  # one plain text block is sent as the string it is
-        content = turn["content"]
+            runs.append(_Turn(role, blocks))
+    turns: list[dict[str, Any]] = []
+    for run in runs:  # one plain text block is sent as the string it is
+        content: Any = run.results + run.rest
         if len(content) == 1 and content[0]["type"] == "text" and "cache_control" not in content[0]:
-            turn["content"] = content[0]["text"]
+            content = content[0]["text"]
+        turns.append({"role": run.role, "content": content})
     thinking = _thinking(request)
     most = request.max_tokens or DEFAULT_MAX_TOKENS
     if thinking is not None and request.max_tokens is None:
@@ -236,14 +238,23 @@ def _tool_choice(choice: chat.ToolChoice) -> dict[str, Any]:
     return out
 
 
-def _merge(into: list[dict[str, Any]], blocks: list[dict[str, Any]]) -> None:
-    """Blocks of the next message of one role: tool results go before the turn's
-    other blocks (Anthropic reads them first), the rest after."""
-    results = [b for b in blocks if b["type"] == "tool_result"]
-    others = [b for b in blocks if b["type"] != "tool_result"]
-    at = next((i for i, b in enumerate(into) if b["type"] != "tool_result"), len(into))
-    into[at:at] = results
-    into.extend(others)
+class _Turn:
+    """One turn being made of consecutive messages of one role: the tool results of
+    each next message go before the turn's other blocks (Anthropic reads them first),
+    the rest after. Kept as the two runs, so that a merge costs what it adds, however
+    long the turn (a turn of 21,000 results is not rescanned for each)."""
+
+    __slots__ = ("role", "results", "rest")
+
+    def __init__(self, role: str, blocks: list[dict[str, Any]]) -> None:
+        at = next((i for i, b in enumerate(blocks) if b["type"] != "tool_result"), len(blocks))
+        self.role = role
+        self.results = blocks[:at]  # the turn's leading tool results
+        self.rest = blocks[at:]  # everything from its first other block on
+
+    def merge(self, blocks: list[dict[str, Any]]) -> None:
+        self.results += [b for b in blocks if b["type"] == "tool_result"]
+        self.rest += [b for b in blocks if b["type"] != "tool_result"]
 
 
 def _blocks(message: chat.Message, origin: str) -> list[dict[str, Any]]:
@@ -571,7 +582,27 @@ class CountTokensBody(BaseModel):
     tools: list[dict[str, Any]] | None = None
 
 
+def _bounded(body: MessagesBody | CountTokensBody) -> None:
+    """Counts past what a provider takes (chat.MAX_*): a 400 naming the field. Tools
+    are not counted: Anthropic has no limit on them (Claude Code sends hundreds)."""
+    if len(body.messages) > chat.MAX_MESSAGES:
+        raise bad("messages", f"at most {chat.MAX_MESSAGES:,} messages, not {len(body.messages):,}")
+    parts = len(body.system) if isinstance(body.system, list) else 0
+    for message in body.messages:
+        content = message.content
+        if not isinstance(content, list):
+            parts += 1
+            continue
+        parts += len(content)
+        for block in content:  # a tool result's own blocks count too
+            inner = block.get("content") if block.get("type") == "tool_result" else None
+            parts += len(inner) if isinstance(inner, list) else 0
+    if parts > chat.MAX_PARTS:
+        raise bad("messages", f"at most {chat.MAX_PARTS:,} content blocks in all")
+
+
 def decode_request(body: MessagesBody | CountTokensBody, model: str, rid: str | None) -> Decoded:
+    _bounded(body)
     lost: list[tuple[str, str]] = []
     dropped = sorted(k for k in (body.model_extra or {}) if k in ADVISORY or k not in _KNOWN)
     messages: list[chat.Message] = []

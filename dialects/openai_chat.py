@@ -148,6 +148,7 @@ def decode_request(body: ChatCompletionBody, model: str, rid: str | None) -> Dec
     top_k = extra.get("top_k")
     dropped += sorted(k for k in extra if k != "top_k")
 
+    _bounded(body, functions)
     tools = _tools(body.tools, functions)
     messages = _messages(body)
     reasoning = None
@@ -172,6 +173,23 @@ def decode_request(body: ChatCompletionBody, model: str, rid: str | None) -> Dec
         choices=body.n or 1,
     )
     return Decoded(request, lost)
+
+
+def _bounded(body: ChatCompletionBody, functions: Any) -> None:
+    """Counts past what a provider takes (chat.MAX_*): a 400 naming the field."""
+    tools = len(body.tools or ()) + (len(functions) if isinstance(functions, list) else 0)
+    if tools > chat.MAX_TOOLS:
+        field = "tools" if body.tools else "functions"
+        raise bad(field, f"at most {chat.MAX_TOOLS} tools (OpenAI's own limit), not {tools}")
+    if len(body.messages) > chat.MAX_MESSAGES:
+        raise bad("messages", f"at most {chat.MAX_MESSAGES:,} messages, not {len(body.messages):,}")
+    parts = 0
+    for message in body.messages:
+        content, calls = message.content, (message.model_extra or {}).get("tool_calls")
+        parts += len(content) if isinstance(content, list) else 1
+        parts += len(calls) if isinstance(calls, list) else 0
+    if parts > chat.MAX_PARTS:
+        raise bad("messages", f"at most {chat.MAX_PARTS:,} content parts and tool calls in all")
 
 
 def _tools(raw: list[dict[str, Any]] | None, functions: Any) -> tuple[chat.Tool, ...]:
@@ -617,6 +635,7 @@ class StreamDecoder:
         self.finish: str | None = None
         self.usage: Usage | None = None
         self.calls: dict[int, str] = {}  # the provider's index of each call -> its id
+        self.positions: dict[int, int] = {}  # the provider's index of each call -> ours
 
     def feed(self, event: str, data: str) -> Iterable[chat.Event]:
         if data == "[DONE]":
@@ -662,13 +681,13 @@ class StreamDecoder:
             if index not in self.calls:  # the first delta of a call names it
                 call_id = str(call.get("id") or chat.new_id("call_"))
                 self.calls[index] = call_id
+                self.positions[index] = len(self.positions)
                 events.append(
                     chat.ToolCallStart(len(self.calls) - 1, call_id, str(function.get("name", "")))
                 )
             arguments = function.get("arguments")
             if isinstance(arguments, str) and arguments:
-                position = list(self.calls).index(index)
-                events.append(chat.ToolCallDelta(position, arguments))
+                events.append(chat.ToolCallDelta(self.positions[index], arguments))
 
     def end(self) -> chat.End | None:
         if self.finish is None and not self.done:

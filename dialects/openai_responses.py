@@ -116,7 +116,26 @@ def stateless(body: ResponsesBody) -> None:
         raise bad("background", "background responses need storage; " + send_all)
 
 
+def _bounded(body: ResponsesBody) -> None:
+    """Counts past what a provider takes (chat.MAX_*): a 400 naming the field."""
+    tools = len(body.tools or ())
+    if tools > chat.MAX_TOOLS:
+        raise bad("tools", f"at most {chat.MAX_TOOLS} tools (OpenAI's own limit), not {tools}")
+    if isinstance(body.input, str):
+        return
+    if len(body.input) > chat.MAX_MESSAGES:
+        raise bad("input", f"at most {chat.MAX_MESSAGES:,} input items, not {len(body.input):,}")
+    parts = 0
+    for item in body.input:
+        lists = [v for v in (item.get("content"), item.get("output"), item.get("summary"))
+                 if isinstance(v, list)]  # fmt: skip
+        parts += sum(len(v) for v in lists) if lists else 1
+    if parts > chat.MAX_PARTS:
+        raise bad("input", f"at most {chat.MAX_PARTS:,} content parts and items in all")
+
+
 def decode_request(body: ResponsesBody, model: str, rid: str | None) -> Decoded:
+    _bounded(body)
     lost: list[tuple[str, str]] = []
     extra = dict(body.model_extra or {})
     if extra.pop("top_logprobs", None):
@@ -125,9 +144,9 @@ def decode_request(body: ResponsesBody, model: str, rid: str | None) -> Decoded:
     dropped += [name for name in ("prompt_cache_key", "safety_identifier", "metadata")
                 if getattr(body, name)]  # fmt: skip
     dropped += [f"include: {value}" for value in body.include or ()]
-    messages: list[chat.Message] = []
+    messages = _Messages()
     if body.instructions:
-        messages.append(chat.Message("system", (chat.Text(body.instructions),)))
+        messages.add("system", [chat.Text(body.instructions)])
     items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
     calls: set[str] = set()
     for i, item in enumerate(items):
@@ -143,7 +162,7 @@ def decode_request(body: ResponsesBody, model: str, rid: str | None) -> Decoded:
         reasoning = chat.ReasoningConfig(effort=effort, enabled=effort != "none")
     request = chat.Request(
         model=model,
-        messages=tuple(messages),
+        messages=messages.done(),
         max_tokens=body.max_output_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
@@ -162,9 +181,10 @@ def _tools(
     raw: list[dict[str, Any]], lost: list[tuple[str, str]], dropped: list[str]
 ) -> list[chat.Tool]:
     tools: list[chat.Tool] = []
+    names: set[str] = set()  # of the function and custom tools so far
     for i, tool in enumerate(raw):
         kind, name, where = tool.get("type"), tool.get("name"), f"tools.{i}"
-        if kind in ("function", "custom") and any(t.name == name for t in tools):
+        if kind in ("function", "custom") and isinstance(name, str) and name in names:
             raise bad(f"{where}.name", f"another tool is named {name!r}")
         description = tool.get("description")
         if description is not None and not isinstance(description, str):
@@ -179,8 +199,10 @@ def _tools(
             strict = tool.get("strict")
             strict = strict if isinstance(strict, bool) else None
             tools.append(chat.Tool(name, description, parameters, strict=strict))
+            names.add(name)
         elif kind == "custom":
             tools.append(chat.Tool(name, description, kind="custom"))
+            names.add(name)
         elif not isinstance(kind, str):
             raise bad(f"{where}.type", "a tool needs a type")
         elif _built_in(kind):
@@ -190,19 +212,33 @@ def _tools(
     return tools
 
 
-def _append(messages: list[chat.Message], role: chat.Role, part: chat.Part) -> None:
-    """A part into the last message if it has `role` (an assistant's calls and
-    reasoning are one turn), else into a new one."""
-    if messages and messages[-1].role == role and role in ("assistant", "tool"):
-        messages[-1] = chat.Message(role, (*messages[-1].parts, part))
-    else:
-        messages.append(chat.Message(role, (part,)))
+class _Messages:
+    """The messages being read from the input items, their parts still lists: an
+    item added to the turn before costs the same however long that turn is."""
+
+    def __init__(self) -> None:
+        self._turns: list[tuple[chat.Role, list[chat.Part]]] = []
+
+    def add(self, role: chat.Role, parts: list[chat.Part]) -> None:
+        """A message of its own."""
+        self._turns.append((role, parts))
+
+    def append(self, role: chat.Role, part: chat.Part) -> None:
+        """A part into the last message if it has `role` (an assistant's calls and
+        reasoning are one turn), else into a new one."""
+        if self._turns and self._turns[-1][0] == role and role in ("assistant", "tool"):
+            self._turns[-1][1].append(part)
+        else:
+            self._turns.append((role, [part]))
+
+    def done(self) -> tuple[chat.Message, ...]:
+        return tuple(chat.Message(role, tuple(parts)) for role, parts in self._turns)
 
 
 def _item(
     item: Mapping[str, Any],
     where: str,
-    messages: list[chat.Message],
+    messages: _Messages,
     calls: set[str],
     lost: list[tuple[str, str]],
 ) -> None:
@@ -213,8 +249,7 @@ def _item(
             raise bad(f"{where}.role", "must be user, assistant, system or developer")
         if item.get("content") is None:
             raise bad(f"{where}.content", "a message needs content")
-        parts = _parts(item["content"], f"{where}.content", lost)
-        messages.append(chat.Message(role, tuple(parts)))
+        messages.add(role, _parts(item["content"], f"{where}.content", lost))
     elif kind in ("function_call", "custom_tool_call"):
         call_id, name = item.get("call_id"), item.get("name")
         if not isinstance(call_id, str) or not isinstance(name, str):
@@ -226,7 +261,7 @@ def _item(
             arguments = jsonio.dumps({"input": text}).decode()
         elif not isinstance(arguments, str):
             raise bad(f"{where}.arguments", "must be a string of JSON")
-        _append(messages, "assistant", chat.ToolCall(call_id, name, arguments))
+        messages.append("assistant", chat.ToolCall(call_id, name, arguments))
     elif kind in ("function_call_output", "custom_tool_call_output"):
         call_id = item.get("call_id")
         if not isinstance(call_id, str) or call_id not in calls:
@@ -237,7 +272,7 @@ def _item(
             for p in _parts(output, f"{where}.output", lost)
             if isinstance(p, chat.Text | chat.Image)
         ]
-        _append(messages, "tool", chat.ToolResult(call_id, tuple(content)))
+        messages.append("tool", chat.ToolResult(call_id, tuple(content)))
     elif kind == "reasoning":
         text = ""
         for field in ("summary", "content"):
@@ -245,7 +280,7 @@ def _item(
             if not isinstance(pieces, list) or not all(isinstance(p, dict) for p in pieces):
                 raise bad(f"{where}.{field}", "must be a list of text parts")
             text += "".join(_string(p.get("text", ""), f"{where}.{field}") for p in pieces)
-        _append(messages, "assistant", _unwrap(text, item.get("encrypted_content")))
+        messages.append("assistant", _unwrap(text, item.get("encrypted_content")))
     elif kind == "item_reference":
         raise bad(f"{where}.type", "this service stores nothing: send the items themselves")
     else:

@@ -62,7 +62,7 @@ def test_keys_come_from_api_keys_and_the_file_and_the_file_wins(tmp_path: Path) 
         ("[[keys]]\nkey = 'sha256:abc'\n", "64 hex digits"),
         ("[[keys]]\nkey = 'k'\nrate_limit = 'often'\n", "rate_limit"),
         ("[[keys]]\nkey = 'k'\nmodels = 'gpt-4o'\n", "models"),
-        ("[[keys]]\nkey = 'k'\nlimit = 5\n", "unknown fields limit"),
+        ("[[keys]]\nkey = 'k'\nlimit = 5\n", "keys[0]: an unknown field at line 3"),
         ("[[keys]]\nkey = 'k'\nmax_concurrent = 0\n", "max_concurrent"),
         ("[[keys]]\nkey = 'k'\nmax_concurrent = '8'\n", "max_concurrent"),
         ("[[keys]]\nkey = 'a'\nname = 'x'\n[[keys]]\nkey = 'b'\nname = 'x'\n", "unique"),
