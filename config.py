@@ -424,6 +424,8 @@ class SettingsArgs(TypedDict, total=False):
     rate_limit_store_fail: str
     rate_limit_store_timeout_s: float
     ledger_url: str
+    store_state: bool
+    store_retention_days: float
     ledger_retention_days: float
     cors_origins: tuple[str, ...]
     otel_endpoint: str
@@ -593,6 +595,16 @@ class Settings:
         _ledger,
         f"the ledger of calls: an SQLite file, postgresql://..., or off; unset: {DEFAULT_LEDGER}",
         secret=True,  # a PostgreSQL URL may hold a password
+    )
+    store_state: bool = row(
+        "STORE_STATE",
+        _flag,
+        True,
+        None,
+        "keep what the stateful APIs store (responses) in the ledger's database",
+    )
+    store_retention_days: float = row(
+        "STORE_RETENTION_DAYS", _number, 30.0, _at_least(1), "how long a stored response is kept"
     )
     ledger_retention_days: float = row(
         "LEDGER_RETENTION_DAYS", _number, 400.0, _at_least(1), "how long the ledger keeps a row"

@@ -47,6 +47,7 @@ from jsonio import JSONResponse
 from llm import HttpProvider, Provider
 from requestlog import CALL
 from sse import EventStream, Streams
+from stored import Keeping, Responses
 from usage import Usage
 
 # Fields of a body that choose models or routes at the provider (OpenRouter reads them):
@@ -65,6 +66,8 @@ class Gateway:
     admission: Admission
     deployments: Deployments
     streams: Streams
+    # The stored responses (stored.py), or None: the store is off, and so is their state.
+    state: Responses | None = None
 
     def route(self, dialect: Dialect, op: str) -> Callable[[Request], Awaitable[Response]]:
         """The route function of `dialect` for `op` ("chat" or "embeddings")."""
@@ -92,6 +95,11 @@ class Gateway:
     async def serve(self, request: Request, dialect: Dialect, op: str) -> Response:
         gate = self.admission
         data, body = await self._read(request, dialect.body)
+        keeping = None
+        if dialect.keeps and self.state is not None:
+            # The earlier turns it names, from the store, before anything reads it.
+            data, keeping = await self.state.expand(request, data)
+            body = validated(data, dialect.body)
         model = gate.choose_model(request, getattr(body, "model", None))
         rid = request_id(request.scope)
         decoded = dialect.decode(body, model, rid)
@@ -116,7 +124,7 @@ class Gateway:
             if relay is not None and dialect.passthrough is not None:
                 sent = {**data, "model": upstream}
                 return await self._passed_through(
-                    request, ticket, relay, dialect, sent, body, stream
+                    request, ticket, relay, dialect, sent, body, stream, keeping
                 )
             if op == "embeddings":
                 assert decoded.embeddings is not None
@@ -134,10 +142,15 @@ class Gateway:
                 assert dialect.encoder is not None
                 encoder = dialect.encoder(body, translated)
                 frames = _translated(ticket, provider.stream(translated), encoder)
+                if keeping is not None:
+                    frames = keeping.frames(frames)
                 return await self._respond(request, ticket, frames, encoder)
             completion = await gate.call(request, provider.complete(translated))
             cost = ticket.finish(completion)
-            return JSONResponse(dialect.answer(completion, body, translated, cost))
+            answer = dialect.answer(completion, body, translated, cost)
+            if keeping is not None:
+                answer = await keeping.answer(answer)
+            return JSONResponse(answer)
 
         try:
             return await self.deployments.run(
@@ -169,9 +182,10 @@ class Gateway:
         data: dict[str, Any],
         body: Any,
         stream: bool,
+        keeping: Keeping | None = None,
     ) -> Response:
         """The client's body to a provider of its own format, the answer as it came but
-        for what the accounting and the cap need."""
+        for what the accounting and the cap need (and, to be stored, shown as stored)."""
         hooks = dialect.passthrough
         assert hooks is not None
         for field in UPSTREAM_CHOICES:
@@ -190,10 +204,14 @@ class Gateway:
             accounted = hooks.accounted(answer)
             usage = accounted.usage or ticket.estimate(chat.estimate_tokens(accounted.text))
             ticket.settle(accounted.model or str(data["model"]), usage, accounted.finish)
+            if keeping is not None:
+                answer = await keeping.answer(answer)
             return JSONResponse(answer)
         relay = hooks.relay(data, body, ticket.call)
         events = provider.open_stream(data, rid, headers, path=path, query=query)
         frames = _relayed(ticket, events, relay)
+        if keeping is not None:
+            frames = keeping.frames(frames)
         return await self._respond(request, ticket, frames, relay.encoder)
 
     # --- respond ----------------------------------------------------------------------

@@ -95,6 +95,7 @@ _ERRORS = {
     "400": "Body not JSON or not UTF-8 (invalid_json), or refused by the provider",
     "401": "Key missing or unknown (invalid_api_key)",
     "403": "Model not allowed for this key (model_not_allowed)",
+    "404": "No such stored response for this key, or the store is off (not_found)",
     "413": "Body over MAX_BODY_BYTES (body_too_large)",
     "415": "Not application/json (unsupported_media_type)",
     "422": "Schema violation (invalid_request), with the fields",
@@ -104,6 +105,14 @@ _ERRORS = {
     "502": "Provider error or unreadable provider answer (upstream_error)",
     "504": "Provider too slow (upstream_timeout)",
 }
+
+
+def _inline(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _path(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
 
 
 def _errors(*statuses: str, shape: str = "Error") -> dict[str, Any]:
@@ -336,7 +345,7 @@ def build_document(
         "/v1/responses": {
             "post": {
                 "tags": ["OpenAI-compatible"],
-                "summary": "OpenAI's Responses API, stateless, streaming and not",
+                "summary": "OpenAI's Responses API, stored or not, streaming and not",
                 "operationId": "responses",
                 "security": _SECURITY,
                 "requestBody": _body("ResponsesBody"),
@@ -351,6 +360,71 @@ def build_document(
                     },
                     **_errors(*_CALL_ERRORS),
                 },
+            }
+        },
+        "/v1/responses/{response_id}": {
+            "get": {
+                "tags": ["OpenAI-compatible"],
+                "summary": "A response this key stored (store: true, the default)",
+                "operationId": "getResponse",
+                "security": _SECURITY,
+                "parameters": [_path("response_id")],
+                "responses": {
+                    "200": _inline("The response object, as it was answered", {"type": "object"}),
+                    **_errors("401", "404", "429"),
+                },
+            },
+            "delete": {
+                "tags": ["OpenAI-compatible"],
+                "summary": "Delete a response this key stored: gone from the database",
+                "operationId": "deleteResponse",
+                "security": _SECURITY,
+                "parameters": [_path("response_id")],
+                "responses": {
+                    "200": _inline(
+                        "{id, object: response, deleted: true}",
+                        {
+                            "type": "object",
+                            "required": ["id", "object", "deleted"],
+                            "properties": {
+                                "id": {"type": "string"},
+                                "object": {"const": "response"},
+                                "deleted": {"const": True},
+                            },
+                        },
+                    ),
+                    **_errors("401", "404", "429"),
+                },  # fmt: skip
+            },
+        },
+        "/v1/responses/{response_id}/input_items": {
+            "get": {
+                "tags": ["OpenAI-compatible"],
+                "summary": "The items a stored response was made from, its history first",
+                "operationId": "listInputItems",
+                "security": _SECURITY,
+                "parameters": [
+                    _path("response_id"),
+                    _query("limit", "1 to 100, default 20"),
+                    _query("order", "asc or desc (default)"),
+                    _query("after", "an item id: the items after it"),
+                    _query("before", "an item id: the items before it"),
+                ],
+                "responses": {
+                    "200": _inline(
+                        "A list: object, data, first_id, last_id, has_more",
+                        {
+                            "type": "object",
+                            "required": ["object", "data", "first_id", "last_id", "has_more"],
+                            "properties": {
+                                "object": {"const": "list"},
+                                "data": {"type": "array", "items": {"type": "object"}},
+                                "has_more": {"type": "boolean"},
+                            },
+                        },
+                    ),
+                    **_errors("400", "401", "404", "429"),
+                },  # fmt: skip
             }
         },
         "/v1/embeddings": {

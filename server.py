@@ -91,6 +91,7 @@ from redis_store import RedisLimiter, RedisQuotas, RedisSlots, RedisUsage, Share
 from requestlog import CALL, RequestContextMiddleware
 from store import Ledger, StoreError
 from store import backend as ledger_backend
+from stored import HISTORY_BODIES, Responses, Unkept
 from upstream import SharedClient
 from usage import PriceTable, UsageBook
 
@@ -302,12 +303,22 @@ def create_app(
         grace_s=settings.shutdown_grace_s,
         open_streams=metrics_.open_streams,
     )
-    serving = Gateway(admission=admitting, deployments=deployments, streams=streams)
+    # What the stateful APIs keep lives beside the ledger, unless STORE_STATE is off.
+    state = (
+        Responses(ledger, max_bytes=HISTORY_BODIES * settings.max_body_bytes, logger=logger)
+        if ledger is not None and settings.store_state
+        else None
+    )
+    stored = state if state is not None else Unkept()
+    serving = Gateway(admission=admitting, deployments=deployments, streams=streams, state=state)
     # The router tries routes in order: the provider calls come first, each one line:
     # its client format and its operation, on the one serving path.
     api: list[tuple[str, RouteFunction, str]] = [
         *[(path, serving.route(dialect, op), "POST") for path, dialect, op in MODEL_ROUTES],
         ("/v1/messages/count_tokens", serving.count_tokens, "POST"),
+        ("/v1/responses/{response_id}", stored.get, "GET"),
+        ("/v1/responses/{response_id}", stored.delete, "DELETE"),
+        ("/v1/responses/{response_id}/input_items", stored.input_items, "GET"),
         ("/v1/models", list_models, "GET"),
         ("/v1/models/{model_id:path}", get_model, "GET"),
         ("/", root, "GET"),
@@ -494,6 +505,7 @@ def _ledger(settings: Settings, logger: logging.Logger) -> Ledger | None:
             ledger_backend(settings.ledger_url),
             logger=logger,
             retention_days=settings.ledger_retention_days,
+            state_retention_days=settings.store_retention_days,
         )
         ledger.open()
     except StoreError as exc:

@@ -104,6 +104,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX calls_at ON calls (at)",
         "CREATE INDEX calls_key_at ON calls (key, at)",
     ),
+    (  # 2: stored responses (the Responses API's state), each owned by the key that made it
+        """CREATE TABLE responses (
+            id TEXT PRIMARY KEY,
+            key TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            previous_id TEXT,
+            input TEXT NOT NULL,
+            response TEXT NOT NULL
+        )""",
+        "CREATE INDEX responses_created ON responses (created_at)",
+    ),
 )
 
 # What the rows left waiting may hold at most: about 400 bytes each, 20 MB.
@@ -278,6 +289,7 @@ class Ledger:
         interval_s: float = 1.0,
         bound: int = DEFAULT_BOUND,
         retention_days: float = 0.0,
+        state_retention_days: float = 0.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.db = db
@@ -285,6 +297,7 @@ class Ledger:
         self.interval_s = interval_s
         self.bound = bound
         self.retention_days = retention_days
+        self.state_retention_days = state_retention_days
         self._clock = clock
         self._waiting: collections.deque[tuple[Any, ...]] = collections.deque()
         self.added = 0  # rows taken (the loop's thread counts them)
@@ -438,15 +451,19 @@ class Ledger:
             self._done.notify_all()
 
     def _prune(self, conn: Any) -> None:
-        """Rows older than the retention, deleted about once an hour."""
-        if self.retention_days <= 0:
-            return
+        """Rows and stored responses older than their retention, deleted (not flagged)
+        about once an hour."""
         now = self._clock()
         if now - self._pruned_at < 3600:
             return
         self._pruned_at = now
-        cutoff = now - self.retention_days * 86400
-        conn.execute(f"DELETE FROM calls WHERE at < {self.db.mark}", (cutoff,))
+        for table, column, days in (
+            ("calls", "at", self.retention_days),
+            ("responses", "created_at", self.state_retention_days),
+        ):
+            if days > 0:
+                cutoff = now - days * 86400
+                conn.execute(f"DELETE FROM {table} WHERE {column} < {self.db.mark}", (cutoff,))
 
     # --- reading ------------------------------------------------------------------------
 
@@ -456,6 +473,27 @@ class Ledger:
         providers' host names, so that slow questions of the books (a year of rows, a
         database that stalls) wait for each other and hold up no call."""
         return await asyncio.get_running_loop().run_in_executor(self._readers, work)
+
+    def with_connection(self, work: Callable[[Any], T]) -> T:
+        """`work` on a connection of its own, closed after; blocking: run it in
+        `reading`. What a client reads back the next moment (a stored response) is
+        written this way, at once, not behind the calls' batches."""
+        conn = self.db.connect()
+        try:
+            return work(conn)
+        finally:
+            conn.close()
+
+    def execute(self, conn: Any, sql: str, params: Iterable[Any] = ()) -> int:
+        """One statement in a transaction of its own on `conn`: the rows it changed."""
+        conn.execute(self.db.begin)
+        try:
+            cursor = conn.execute(sql, tuple(params))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return int(cursor.rowcount)
 
     def read(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
         """Rows of a query (at most MAX_READ_ROWS), on a connection of its own; blocking:

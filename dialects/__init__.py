@@ -177,6 +177,7 @@ class Dialect:
     passthrough: Passthrough | None = None
     fallback: bool = True
     streams: Callable[[Any], bool] = lambda body: bool(getattr(body, "stream", False))
+    keeps: bool = False  # its answers are stored and continued (the Responses API's state)
 
 
 def nothing(data: dict[str, Any]) -> None:

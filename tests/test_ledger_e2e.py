@@ -196,3 +196,37 @@ def test_an_emptied_redis_is_refilled_from_the_ledger_before_it_admits(
         one.stop()
         two.stop()
         server.stop()
+
+
+def test_a_stored_response_is_continued_on_another_replica_and_after_a_restart(
+    tmp_path: Path, mock_provider: Process, ledger_url: str
+) -> None:
+    env = env_for(ledger_url, tmp_path, mock_provider)
+    if not ledger_url.startswith("postgresql://"):
+        env["LEDGER_URL"] = ledger_url  # one file, both replicas
+    one, two = start_service(tmp_path, env), start_service(tmp_path, env)
+    try:
+        first = httpx.post(one.url + "/v1/responses", json={"input": "My name is Ada."},
+                           headers=AUTH_HEADERS, timeout=20)  # fmt: skip
+        assert first.status_code == 200 and first.json()["store"] is True
+        second = httpx.post(
+            two.url + "/v1/responses",
+            json={"input": "What is my name?", "previous_response_id": first.json()["id"]},
+            headers=AUTH_HEADERS, timeout=20,
+        )  # fmt: skip
+        assert second.status_code == 200, second.text
+        sent = httpx.get(mock_provider.url + "/_last", timeout=5).json()["body"]
+        assert "My name is Ada." in json.dumps(sent["messages"])
+    finally:
+        one.stop()
+        two.stop()
+    again = start_service(tmp_path, env)
+    try:
+        got = httpx.get(again.url + f"/v1/responses/{second.json()['id']}",
+                        headers=AUTH_HEADERS, timeout=10)  # fmt: skip
+        assert got.status_code == 200 and got.json() == second.json()
+        items = httpx.get(again.url + f"/v1/responses/{second.json()['id']}/input_items",
+                          params={"order": "asc"}, headers=AUTH_HEADERS, timeout=10).json()  # fmt: skip
+        assert len(items["data"]) == 3
+    finally:
+        again.stop()

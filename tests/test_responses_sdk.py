@@ -215,11 +215,28 @@ def test_models_retrieve_finds_an_allowed_model_and_404s_otherwise(served: Serve
         client.models.retrieve("gpt-9-nonexistent")
 
 
-def test_stored_state_is_a_400_that_says_to_send_the_whole_input(served: Served) -> None:
-    with pytest.raises(openai.BadRequestError, match="send the whole input") as caught:
-        served.client().responses.create(
-            model=served.model, input="hi", previous_response_id="resp_123"
-        )
+def test_a_stored_response_is_continued_retrieved_listed_and_deleted(served: Served) -> None:
+    client = served.client()
+    first = client.responses.create(model=served.model, input="My name is Ada.")
+    second = client.responses.create(
+        model=served.model, input="What is my name?", previous_response_id=first.id
+    )
+    assert second.status == "completed" and second.previous_response_id == first.id
+    if served.mock is not None:  # the provider got the whole history, and no state of ours
+        sent = served.sent()["body"]
+        history = json.dumps(sent)
+        assert "My name is Ada." in history and "What is my name?" in history
+        assert "previous_response_id" not in sent and first.id not in history
+        if served.kind == "openai-responses":
+            assert sent["store"] is False
+    assert client.responses.retrieve(second.id).output_text == second.output_text
+    items = client.responses.input_items.list(second.id, order="asc")
+    assert [item.type for item in items.data][:1] == ["message"] and len(items.data) >= 3
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model=served.model, input="hi", previous_response_id=first.id)
     assert caught.value.body["param"] == "previous_response_id"  # type: ignore[index]
 
 
