@@ -361,13 +361,19 @@ def test_rows_past_the_retention_are_pruned(tmp_path: Path) -> None:
     for age_days in (40, 31, 29, 1):
         ledger.add(row(int(now - age_days * 86400)))
     assert ledger.flush(5.0)
+    stored = "INSERT INTO responses VALUES (?, 'k', ?, NULL, '[]', '{}')"
+    for age_days in (8, 6):  # stored responses, kept 7 days
+        ledger.with_connection(
+            lambda conn, d=age_days: ledger.execute(conn, stored, (f"r{d}", now - d * 86400))
+        )
     ledger.close()
     again = Ledger(store.backend(str(path)), logger=logging.getLogger("t"), interval_s=0.05,
-                   retention_days=30, clock=lambda: now)  # fmt: skip
+                   retention_days=30, state_retention_days=7, clock=lambda: now)  # fmt: skip
     again.open()  # prunes on its first round, then about once an hour
     deadline = time.monotonic() + 5
-    while len(ledger_rows(path)) > 2:
+    while len(ledger_rows(path)) > 2 or len(again.read("SELECT id FROM responses")) > 1:
         assert time.monotonic() < deadline, "the old rows were not pruned"
         time.sleep(0.02)
+    assert again.read("SELECT id FROM responses") == [("r6",)]  # deleted, not flagged
     again.close()
     assert [r["at"] for r in ledger_rows(path)] == [now - 29 * 86400, now - 86400]
