@@ -225,8 +225,37 @@ def test_a_stored_response_is_continued_on_another_replica_and_after_a_restart(
         got = httpx.get(again.url + f"/v1/responses/{second.json()['id']}",
                         headers=AUTH_HEADERS, timeout=10)  # fmt: skip
         assert got.status_code == 200 and got.json() == second.json()
-        items = httpx.get(again.url + f"/v1/responses/{second.json()['id']}/input_items",
-                          params={"order": "asc"}, headers=AUTH_HEADERS, timeout=10).json()  # fmt: skip
+        listed = again.url + f"/v1/responses/{second.json()['id']}/input_items"
+        items = httpx.get(listed, params={"order": "asc"}, headers=AUTH_HEADERS, timeout=10).json()
         assert len(items["data"]) == 3
     finally:
         again.stop()
+
+
+def test_two_replicas_adding_to_one_conversation_at_once_lose_no_item(
+    tmp_path: Path, mock_provider: Process, ledger_url: str
+) -> None:
+    env = {**env_for(ledger_url, tmp_path, mock_provider), "LEDGER_URL": ledger_url}
+    replicas = [start_service(tmp_path, env), start_service(tmp_path, env)]
+    try:
+        made = httpx.post(replicas[0].url + "/v1/conversations", json={},
+                          headers=AUTH_HEADERS, timeout=10).json()  # fmt: skip
+        path = f"/v1/conversations/{made['id']}/items"
+
+        def add(n: int) -> int:
+            items = [{"role": "user", "content": f"{n}-{i}"} for i in range(3)]
+            return httpx.post(replicas[n % 2].url + path, json={"items": items},
+                              headers=AUTH_HEADERS, timeout=20).status_code  # fmt: skip
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(add, range(16))) == [200] * 16
+        listed = httpx.get(replicas[1].url + path, params={"limit": 100, "order": "asc"},
+                           headers=AUTH_HEADERS, timeout=10).json()["data"]  # fmt: skip
+    finally:
+        for replica in replicas:
+            replica.stop()
+    texts = [item["content"][0]["text"] for item in listed]
+    assert sorted(texts) == sorted(f"{n}-{i}" for n in range(16) for i in range(3))
+    for n in range(16):  # each request's items together, in their order
+        at = texts.index(f"{n}-0")
+        assert texts[at : at + 3] == [f"{n}-0", f"{n}-1", f"{n}-2"]
