@@ -80,7 +80,7 @@ class Gateway:
 
     # --- down: read, validate, decode, admit ---------------------------------------
 
-    async def _read(self, request: Request, schema: type[BaseModel]) -> tuple[dict[str, Any], Any]:
+    async def read(self, request: Request, schema: type[BaseModel]) -> tuple[dict[str, Any], Any]:
         """The body parsed once (the dict passes through as it is) and validated."""
         raw = await self.admission.read_body(request)
         try:
@@ -94,7 +94,7 @@ class Gateway:
 
     async def serve(self, request: Request, dialect: Dialect, op: str) -> Response:
         gate = self.admission
-        data, body = await self._read(request, dialect.body)
+        data, body = await self.read(request, dialect.body)
         keeping = None
         if dialect.keeps and self.state is not None:
             # The earlier turns it names, from the store, before anything reads it.
@@ -251,7 +251,7 @@ class Gateway:
         dialect = messages_format.DIALECT
         hooks = dialect.passthrough
         assert hooks is not None
-        data, body = await self._read(request, messages_format.CountTokensBody)
+        data, body = await self.read(request, messages_format.CountTokensBody)
         model = gate.choose_model(request, body.model)
         rid = request_id(request.scope)
 

@@ -22,6 +22,7 @@ from starlette.responses import FileResponse, HTMLResponse, Response
 
 from errors import ApiError
 from jsonio import JSONResponse
+from stored import ConversationBody, ConversationUpdate, ItemsBody
 
 
 class ErrorDetail(BaseModel):
@@ -95,7 +96,7 @@ _ERRORS = {
     "400": "Body not JSON or not UTF-8 (invalid_json), or refused by the provider",
     "401": "Key missing or unknown (invalid_api_key)",
     "403": "Model not allowed for this key (model_not_allowed)",
-    "404": "No such stored response for this key, or the store is off (not_found)",
+    "404": "No such stored response or conversation for this key, or the store is off (not_found)",
     "413": "Body over MAX_BODY_BYTES (body_too_large)",
     "415": "Not application/json (unsupported_media_type)",
     "422": "Schema violation (invalid_request), with the fields",
@@ -104,6 +105,7 @@ _ERRORS = {
     "500": "Internal error, logged with the request id",
     "502": "Provider error or unreadable provider answer (upstream_error)",
     "504": "Provider too slow (upstream_timeout)",
+    "503": "The stored state cannot be reached (store_unavailable)",
 }
 
 
@@ -115,13 +117,71 @@ def _path(name: str) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
 
 
+def _query(name: str, description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "description": description,
+            "schema": schema or {"type": "string"}}  # fmt: skip
+
+
+_PAGING = [
+    _query("limit", "1 to 100, default 20", {"type": "integer", "minimum": 1, "maximum": 100}),
+    _query("order", "asc or desc (default)", {"enum": ["asc", "desc"]}),
+    _query("after", "an item id: the items after it"),
+    _query("before", "an item id: the items before it"),
+]
+_LIST = {
+    "type": "object",
+    "required": ["object", "data", "first_id", "last_id", "has_more"],
+    "properties": {"object": {"const": "list"},
+                   "data": {"type": "array", "items": {"type": "object"}},
+                   "has_more": {"type": "boolean"}},
+}  # fmt: skip
+_CONVERSATION = {
+    "type": "object",
+    "required": ["id", "object", "created_at", "metadata"],
+    "properties": {"id": {"type": "string"}, "object": {"const": "conversation"},
+                   "created_at": {"type": "integer"}, "metadata": {"type": "object"}},
+}  # fmt: skip
+
+
+def _linked(operation: dict[str, Any], param: str, *targets: str) -> dict[str, Any]:
+    """`operation` with OpenAPI links: the id it answers is `param` of each target (what
+    a client does next, and what lets a fuzzer reach them with real ids)."""
+    operation["responses"]["200"]["links"] = {
+        target: {"operationId": target, "parameters": {param: "$response.body#/id"}}
+        for target in targets
+    }
+    return operation
+
+
+def _deleted(kind: str) -> dict[str, Any]:
+    return {"type": "object", "required": ["id", "object", "deleted"],
+            "properties": {"id": {"type": "string"}, "object": {"const": kind},
+                           "deleted": {"const": True}}}  # fmt: skip
+
+
+def _state_op(
+    summary: str,
+    operation: str,
+    parameters: list[dict[str, Any]],
+    body: str | None,
+    answer: dict[str, Any],
+    *statuses: str,
+) -> dict[str, Any]:
+    """An operation of the stored state (stored.py): OpenAI's objects, its key's only."""
+    op: dict[str, Any] = {
+        "tags": ["OpenAI-compatible"], "summary": summary, "operationId": operation,
+        "security": _SECURITY, "parameters": parameters,
+        "responses": {"200": _inline(summary, answer),
+                      **_errors(*sorted({"401", "404", "429", "503", *statuses}))},
+    }  # fmt: skip
+    if body is not None:
+        op["requestBody"] = _body(body)
+        op["responses"].update(_errors("400", "413", "415", "422"))
+    return op
+
+
 def _errors(*statuses: str, shape: str = "Error") -> dict[str, Any]:
     return {status: _json(shape, _ERRORS[status]) for status in statuses}
-
-
-def _query(name: str, description: str) -> dict[str, Any]:
-    return {"name": name, "in": "query", "required": False, "description": description,
-            "schema": {"type": "string"}}  # fmt: skip
 
 
 _CALL_ERRORS = ("400", "401", "403", "413", "415", "422", "429", "500", "502", "504")
@@ -207,6 +267,9 @@ def build_document(
     CompleteResponse, StreamText, StreamUsage, ChatCompletionBody), named by their class."""
     models: list[type[BaseModel]] = [
         *body_models,
+        ConversationBody,
+        ConversationUpdate,
+        ItemsBody,
         Error,
         AnthropicError,
         Health,
@@ -357,75 +420,118 @@ def build_document(
                             "application/json": {"schema": {"type": "object"}},
                             **_sse(list(RESPONSES_EVENTS), {"type": "object"}),
                         },
+                        "links": {  # a stored response (store: true, the default)
+                            op: {
+                                "operationId": op,
+                                "parameters": {"response_id": "$response.body#/id"},
+                            }
+                            for op in ("getResponse", "deleteResponse", "listInputItems")
+                        },  # fmt: skip
                     },
-                    **_errors(*_CALL_ERRORS),
+                    **_errors(*_CALL_ERRORS, "404"),
                 },
             }
         },
         "/v1/responses/{response_id}": {
-            "get": {
-                "tags": ["OpenAI-compatible"],
-                "summary": "A response this key stored (store: true, the default)",
-                "operationId": "getResponse",
-                "security": _SECURITY,
-                "parameters": [_path("response_id")],
-                "responses": {
-                    "200": _inline("The response object, as it was answered", {"type": "object"}),
-                    **_errors("401", "404", "429"),
-                },
-            },
-            "delete": {
-                "tags": ["OpenAI-compatible"],
-                "summary": "Delete a response this key stored: gone from the database",
-                "operationId": "deleteResponse",
-                "security": _SECURITY,
-                "parameters": [_path("response_id")],
-                "responses": {
-                    "200": _inline(
-                        "{id, object: response, deleted: true}",
-                        {
-                            "type": "object",
-                            "required": ["id", "object", "deleted"],
-                            "properties": {
-                                "id": {"type": "string"},
-                                "object": {"const": "response"},
-                                "deleted": {"const": True},
-                            },
-                        },
-                    ),
-                    **_errors("401", "404", "429"),
-                },  # fmt: skip
-            },
+            "get": _state_op(
+                "A response this key stored (store: true, the default)",
+                "getResponse",
+                [_path("response_id")],
+                None,
+                {"type": "object"},
+            ),
+            "delete": _state_op(
+                "Delete a response this key stored: gone from the database",
+                "deleteResponse",
+                [_path("response_id")],
+                None,
+                _deleted("response"),
+            ),
         },
         "/v1/responses/{response_id}/input_items": {
-            "get": {
-                "tags": ["OpenAI-compatible"],
-                "summary": "The items a stored response was made from, its history first",
-                "operationId": "listInputItems",
-                "security": _SECURITY,
-                "parameters": [
-                    _path("response_id"),
-                    _query("limit", "1 to 100, default 20"),
-                    _query("order", "asc or desc (default)"),
-                    _query("after", "an item id: the items after it"),
-                    _query("before", "an item id: the items before it"),
-                ],
-                "responses": {
-                    "200": _inline(
-                        "A list: object, data, first_id, last_id, has_more",
-                        {
-                            "type": "object",
-                            "required": ["object", "data", "first_id", "last_id", "has_more"],
-                            "properties": {
-                                "object": {"const": "list"},
-                                "data": {"type": "array", "items": {"type": "object"}},
-                                "has_more": {"type": "boolean"},
-                            },
-                        },
-                    ),
-                    **_errors("400", "401", "404", "429"),
-                },  # fmt: skip
-            }
+            "get": _state_op(
+                "The items a stored response was made from, its history first",
+                "listInputItems",
+                [_path("response_id"), *_PAGING],
+                None,
+                _LIST,
+                "400",
+            ),
+        },
+        "/v1/conversations": {
+            "post": _linked(
+                _state_op(
+                    "Create a conversation, with up to 20 items",
+                    "createConversation",
+                    [],
+                    "ConversationBody",
+                    _CONVERSATION,
+                    "400",
+                ),
+                "conversation_id",
+                "getConversation",
+                "updateConversation",
+                "deleteConversation",
+                "listConversationItems",
+                "addConversationItems",
+            ),  # fmt: skip
+        },
+        "/v1/conversations/{conversation_id}": {
+            "get": _state_op(
+                "A conversation of this key",
+                "getConversation",
+                [_path("conversation_id")],
+                None,
+                _CONVERSATION,
+            ),
+            "post": _state_op(
+                "Replace a conversation's metadata",
+                "updateConversation",
+                [_path("conversation_id")],
+                "ConversationUpdate",
+                _CONVERSATION,
+            ),
+            "delete": _state_op(
+                "Delete a conversation and its items",
+                "deleteConversation",
+                [_path("conversation_id")],
+                None,
+                _deleted("conversation.deleted"),
+            ),
+        },
+        "/v1/conversations/{conversation_id}/items": {
+            "get": _state_op(
+                "A conversation's items, paginated",
+                "listConversationItems",
+                [_path("conversation_id"), *_PAGING],
+                None,
+                _LIST,
+                "400",
+            ),
+            "post": _state_op(
+                "Add up to 20 items to a conversation",
+                "addConversationItems",
+                [_path("conversation_id")],
+                "ItemsBody",
+                _LIST,
+                "400",
+            ),
+        },
+        "/v1/conversations/{conversation_id}/items/{item_id}": {
+            "get": _state_op(
+                "One item of a conversation",
+                "getConversationItem",
+                [_path("conversation_id"), _path("item_id")],
+                None,
+                {"type": "object", "required": ["id", "type"]},
+            ),
+            "delete": _state_op(
+                "Delete an item; the answer is the conversation",
+                "deleteConversationItem",
+                [_path("conversation_id"), _path("item_id")],
+                None,
+                _CONVERSATION,
+            ),
         },
         "/v1/embeddings": {
             "post": {

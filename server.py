@@ -49,6 +49,7 @@ import admission
 import dashboard
 import openapi
 import sse
+import stored
 from admission import Admission, Inflight, QuotaStore, UsageStore, caller
 from auth import AuthMiddleware, KeyRing
 from config import Settings, SettingsError
@@ -91,7 +92,6 @@ from redis_store import RedisLimiter, RedisQuotas, RedisSlots, RedisUsage, Share
 from requestlog import CALL, RequestContextMiddleware
 from store import Ledger, StoreError
 from store import backend as ledger_backend
-from stored import HISTORY_BODIES, Responses, Unkept
 from upstream import SharedClient
 from usage import PriceTable, UsageBook
 
@@ -100,20 +100,30 @@ if TYPE_CHECKING:
 
 
 class Endpoint:
-    """A route function as a plain ASGI app. Starlette's adapter for functions wraps
-    every call in one more exception-handling layer (a closure and a `send` wrapper a
-    request), which the app's own ExceptionMiddleware already is."""
+    """The route functions of one path, by method, as a plain ASGI app. Starlette's
+    adapter for functions wraps every call in one more exception-handling layer (a
+    closure and a `send` wrapper a request), which the app's own ExceptionMiddleware
+    already is; and one route for all of a path's methods makes a 405 list them all."""
 
-    def __init__(self, func: RouteFunction) -> None:
-        self.func = func
+    def __init__(self, funcs: dict[str, RouteFunction]) -> None:
+        self.funcs = funcs
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = await self.func(Request(scope, receive, send))
+        method = scope["method"]
+        func = self.funcs.get(method) or self.funcs["GET"]  # HEAD: GET's, as Starlette does
+        response = await func(Request(scope, receive, send))
         await response(scope, receive, send)
 
 
-def route(path: str, func: RouteFunction, method: str) -> Route:
-    return Route(path, Endpoint(func), methods=[method], name=func.__name__)
+def routes_of(table: list[tuple[str, RouteFunction, str]]) -> list[Route]:
+    """One route a path, in the order the table first names it."""
+    by_path: dict[str, dict[str, RouteFunction]] = {}
+    for path, func, method in table:
+        by_path.setdefault(path, {})[method] = func
+    return [
+        Route(path, Endpoint(funcs), methods=list(funcs), name=next(iter(funcs.values())).__name__)
+        for path, funcs in by_path.items()
+    ]
 
 
 # --- the routes of the service itself -----------------------------------------------
@@ -305,20 +315,19 @@ def create_app(
     )
     # What the stateful APIs keep lives beside the ledger, unless STORE_STATE is off.
     state = (
-        Responses(ledger, max_bytes=HISTORY_BODIES * settings.max_body_bytes, logger=logger)
+        stored.Responses(
+            ledger, max_bytes=stored.HISTORY_BODIES * settings.max_body_bytes, logger=logger
+        )
         if ledger is not None and settings.store_state
         else None
     )
-    stored = state if state is not None else Unkept()
     serving = Gateway(admission=admitting, deployments=deployments, streams=streams, state=state)
     # The router tries routes in order: the provider calls come first, each one line:
     # its client format and its operation, on the one serving path.
     api: list[tuple[str, RouteFunction, str]] = [
         *[(path, serving.route(dialect, op), "POST") for path, dialect, op in MODEL_ROUTES],
         ("/v1/messages/count_tokens", serving.count_tokens, "POST"),
-        ("/v1/responses/{response_id}", stored.get, "GET"),
-        ("/v1/responses/{response_id}", stored.delete, "DELETE"),
-        ("/v1/responses/{response_id}/input_items", stored.input_items, "GET"),
+        *stored.routes(state, serving.read),
         ("/v1/models", list_models, "GET"),
         ("/v1/models/{model_id:path}", get_model, "GET"),
         ("/", root, "GET"),
@@ -348,7 +357,7 @@ def create_app(
             [(path, method) for path, _, method in api],
         ),
     ]
-    routes = [route(path, func, method) for path, func, method in table]
+    routes = routes_of(table)
     app = Starlette(
         routes=routes,
         middleware=[

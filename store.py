@@ -37,7 +37,7 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +114,24 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             response TEXT NOT NULL
         )""",
         "CREATE INDEX responses_created ON responses (created_at)",
+    ),
+    (  # 3: conversations (OpenAI's Conversations API) and their items, in order
+        """CREATE TABLE conversations (
+            id TEXT PRIMARY KEY,
+            key TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            used_at DOUBLE PRECISION NOT NULL,
+            metadata TEXT NOT NULL
+        )""",
+        "CREATE INDEX conversations_used ON conversations (used_at)",
+        """CREATE TABLE conversation_items (
+            conversation_id TEXT NOT NULL,
+            position INTEGER NOT NULL,
+            id TEXT NOT NULL,
+            item TEXT NOT NULL,
+            PRIMARY KEY (conversation_id, position)
+        )""",
+        "CREATE INDEX conversation_items_id ON conversation_items (conversation_id, id)",
     ),
 )
 
@@ -457,13 +475,19 @@ class Ledger:
         if now - self._pruned_at < 3600:
             return
         self._pruned_at = now
-        for table, column, days in (
-            ("calls", "at", self.retention_days),
-            ("responses", "created_at", self.state_retention_days),
-        ):
-            if days > 0:
-                cutoff = now - days * 86400
-                conn.execute(f"DELETE FROM {table} WHERE {column} < {self.db.mark}", (cutoff,))
+        m = self.db.mark
+        if self.retention_days > 0:
+            conn.execute(f"DELETE FROM calls WHERE at < {m}", (now - self.retention_days * 86400,))
+        if self.state_retention_days > 0:
+            cutoff = now - self.state_retention_days * 86400
+            conn.execute(f"DELETE FROM responses WHERE created_at < {m}", (cutoff,))
+            # A conversation is kept while it is used; its items go with it.
+            conn.execute(
+                "DELETE FROM conversation_items WHERE conversation_id IN "
+                f"(SELECT id FROM conversations WHERE used_at < {m})",
+                (cutoff,),
+            )
+            conn.execute(f"DELETE FROM conversations WHERE used_at < {m}", (cutoff,))
 
     # --- reading ------------------------------------------------------------------------
 
@@ -484,16 +508,22 @@ class Ledger:
         finally:
             conn.close()
 
-    def execute(self, conn: Any, sql: str, params: Iterable[Any] = ()) -> int:
-        """One statement in a transaction of its own on `conn`: the rows it changed."""
+    @contextlib.contextmanager
+    def transaction(self, conn: Any) -> Iterator[Any]:
+        """A transaction on `conn` (taking the write lock at once on SQLite): committed
+        when the block ends, rolled back if it raises."""
         conn.execute(self.db.begin)
         try:
-            cursor = conn.execute(sql, tuple(params))
+            yield conn
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        return int(cursor.rowcount)
+
+    def execute(self, conn: Any, sql: str, params: Iterable[Any] = ()) -> int:
+        """One statement in a transaction of its own on `conn`: the rows it changed."""
+        with self.transaction(conn):
+            return int(conn.execute(sql, tuple(params)).rowcount)
 
     def read(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
         """Rows of a query (at most MAX_READ_ROWS), on a connection of its own; blocking:

@@ -362,10 +362,10 @@ def test_rows_past_the_retention_are_pruned(tmp_path: Path) -> None:
         ledger.add(row(int(now - age_days * 86400)))
     assert ledger.flush(5.0)
     stored = "INSERT INTO responses VALUES (?, 'k', ?, NULL, '[]', '{}')"
+    conn = ledger.db.connect()
     for age_days in (8, 6):  # stored responses, kept 7 days
-        ledger.with_connection(
-            lambda conn, d=age_days: ledger.execute(conn, stored, (f"r{d}", now - d * 86400))
-        )
+        ledger.execute(conn, stored, (f"r{age_days}", now - age_days * 86400))
+    conn.close()
     ledger.close()
     again = Ledger(store.backend(str(path)), logger=logging.getLogger("t"), interval_s=0.05,
                    retention_days=30, state_retention_days=7, clock=lambda: now)  # fmt: skip

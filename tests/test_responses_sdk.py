@@ -240,6 +240,31 @@ def test_a_stored_response_is_continued_retrieved_listed_and_deleted(served: Ser
     assert caught.value.body["param"] == "previous_response_id"  # type: ignore[index]
 
 
+def test_a_conversation_carries_the_turns_of_the_sdks_calls(served: Served) -> None:
+    client = served.client()
+    conversation = client.conversations.create(
+        items=[{"type": "message", "role": "user", "content": "My name is Ada."}],
+        metadata={"user": "ada"},
+    )
+    answered = client.responses.create(
+        model=served.model, input="What is my name?", conversation=conversation.id
+    )
+    assert answered.status == "completed"
+    if served.mock is not None:
+        assert "My name is Ada." in json.dumps(served.sent()["body"])
+    items = client.conversations.items.list(conversation.id, order="asc")
+    assert [item.type for item in items.data] == ["message"] * 3
+    assert [getattr(item, "role", None) for item in items.data] == ["user", "user", "assistant"]
+    assert client.conversations.retrieve(conversation.id).metadata == {"user": "ada"}
+    first = items.data[0].id
+    assert first is not None
+    client.conversations.items.delete(first, conversation_id=conversation.id)
+    assert len(client.conversations.items.list(conversation.id).data) == 2
+    assert client.conversations.delete(conversation.id).deleted is True
+    with pytest.raises(openai.NotFoundError):
+        client.conversations.retrieve(conversation.id)
+
+
 def test_the_access_line_has_the_key_model_tokens_and_cost(served: Served) -> None:
     client = served.client()
     client.responses.create(

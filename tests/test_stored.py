@@ -119,11 +119,16 @@ async def test_a_passed_through_turn_sends_the_history_without_ids_and_store_fal
     assert first.json()["store"] is True and second.status_code == 200
     sent = provider.bodies[1]
     assert sent["store"] is False and "previous_response_id" not in sent
+
+    def said(text: str) -> dict[str, Any]:
+        return {"type": "message", "role": "user", "status": "completed",
+                "content": [{"type": "input_text", "text": text}]}  # fmt: skip
+
     assert sent["input"] == [
-        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "one"}]},
+        said("one"),
         {"type": "message", "status": "completed", "role": "assistant",
          "content": [{"type": "output_text", "text": "answer 1", "annotations": []}]},
-        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "two"}]},
+        said("two"),
     ]  # fmt: skip
     assert provider.bodies[0]["store"] is False
 
@@ -232,6 +237,12 @@ async def test_a_stream_is_stored_before_its_last_event_is_sent(tmp_path: Path) 
                   "stream": True},
         )  # fmt: skip
         assert events_of(nxt.text)[-1]["response"]["previous_response_id"] == got.json()["id"]
+        conversation = (await c.post("/v1/conversations", json={})).json()["id"]
+        talk = await c.post("/v1/responses", json={"input": "in a conversation", "stream": True,
+                                                   "conversation": conversation})  # fmt: skip
+        assert events_of(talk.text)[-1]["response"]["conversation"] == {"id": conversation}
+        items = (await c.get(f"/v1/conversations/{conversation}/items?order=asc")).json()["data"]
+        assert [i["role"] for i in items] == ["user", "assistant"]
     app.state.ledger.close()
 
 
@@ -339,3 +350,136 @@ async def test_with_the_store_off_the_fields_are_a_400_and_the_routes_a_404(
     if app.state.ledger is not None:
         assert store.Ledger.read(app.state.ledger, "SELECT COUNT(*) FROM responses") == [(0,)]
         app.state.ledger.close()
+
+
+# --- conversations ---------------------------------------------------------------------
+
+
+async def test_a_conversation_is_created_read_updated_listed_and_deleted(
+    stored: tuple[httpx.AsyncClient, Provider],
+) -> None:
+    c, _ = stored
+    made = await c.post("/v1/conversations", json={
+        "items": [{"type": "message", "role": "user", "content": "Hello!"}],
+        "metadata": {"topic": "demo"}})  # fmt: skip
+    assert made.status_code == 200, made.text
+    conversation = made.json()
+    assert conversation["object"] == "conversation" and conversation["metadata"] == {
+        "topic": "demo"
+    }
+    assert conversation["id"].startswith("conv_") and isinstance(conversation["created_at"], int)
+    path = f"/v1/conversations/{conversation['id']}"
+    assert (await c.get(path)).json() == conversation
+    updated = await c.post(path, json={"metadata": {"topic": "other"}})
+    assert updated.json() == {**conversation, "metadata": {"topic": "other"}}
+
+    added = (await c.post(path + "/items", json={"items": [
+        {"role": "assistant", "content": "Hi, who is it?"},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Ada"}]},
+    ]})).json()  # fmt: skip
+    assert added["object"] == "list" and len(added["data"]) == 2 and added["has_more"] is False
+    listed = (await c.get(path + "/items", params={"order": "asc"})).json()
+    assert [(i["role"], i["content"][0]["text"]) for i in listed["data"]] == [
+        ("user", "Hello!"), ("assistant", "Hi, who is it?"), ("user", "Ada")]  # fmt: skip
+    assert all(i["status"] == "completed" and i["id"].startswith("msg_") for i in listed["data"])
+    assert listed["data"][1]["content"][0] == {
+        "type": "output_text", "text": "Hi, who is it?", "annotations": []}  # fmt: skip
+    newest = (await c.get(path + "/items", params={"limit": 1})).json()
+    assert newest["data"] == [listed["data"][-1]] and newest["has_more"] is True
+
+    one = listed["data"][1]
+    assert (await c.get(f"{path}/items/{one['id']}")).json() == one
+    after_delete = await c.delete(f"{path}/items/{one['id']}")
+    assert after_delete.json()["id"] == conversation["id"]
+    assert (await c.get(f"{path}/items/{one['id']}")).status_code == 404
+    assert len((await c.get(path + "/items")).json()["data"]) == 2
+
+    gone = await c.delete(path)
+    assert gone.json() == {"id": conversation["id"], "object": "conversation.deleted",
+                           "deleted": True}  # fmt: skip
+    for method, sub in (("GET", ""), ("GET", "/items"), ("DELETE", "")):
+        assert (await c.request(method, path + sub)).status_code == 404
+
+
+async def test_a_response_in_a_conversation_reads_its_items_and_adds_its_turn(
+    stored: tuple[httpx.AsyncClient, Provider],
+) -> None:
+    c, provider = stored
+    conversation = (await c.post("/v1/conversations", json={
+        "items": [{"role": "user", "content": "My name is Ada."}]})).json()  # fmt: skip
+    first = await c.post(
+        "/v1/responses", json={"input": "What is my name?", "conversation": conversation["id"]}
+    )
+    assert first.status_code == 200, first.text
+    assert first.json()["conversation"] == {"id": conversation["id"]}
+    assert [m["content"] for m in provider.bodies[0]["messages"]] == [
+        "My name is Ada.", "What is my name?"]  # fmt: skip
+    second = await c.post(
+        "/v1/responses",
+        json={"input": "Again?", "conversation": {"id": conversation["id"]}, "store": False},
+    )
+    assert second.status_code == 200
+    final = second.json()
+    assert final["store"] is False and final["conversation"] == {"id": conversation["id"]}
+    assert len(provider.bodies[1]["messages"]) == 4
+    assert (await c.get(f"/v1/responses/{final['id']}")).status_code == 404  # not stored
+    listed = (
+        await c.get(f"/v1/conversations/{conversation['id']}/items", params={"order": "asc"})
+    ).json()
+    assert [i["role"] for i in listed["data"]] == ["user", "user", "assistant", "user",
+                                                    "assistant"]  # fmt: skip
+
+
+async def test_a_conversation_is_its_keys_alone(
+    stored: tuple[httpx.AsyncClient, Provider],
+) -> None:
+    c, provider = stored
+    conversation = (await c.post("/v1/conversations", json={
+        "items": [{"role": "user", "content": "secret"}]})).json()  # fmt: skip
+    path = f"/v1/conversations/{conversation['id']}"
+    item = (await c.get(path + "/items")).json()["data"][0]["id"]
+    for method, sub, body in (
+        ("GET", "", None), ("POST", "", {"metadata": {}}), ("DELETE", "", None),
+        ("GET", "/items", None), ("POST", "/items", {"items": [{"role": "user", "content": "x"}]}),
+        ("GET", f"/items/{item}", None), ("DELETE", f"/items/{item}", None),
+    ):  # fmt: skip
+        r = await c.request(method, path + sub, json=body, headers=other(c))
+        assert r.status_code == 404, (method, sub, r.text)
+        assert "secret" not in r.text
+    used = await c.post("/v1/responses", json={"input": "tell me",
+                                               "conversation": conversation["id"]},
+                        headers=other(c))  # fmt: skip
+    assert used.status_code == 404 and used.json()["error"]["param"] == "conversation"
+    assert provider.bodies == []
+    assert len((await c.get(path + "/items")).json()["data"]) == 1  # the owner's, untouched
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("/v1/conversations", {"items": [{"role": "user", "content": "x"}] * 21}, 422),
+        ("/v1/conversations", {"metadata": {"k" * 65: "v"}}, 422),
+        ("/v1/conversations", {"metadata": {str(i): "v" for i in range(17)}}, 422),
+        ("/v1/conversations", {"items": ["not an item"]}, 422),
+        ("/v1/conversations", {"items": [{"role": "robot", "content": "x"}]}, 400),
+        ("/v1/conversations", {"title": "not a field"}, 422),
+    ],
+)
+async def test_a_bad_conversation_body_is_refused_naming_the_field(
+    stored: tuple[httpx.AsyncClient, Provider], path: str, body: dict[str, Any], status: int
+) -> None:
+    c, _ = stored
+    r = await c.post(path, json=body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["type"] == "invalid_request"
+
+
+async def test_a_conversation_and_a_previous_response_together_are_a_400(
+    stored: tuple[httpx.AsyncClient, Provider],
+) -> None:
+    c, provider = stored
+    conversation = (await c.post("/v1/conversations", json={})).json()
+    r = await c.post("/v1/responses", json={"input": "hi", "conversation": conversation["id"],
+                                            "previous_response_id": "resp_x"})  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["param"] == "conversation"
+    assert provider.bodies == []
