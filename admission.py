@@ -211,6 +211,13 @@ class Admission:
             default = self.settings.model
             asked = default if default in allowed or not allowed else allowed[0]
         if asked not in allowed:
+            if asked not in self.settings.models:  # as OpenAI and Anthropic answer: 404
+                raise ApiError(
+                    404,
+                    "model_not_found",
+                    f"The model {asked[:200]!r} does not exist",
+                    param="model",
+                )
             raise ApiError(403, "model_not_allowed", f"model {asked!r} is not allowed for this key")
         return asked
 

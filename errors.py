@@ -132,10 +132,11 @@ ANTHROPIC_TYPES = {
 ERROR_SHAPE = "text_tool.error_shape"
 
 
-def guessed_shape(path: str) -> str:
-    """The shape for a path the route table does not know (a 404): what a client of
-    that prefix would read."""
-    if path.startswith("/v1/messages"):
+def guessed_shape(path: str, anthropic: bool = False) -> str:
+    """The shape for a path the route table gives none (the models' routes, which
+    both SDKs call, or a 404): what a client of that prefix reads; under /v1 an
+    Anthropic SDK's (it always sends `anthropic-version`) reads Anthropic's."""
+    if path.startswith("/v1/messages") or (anthropic and path.startswith("/v1/")):
         return "anthropic"
     return "openai" if path.startswith("/v1/") else "ours"
 
@@ -196,8 +197,8 @@ def error_response(
     errors: Sequence[Mapping[str, str]] | None = None,
     param: str | None = None,
 ) -> JSONResponse:
-    if status == 422 and shape_of(scope) == "anthropic":
-        status = 400  # Anthropic's API answers a schema violation with 400
+    if status == 422 and shape_of(scope) != "ours":
+        status = 400  # OpenAI's and Anthropic's APIs answer a schema violation with 400
     return JSONResponse(
         error_body(scope, type_, message, errors, param, status),
         status_code=status,

@@ -93,13 +93,16 @@ def _json(name: str, description: str) -> dict[str, Any]:
 
 
 _ERRORS = {
-    "400": "Body not JSON or not UTF-8 (invalid_json), or refused by the provider",
+    "400": "Body not JSON or not UTF-8 (invalid_json), not the schema on a /v1 route "
+    "(invalid_request, with the fields), or refused by the provider",
     "401": "Key missing or unknown (invalid_api_key)",
     "403": "Model not allowed for this key (model_not_allowed)",
-    "404": "No such stored response or conversation for this key, or the store is off (not_found)",
+    "404": "No such model (model_not_found), or no such stored response or conversation "
+    "for this key, or the store is off (not_found)",
     "413": "Body over MAX_BODY_BYTES (body_too_large)",
     "415": "Not application/json (unsupported_media_type)",
-    "422": "Schema violation (invalid_request), with the fields",
+    "422": "Schema violation (invalid_request), with the fields (a 400 on the /v1 routes, "
+    "as OpenAI's and Anthropic's APIs answer)",
     "429": "Over the key's request, token or concurrency limit or budget, or the provider's "
     "limit (rate_limit_exceeded, concurrency_limit_exceeded, budget_exceeded); see Retry-After",
     "500": "Internal error, logged with the request id",
@@ -176,7 +179,7 @@ def _state_op(
     }  # fmt: skip
     if body is not None:
         op["requestBody"] = _body(body)
-        op["responses"].update(_errors("400", "413", "415", "422"))
+        op["responses"].update(_errors("400", "413", "415"))
     return op
 
 
@@ -184,9 +187,9 @@ def _errors(*statuses: str, shape: str = "Error") -> dict[str, Any]:
     return {status: _json(shape, _ERRORS[status]) for status in statuses}
 
 
-_CALL_ERRORS = ("400", "401", "403", "413", "415", "422", "429", "500", "502", "504")
-# Anthropic answers a schema violation with 400, and so do its routes here.
-_MESSAGES_ERRORS = tuple(status for status in _CALL_ERRORS if status != "422")
+_CALL_ERRORS = ("400", "401", "403", "404", "413", "415", "422", "429", "500", "502", "504")
+# OpenAI and Anthropic answer a schema violation with 400, and so do the /v1 routes here.
+_V1_ERRORS = tuple(status for status in _CALL_ERRORS if status != "422")
 _SECURITY: list[dict[str, list[str]]] = [{"ApiKeyHeader": []}, {"Bearer": []}]
 
 
@@ -401,7 +404,7 @@ def build_document(
                             **_sse(["message"], {"type": "object"}),
                         },
                     },
-                    **_errors(*_CALL_ERRORS),
+                    **_errors(*_V1_ERRORS),
                 },
             }
         },
@@ -428,7 +431,7 @@ def build_document(
                             for op in ("getResponse", "deleteResponse", "listInputItems")
                         },  # fmt: skip
                     },
-                    **_errors(*_CALL_ERRORS, "404"),
+                    **_errors(*_V1_ERRORS),
                 },
             }
         },
@@ -545,7 +548,7 @@ def build_document(
                         "description": "A list of embedding objects, with usage",
                         "content": {"application/json": {"schema": {"type": "object"}}},
                     },
-                    **_errors(*_CALL_ERRORS),
+                    **_errors(*_V1_ERRORS),
                 },
             }
         },
@@ -576,7 +579,7 @@ def build_document(
                             ),  # fmt: skip
                         },
                     },
-                    **_errors(*_MESSAGES_ERRORS, shape="AnthropicError"),
+                    **_errors(*_V1_ERRORS, shape="AnthropicError"),
                 },
             }
         },
@@ -593,7 +596,9 @@ def build_document(
                         "description": "{input_tokens}",
                         "content": {"application/json": {"schema": {"type": "object"}}},
                     },
-                    **_errors("400", "401", "403", "413", "415", "429", shape="AnthropicError"),
+                    **_errors(
+                        "400", "401", "403", "404", "413", "415", "429", shape="AnthropicError"
+                    ),
                 },  # fmt: skip
             }
         },
@@ -629,7 +634,7 @@ def build_document(
                         "content": {"application/json": {"schema": {"type": "object"}}},
                     },
                     **_errors("401", "429"),
-                    "404": _json("Error", "Not a model this key may use (not_found)"),
+                    "404": _json("Error", "Not a model this key may use (model_not_found)"),
                 },  # fmt: skip
             }
         },

@@ -139,7 +139,9 @@ class RequestContextMiddleware:
         rid = incoming_request_id(scope)
         scope[REQUEST_ID] = rid
         path = relative_path(scope)
-        scope[ERROR_SHAPE] = self.shapes.get(path) or guessed_shape(path)
+        scope[ERROR_SHAPE] = self.shapes.get(path) or guessed_shape(
+            path, any(name == b"anthropic-version" for name, _ in scope["headers"])
+        )
         token = current_request_id.set(rid)
         if self.metrics is not None:
             self.metrics.in_flight.inc()

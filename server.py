@@ -69,6 +69,7 @@ from errors import (
     error_response,
     provider_api_error,
     relative_path,
+    shape_of,
 )
 from gateway import Gateway
 from jsonio import JSONResponse
@@ -139,7 +140,9 @@ async def root(request: Request) -> Response:
 
 
 def _anthropic_shape(request: Request) -> bool:
-    return "anthropic-version" in request.headers
+    """An Anthropic SDK's call (it always sends `anthropic-version`), as the error
+    shape was chosen for the request."""
+    return shape_of(request.scope) == "anthropic"
 
 
 def _deployments(request: Request) -> Deployments:
@@ -159,7 +162,7 @@ async def list_models(request: Request) -> Response:
 async def get_model(request: Request) -> Response:
     model = request.path_params["model_id"]
     if model not in admission.of(request).allowed_models(caller(request)):
-        raise ApiError(404, "not_found", f"no model {model!r} for this key")
+        raise ApiError(404, "model_not_found", f"The model {model[:200]!r} does not exist")
     if _anthropic_shape(request):
         return JSONResponse(anthropic_messages.model_object(model))
     return JSONResponse(openai_chat.model_object(model, _deployments(request).name))

@@ -202,8 +202,9 @@ def test_each_error_is_the_sdks_own_class(served: Served) -> None:
     with served.client("wrong-key") as c, pytest.raises(anthropic.AuthenticationError):
         c.messages.create(model=served.model, max_tokens=5, messages=USER)
     with served.client() as c:
-        with pytest.raises(anthropic.PermissionDeniedError):
-            c.messages.create(model="not-allowed", max_tokens=5, messages=USER)
+        with pytest.raises(anthropic.NotFoundError) as missing:
+            c.messages.create(model="not-a-model", max_tokens=5, messages=USER)
+        assert missing.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
         with pytest.raises(anthropic.BadRequestError) as bad:
             c.messages.create(model=served.model, max_tokens=-1, messages=USER)
         body: Any = bad.value.body

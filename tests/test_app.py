@@ -205,12 +205,12 @@ async def test_json_that_no_parser_takes_is_a_400_that_says_what_is_wrong() -> N
     assert "number out of range at line 1 column" in r.json()["error"]["message"]
 
 
-async def test_a_422_for_thousands_of_bad_items_stays_small() -> None:
+async def test_a_400_for_thousands_of_bad_items_stays_small() -> None:
     body = {"messages": [{"role": "nobody", "content": 1}] * 20_000}
     async with client(openai_app(openai_answer)) as c:
         r = await c.post("/v1/chat/completions", json=body)
     error = r.json()["error"]
-    assert r.status_code == 422 and len(r.content) < 10_000  # was 4 MB
+    assert r.status_code == 400 and len(r.content) < 10_000  # was 4 MB
     assert len(error["errors"]) == 20 and error["message"].endswith("; and 59995 more")
 
 
@@ -252,10 +252,40 @@ async def test_body_over_the_limit_is_413_while_streaming_in_without_length() ->
     assert len(sent) < 1000  # refused before all of it was read
 
 
-async def test_a_model_outside_llm_models_is_403() -> None:
+async def test_a_model_outside_llm_models_is_a_404_as_the_providers_answer() -> None:
     async with client(openai_app(openai_answer)) as c:
-        r = await c.post("/complete", json={"prompt": "hi", "model": "gpt-4o"})
-    assert r.status_code == 403 and r.json()["error"]["type"] == "model_not_allowed"
+        ours = await c.post("/complete", json={"prompt": "hi", "model": "gpt-4o"})
+        openai = await c.post("/v1/chat/completions", json={
+            "model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+        anthropic = await c.post("/v1/messages", json={
+            "model": "gpt-4o", "max_tokens": 5,
+            "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+    assert ours.status_code == 404 and ours.json()["error"]["type"] == "model_not_found"
+    assert openai.status_code == 404 and openai.json()["error"]["code"] == "model_not_found"
+    assert openai.json()["error"]["param"] == "model"
+    assert anthropic.status_code == 404
+    assert anthropic.json()["error"]["type"] == "not_found_error"
+
+
+async def test_an_anthropic_client_gets_anthropics_error_shape_on_the_models_routes() -> None:
+    app = openai_app(openai_answer)
+    anthropic = {"anthropic-version": "2023-06-01"}
+    async with client(app) as c:
+        missing = await c.get("/v1/models/nope", headers=anthropic)
+        listed = await c.get("/v1/models", headers=anthropic)
+        openai_missing = await c.get("/v1/models/nope")
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://testserver"
+    ) as anonymous:
+        unknown_key = await anonymous.get("/v1/models", headers=anthropic)
+        messages = await anonymous.post("/v1/messages", json={}, headers=anthropic)
+    for answer, kind in ((missing, "not_found_error"), (unknown_key, "authentication_error"),
+                         (messages, "authentication_error")):  # fmt: skip
+        body = answer.json()
+        assert body["type"] == "error" and body["error"]["type"] == kind, body
+        assert body["request_id"] == answer.headers["x-request-id"]
+    assert listed.json()["data"][0]["type"] == "model"
+    assert openai_missing.json()["error"]["code"] == "model_not_found"
 
 
 async def test_unknown_route_and_wrong_method_answer_in_the_error_shape() -> None:

@@ -114,7 +114,7 @@ async def test_the_allowlist_and_llm_models_decide_the_model(service: Process) -
     assert default.status_code == 200 and default.json()["model"] == "echo-b"
     assert allowed.status_code == 200
     assert refused.status_code == 403 and refused.json()["error"]["type"] == "model_not_allowed"
-    assert unknown.status_code == 403
+    assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "model_not_found"
 
 
 async def test_usage_shows_the_callers_own_totals(service: Process) -> None:

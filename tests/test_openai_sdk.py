@@ -142,9 +142,10 @@ def test_error_statuses_raise_the_sdks_exception_classes(v1: V1) -> None:
         c.chat.completions.create(model=v1.model, messages=MESSAGES)
     assert info.value.code == "invalid_api_key"
     with client(v1) as c:
-        with pytest.raises(openai.PermissionDeniedError):
+        with pytest.raises(openai.NotFoundError) as missing:
             c.chat.completions.create(model="not-a-model", messages=MESSAGES)
-        with pytest.raises(openai.UnprocessableEntityError) as bad:
+        assert missing.value.code == "model_not_found"
+        with pytest.raises(openai.BadRequestError) as bad:
             c.chat.completions.create(model=v1.model, messages=MESSAGES, temperature=7)
         assert isinstance(bad.value.body, dict) and bad.value.body["param"] == "temperature"
     with client(v1, key=TINY) as c:

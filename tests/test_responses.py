@@ -656,10 +656,11 @@ async def test_token_id_inputs_are_embedded_as_one_or_many() -> None:
         {"input": ["x"] * 2049},
     ],
 )
-async def test_a_malformed_embeddings_request_is_a_422(body: dict[str, Any]) -> None:
+async def test_a_malformed_embeddings_request_is_a_400_as_openais(body: dict[str, Any]) -> None:
     async with client(echo_app()) as c:
         r = await c.post("/v1/embeddings", json={"model": "echo", **body})
-    assert r.status_code == 422, r.text
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "invalid_request" and r.json()["error"]["errors"]
 
 
 async def test_embeddings_pass_through_to_an_openai_server_and_are_priced() -> None:
@@ -697,9 +698,9 @@ async def test_anthropic_has_no_embeddings_and_says_so() -> None:
 async def test_embeddings_and_responses_obey_the_keys_model_allowlist_and_token_limit() -> None:
     async with client(echo_app(models=("echo",))) as c:
         r = await c.post("/v1/embeddings", json={"model": "text-embedding-3-small", "input": "x"})
-        assert r.status_code == 403 and r.json()["error"]["type"] == "model_not_allowed"
+        assert r.status_code == 404 and r.json()["error"]["type"] == "model_not_found"
         r = await c.post("/v1/responses", json={"model": "gpt-4o", "input": "x"})
-        assert r.status_code == 403
+        assert r.status_code == 404
     async with client(echo_app(token_limit=Rate(20, 60))) as c:
         r = await c.post("/v1/responses", json={"input": "x", "max_output_tokens": 100})
         assert r.status_code == 429, r.text

@@ -457,12 +457,12 @@ async def test_a_conversation_is_its_keys_alone(
 @pytest.mark.parametrize(
     ("path", "body", "status"),
     [
-        ("/v1/conversations", {"items": [{"role": "user", "content": "x"}] * 21}, 422),
-        ("/v1/conversations", {"metadata": {"k" * 65: "v"}}, 422),
-        ("/v1/conversations", {"metadata": {str(i): "v" for i in range(17)}}, 422),
-        ("/v1/conversations", {"items": ["not an item"]}, 422),
+        ("/v1/conversations", {"items": [{"role": "user", "content": "x"}] * 21}, 400),
+        ("/v1/conversations", {"metadata": {"k" * 65: "v"}}, 400),
+        ("/v1/conversations", {"metadata": {str(i): "v" for i in range(17)}}, 400),
+        ("/v1/conversations", {"items": ["not an item"]}, 400),
         ("/v1/conversations", {"items": [{"role": "robot", "content": "x"}]}, 400),
-        ("/v1/conversations", {"title": "not a field"}, 422),
+        ("/v1/conversations", {"title": "not a field"}, 400),
     ],
 )
 async def test_a_bad_conversation_body_is_refused_naming_the_field(
