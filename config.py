@@ -601,14 +601,15 @@ class Settings:
         _flag,
         True,
         None,
-        "keep what the stateful APIs store (responses, conversations) in the ledger's database",
+        "keep what the stateful APIs store (responses, conversations, message threads) in "
+        "the ledger's database",
     )
     store_retention_days: float = row(
         "STORE_RETENTION_DAYS",
         _number,
         30.0,
         _at_least(1),
-        "how long a stored response, or an unused conversation, is kept",
+        "how long a stored response, or an unused conversation or message thread, is kept",
     )
     ledger_retention_days: float = row(
         "LEDGER_RETENTION_DAYS", _number, 400.0, _at_least(1), "how long the ledger keeps a row"

@@ -82,12 +82,15 @@ class ApiError(Exception):
         headers: Mapping[str, str] | None = None,
         errors: Sequence[Mapping[str, str]] | None = None,
         param: str | None = None,
+        details: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.type = type_
         self.message = message
         self.headers = dict(headers or {})
+        # Anthropic's `error.details` (`{"error_code": ...}`), which its SDKs branch on.
+        self.details = dict(details) if details is not None else None
         self.errors = list(errors) if errors is not None else None
         self.param = (
             param if param is not None else (self.errors[0]["field"] if self.errors else None)
@@ -154,18 +157,18 @@ def shaped(
     errors: Sequence[Mapping[str, str]] | None = None,
     param: str | None = None,
     status: int = 400,
+    details: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Our error shape; OpenAI's (ours, with `code` and `param`); or Anthropic's
-    (`{"type": "error", "error": {type, message}}`)."""
+    (`{"type": "error", "error": {type, message[, details]}}`)."""
     if shape == "anthropic":
         kind = ANTHROPIC_TYPES.get(
             status, "api_error" if status >= 500 else "invalid_request_error"
         )
-        return {
-            "type": "error",
-            "error": {"type": kind, "message": message},
-            "request_id": request_id,
-        }
+        inner: dict[str, Any] = {"type": kind, "message": message}
+        if details is not None:
+            inner["details"] = dict(details)
+        return {"type": "error", "error": inner, "request_id": request_id}
     error: dict[str, Any] = {"type": type_, "message": message, "request_id": request_id}
     if errors is not None:
         error["errors"] = list(errors)
@@ -182,9 +185,11 @@ def error_body(
     errors: Sequence[Mapping[str, str]] | None = None,
     param: str | None = None,
     status: int = 400,
+    details: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The error in the shape the request's client reads."""
-    return shaped(shape_of(scope), type_, message, request_id(scope), errors, param, status)
+    shape = shape_of(scope)
+    return shaped(shape, type_, message, request_id(scope), errors, param, status, details)
 
 
 def error_response(
@@ -196,11 +201,12 @@ def error_response(
     headers: Mapping[str, str] | None = None,
     errors: Sequence[Mapping[str, str]] | None = None,
     param: str | None = None,
+    details: Mapping[str, Any] | None = None,
 ) -> JSONResponse:
     if status == 422 and shape_of(scope) != "ours":
         status = 400  # OpenAI's and Anthropic's APIs answer a schema violation with 400
     return JSONResponse(
-        error_body(scope, type_, message, errors, param, status),
+        error_body(scope, type_, message, errors, param, status, details),
         status_code=status,
         headers=dict(headers or {}),
     )
@@ -215,6 +221,7 @@ def api_error_response(scope: Scope, exc: ApiError) -> JSONResponse:
         headers=exc.headers,
         errors=exc.errors,
         param=exc.param,
+        details=exc.details,
     )
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +47,7 @@ from jsonio import JSONResponse
 from llm import HttpProvider, Provider
 from requestlog import CALL
 from sse import EventStream, Streams
-from stored import Keeping, Responses
+from stored import Keeper, State
 from usage import Usage
 
 # Fields of a body that choose models or routes at the provider (OpenRouter reads them):
@@ -66,8 +66,9 @@ class Gateway:
     admission: Admission
     deployments: Deployments
     streams: Streams
-    # The stored responses (stored.py), or None: the store is off, and so is their state.
-    state: Responses | None = None
+    # The state the dialects keep (stored.py), by the name a `Dialect.keeps` gives: none
+    # for a kind the store does not keep, whose dialect refuses what would need it.
+    states: Mapping[str, State] = dataclasses.field(default_factory=dict)
 
     def route(self, dialect: Dialect, op: str) -> Callable[[Request], Awaitable[Response]]:
         """The route function of `dialect` for `op` ("chat" or "embeddings")."""
@@ -96,10 +97,12 @@ class Gateway:
         gate = self.admission
         data, body = await self.read(request, dialect.body)
         keeping = None
-        if dialect.keeps and self.state is not None:
+        state = self.states.get(dialect.keeps) if dialect.keeps else None
+        if state is not None:
             # The earlier turns it names, from the store, before anything reads it.
-            data, keeping = await self.state.expand(request, data)
-            body = validated(data, dialect.body)
+            expanded, keeping = await state.expand(request, data)
+            if expanded is not data:  # read again, as it goes on
+                data, body = expanded, validated(expanded, dialect.body)
         model = gate.choose_model(request, getattr(body, "model", None))
         rid = request_id(request.scope)
         decoded = dialect.decode(body, model, rid)
@@ -182,7 +185,7 @@ class Gateway:
         data: dict[str, Any],
         body: Any,
         stream: bool,
-        keeping: Keeping | None = None,
+        keeping: Keeper | None = None,
     ) -> Response:
         """The client's body to a provider of its own format, the answer as it came but
         for what the accounting and the cap need (and, to be stored, shown as stored)."""
@@ -300,6 +303,10 @@ def forwarded(request: Request, hooks: Passthrough) -> dict[str, str]:
     headers = {}
     for name in hooks.headers:
         value = request.headers.get(name)
+        if value and hooks.own:  # a beta flag of what is done here is not the provider's
+            value = ",".join(
+                flag for flag in value.split(",") if flag.strip() and flag.strip() not in hooks.own
+            )
         if value:
             headers[name] = value
     return headers

@@ -46,6 +46,11 @@ class Error(BaseModel):
 class AnthropicErrorObject(BaseModel):
     type: str
     message: str
+    details: dict[str, Any] | None = Field(
+        None,
+        description='What the SDKs branch on: {"error_code": ...} (thread_not_found, '
+        "thread_unsupported_request, thread_fingerprint_mismatch)",
+    )
 
 
 class AnthropicError(BaseModel):
@@ -97,8 +102,9 @@ _ERRORS = {
     "(invalid_request, with the fields), or refused by the provider",
     "401": "Key missing or unknown (invalid_api_key)",
     "403": "Model not allowed for this key (model_not_allowed)",
-    "404": "No such model (model_not_found), or no such stored response or conversation "
-    "for this key, or the store is off (not_found)",
+    "404": "No such model (model_not_found), or no such stored response, conversation or "
+    "message thread for this key, or the store is off (not_found; a thread's with "
+    "error.details.error_code thread_not_found)",
     "413": "Body over MAX_BODY_BYTES (body_too_large)",
     "415": "Not application/json (unsupported_media_type)",
     "422": "Schema violation (invalid_request), with the fields (a 400 on the /v1 routes, "

@@ -317,14 +317,16 @@ def create_app(
         open_streams=metrics_.open_streams,
     )
     # What the stateful APIs keep lives beside the ledger, unless STORE_STATE is off.
-    state = (
-        stored.Responses(
-            ledger, max_bytes=stored.HISTORY_BODIES * settings.max_body_bytes, logger=logger
-        )
-        if ledger is not None and settings.store_state
-        else None
-    )
-    serving = Gateway(admission=admitting, deployments=deployments, streams=streams, state=state)
+    bound = stored.HISTORY_BODIES * settings.max_body_bytes
+    state: stored.Responses | None = None
+    states: dict[str, stored.State] = {"threads": stored.Unthreaded()}
+    if ledger is not None and settings.store_state:
+        state = stored.Responses(ledger, max_bytes=bound, logger=logger)
+        states = {
+            "responses": state,
+            "threads": stored.Threads(ledger, max_bytes=bound, logger=logger),
+        }
+    serving = Gateway(admission=admitting, deployments=deployments, streams=streams, states=states)
     # The router tries routes in order: the provider calls come first, each one line:
     # its client format and its operation, on the one serving path.
     api: list[tuple[str, RouteFunction, str]] = [

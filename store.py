@@ -133,6 +133,25 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX conversation_items_id ON conversation_items (conversation_id, id)",
     ),
+    (  # 4: Anthropic's message threads: the fields each keeps, and its turns
+        """CREATE TABLE threads (
+            id TEXT PRIMARY KEY,
+            key TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            used_at DOUBLE PRECISION NOT NULL,
+            fields TEXT NOT NULL
+        )""",
+        "CREATE INDEX threads_used ON threads (used_at)",
+        """CREATE TABLE thread_messages (
+            id TEXT PRIMARY KEY,
+            thread_id TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            previous_id TEXT,
+            messages TEXT NOT NULL,
+            reply TEXT NOT NULL
+        )""",
+        "CREATE INDEX thread_messages_thread ON thread_messages (thread_id)",
+    ),
 )
 
 # What the rows left waiting may hold at most: about 400 bytes each, 20 MB.
@@ -488,6 +507,13 @@ class Ledger:
                 (cutoff,),
             )
             conn.execute(f"DELETE FROM conversations WHERE used_at < {m}", (cutoff,))
+            # So is a thread, its turns with it.
+            conn.execute(
+                "DELETE FROM thread_messages WHERE thread_id IN "
+                f"(SELECT id FROM threads WHERE used_at < {m})",
+                (cutoff,),
+            )
+            conn.execute(f"DELETE FROM threads WHERE used_at < {m}", (cutoff,))
 
     # --- reading ------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
-"""The state the Responses API keeps, kept by text-tool whatever the provider: stored
-responses and conversations.
+"""The state the newest clients lean on, kept by text-tool whatever the provider: the
+Responses API's stored responses and conversations, and Anthropic's message threads.
 
 With `store` true (the default, as in OpenAI's API) a response and the input it was
 given are kept in the ledger's database (store.py), owned by the calling key; a later
@@ -11,11 +11,17 @@ stored here can. A conversation (OpenAI's Conversations API) is a list of items 
 names in `conversation`: they come before its input, and its input and output are added
 to them once it is answered.
 
+A message thread (Anthropic's `thread: {"type": "create"}`, then `{"type": "continue",
+"previous_message_id": ...}` with only the new messages) is kept the same way: each
+turn's new messages and reply, under the reply's id; a turn that continues one gets
+the thread's system, tools and every earlier message back, and the provider, whatever
+it is, the whole conversation without `thread`.
+
 Everything is its key's: any other id, a guessed one or one of another key, is the same
 404. Ids are random, never counters.
 
-The gateway calls `Responses.expand` before it decodes a body, and `Keeping.answer` or
-`Keeping.frames` with what it answers; the rest here is the routes.
+The gateway calls a `State`'s `expand` before it decodes a body, and its `Keeper`'s
+`answer` or `frames` with what it answers; the rest here is the routes.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
@@ -32,6 +38,8 @@ from starlette.responses import Response
 
 import jsonio
 from admission import caller
+from dialects import bad
+from dialects.anthropic_messages import Snapshot
 from errors import ApiError
 from jsonio import JSONResponse
 from store import Ledger
@@ -52,6 +60,29 @@ _WHOLE = (*_FINAL, b"event: response.created\n", b"event: response.in_progress\n
           b"event: response.queued\n", b"event: response.failed\n")  # fmt: skip
 _PREFIXES = {"message": "msg_", "function_call_output": "fco_", "custom_tool_call_output": "ctco_"}
 _ROLES = ("user", "assistant", "system", "developer")
+
+
+class Keeper(Protocol):
+    """One call whose answer is kept: it sees the answer before the client does."""
+
+    async def answer(self, response: dict[str, Any]) -> dict[str, Any]:
+        """A whole answer, kept, as the client is to see it."""
+        ...
+
+    def frames(self, frames: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
+        """A stream's frames, kept at its end, as the client is to see them."""
+        ...
+
+
+class State(Protocol):
+    """A kind of state a dialect keeps (`Dialect.keeps`)."""
+
+    async def expand(
+        self, request: Request, data: dict[str, Any]
+    ) -> tuple[dict[str, Any], Keeper | None]:
+        """The body with the history it names (`data` itself when it names none), and
+        what to keep of the call, if anything."""
+        ...
 
 
 def new_id(prefix: str, size: int = 12) -> str:
@@ -279,7 +310,8 @@ class Responses(_Store):
         items of its `conversation`) before its input, `store` taken out (a provider
         gets `false`); and what to keep of the call, if anything."""
         owner = owner_of(request)
-        data = dict(data)
+        if any(k in data for k in ("store", "previous_response_id", "conversation")):
+            data = dict(data)  # a new body, read again as it goes on
         store = data.pop("store", None) is not False
         previous = data.pop("previous_response_id", None)
         conversation = _conversation_id(data.pop("conversation", None))
@@ -632,6 +664,237 @@ class Conversations(_Store):
                 return self._owned(conn, owner, conversation)
 
         return JSONResponse(self._shown(await self.run(work)))
+
+
+# --- Anthropic's message threads ------------------------------------------------------
+
+# What a thread keeps from the turn that creates it: a turn that continues it leaves
+# them out and gets them back (Anthropic's API answers the same).
+THREAD_FIELDS = ("system", "tools")
+
+
+def _thread(value: Any) -> tuple[str, str | None]:
+    """`thread` of a Messages body: ("create", None) or ("continue", its message id)."""
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "create" and set(value) == {"type"}:
+        return "create", None
+    previous = value.get("previous_message_id") if isinstance(value, dict) else None
+    if kind == "continue" and set(value) == {"type", "previous_message_id"}:
+        if isinstance(previous, str) and 0 < len(previous) <= 200:
+            return "continue", previous
+    raise bad("thread", '{"type": "create"}, or {"type": "continue", "previous_message_id": ...}')
+
+
+def thread_not_found(message_id: str, why: str = "") -> ApiError:
+    """Anthropic's 404 for a thread it cannot continue, which its SDKs recover from by
+    sending the whole conversation again, creating a new thread."""
+    return ApiError(
+        404,
+        "not_found",
+        f"No thread was found for previous_message_id '{message_id[:100]}'{why}; send the "
+        'whole conversation again with thread: {"type": "create"}.',
+        param="thread.previous_message_id",
+        details={"error_code": "thread_not_found"},
+    )
+
+
+class ThreadTurn:
+    """One turn of a message thread: its new messages and, once answered, its reply,
+    kept under an id of ours (random, whatever the provider named the message), the one
+    the client continues from."""
+
+    def __init__(
+        self,
+        threads: Threads,
+        owner: str,
+        thread_id: str,
+        messages: list[Any],
+        *,
+        previous: str | None = None,
+        fields: dict[str, Any] | None = None,
+    ) -> None:
+        self.threads = threads
+        self.owner = owner
+        self.thread_id = thread_id
+        self.messages = messages
+        self.previous = previous  # None: the turn that creates the thread...
+        self.fields = fields  # ...with the fields the thread keeps
+        self.id = new_id("msg_", 12)
+
+    async def answer(self, response: dict[str, Any]) -> dict[str, Any]:
+        shown = {**response, "id": self.id}
+        content = shown.get("content")
+        if isinstance(content, list):
+            await self.threads.save(self, {"role": "assistant", "content": content})
+        return shown
+
+    async def frames(self, frames: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
+        """The frames as they go, the message under our id; the reply, put back together
+        from them, kept before `message_stop` is sent, so that a client that continues
+        the moment it has it finds it. A stream that breaks keeps nothing (the SDKs
+        send the turn again)."""
+        snapshot = Snapshot()
+        bound = self.threads.max_bytes
+        try:
+            async for frame in frames:
+                head, _, data = frame.partition(b"\ndata: ")
+                if head == b"event: message_start":
+                    event = jsonio.loads(data)
+                    if isinstance(event, dict) and isinstance(event.get("message"), dict):
+                        event["message"]["id"] = self.id
+                        frame = head + b"\ndata: " + jsonio.dumps(event) + b"\n\n"
+                elif head.startswith(b"event: content_block") and snapshot.size <= bound:
+                    event = jsonio.loads(data)
+                    if isinstance(event, dict):
+                        snapshot.feed(event)
+                elif head == b"event: message_stop":
+                    if snapshot.size <= bound:
+                        await self.threads.save(self, snapshot.reply())
+                    else:
+                        self.threads.logger.warning(
+                            "a thread's reply past the history bound was not kept",
+                            extra={"event": "thread_not_kept", "size": snapshot.size},
+                        )
+                yield frame
+        finally:
+            await frames.aclose()
+
+
+class Threads(_Store):
+    """Anthropic's message threads, kept whatever the provider: a thread (the fields it
+    keeps) and its turns (each's new messages and reply), owned by the key that made it."""
+
+    async def expand(
+        self, request: Request, data: dict[str, Any]
+    ) -> tuple[dict[str, Any], Keeper | None]:
+        """A body with `thread` as the provider is to get it: without `thread`, and, for
+        a turn that continues one, with the thread's fields and every earlier message;
+        `data` itself for a body without one."""
+        if data.get("thread") is None:
+            return data, None
+        kind, previous = _thread(data["thread"])
+        owner = owner_of(request)
+        data = {k: v for k, v in data.items() if k != "thread"}
+        messages = list(data.get("messages") or ())
+        if previous is None:
+            fields = {k: data[k] for k in THREAD_FIELDS if data.get(k) is not None}
+            return data, ThreadTurn(self, owner, new_id("thread_", 12), messages, fields=fields)
+        found = await self.run(lambda conn: self._chain(conn, owner, previous))
+        if found is None:
+            raise thread_not_found(previous)
+        thread_id, fields, history = found
+        changed = [k for k in THREAD_FIELDS if data.get(k) is not None and data[k] != fields.get(k)]
+        if changed:
+            raise ApiError(
+                400,
+                "invalid_request",
+                f"{' and '.join(changed)}: differs from what the thread was created with; "
+                'leave it out, or send the whole conversation with thread: {"type": "create"}',
+                param=changed[0],
+                details={"error_code": "thread_fingerprint_mismatch"},
+            )
+        data.update(fields)
+        data["messages"] = history + messages
+        return data, ThreadTurn(self, owner, thread_id, messages, previous=previous)
+
+    # --- the database (each in a reader thread of the ledger) --------------------------
+
+    def _chain(
+        self, conn: Any, owner: str, message_id: str
+    ) -> tuple[str, dict[str, Any], list[Any]] | None:
+        """(thread id, its fields, every message up to and including `message_id`'s
+        reply), or None: no such message of this key's. The thread's turns are read in
+        one query (a thread of thousands of turns is not thousands of round trips), up
+        to the history bound."""
+        m = self.mark
+        found = conn.execute(
+            "SELECT t.id, t.fields FROM thread_messages s JOIN threads t ON t.id = s.thread_id "
+            f"WHERE s.id = {m} AND t.key = {m}",
+            (message_id, owner),
+        ).fetchone()
+        if found is None:
+            return None
+        thread_id, fields = found
+        rows = conn.execute(
+            f"SELECT id, previous_id, messages, reply FROM thread_messages WHERE thread_id = {m}",
+            (thread_id,),
+        )
+        turns: dict[str, tuple[str | None, str, str]] = {}
+        size = len(fields)
+        for ident, previous, messages, reply in rows:
+            size += len(messages) + len(reply)
+            if size > self.max_bytes:
+                raise self.too_long("thread")
+            turns[ident] = (previous, messages, reply)
+        chain = []
+        at: str | None = message_id
+        while at is not None:
+            turn = turns.pop(at, None)  # popped: a loop in the rows ends here
+            if turn is None:
+                return None
+            chain.append(turn)
+            at = turn[0]
+        history: list[Any] = []
+        for _, messages, reply in reversed(chain):
+            history += jsonio.loads(messages)
+            history.append(jsonio.loads(reply))
+        return thread_id, jsonio.loads(fields), history
+
+    async def save(self, turn: ThreadTurn, reply: dict[str, Any]) -> None:
+        """Keep a turn (and, for the first, its thread) in one transaction. One that
+        cannot be kept is logged and the call answered: the next turn finds no thread
+        (a 404 `thread_not_found`), and the SDKs send the whole conversation again."""
+        m, now = self.mark, time.time()
+        row = (turn.id, turn.thread_id, now, turn.previous,
+               jsonio.dumps(turn.messages).decode(), jsonio.dumps(reply).decode())  # fmt: skip
+
+        def work(conn: Any) -> None:
+            with self.ledger.transaction(conn):
+                if turn.fields is not None:
+                    conn.execute(
+                        "INSERT INTO threads (id, key, created_at, used_at, fields) "
+                        f"VALUES ({m}, {m}, {m}, {m}, {m})",
+                        (turn.thread_id, turn.owner, now, now, jsonio.dumps(turn.fields).decode()),
+                    )
+                elif not conn.execute(
+                    f"UPDATE threads SET used_at = {m} WHERE id = {m} AND key = {m}",
+                    (now, turn.thread_id, turn.owner),
+                ).rowcount:
+                    return  # deleted meanwhile (its retention): nothing to add to
+                conn.execute(
+                    "INSERT INTO thread_messages (id, thread_id, created_at, previous_id, "
+                    f"messages, reply) VALUES ({m}, {m}, {m}, {m}, {m}, {m})",
+                    row,
+                )
+
+        try:
+            await self.run(work)
+        except ApiError:
+            pass  # logged
+
+
+class Unthreaded:
+    """Threads when nothing is kept (STORE_STATE=false or LEDGER_URL=off): refused as
+    Anthropic's API refuses what it cannot thread, in the errors its SDKs recover from
+    (their tool runner goes on without a thread, sending the whole conversation)."""
+
+    _WHY = " (this service keeps no threads: STORE_STATE=false or LEDGER_URL=off)"
+
+    async def expand(
+        self, request: Request, data: dict[str, Any]
+    ) -> tuple[dict[str, Any], Keeper | None]:
+        if data.get("thread") is None:
+            return data, None
+        kind, previous = _thread(data["thread"])
+        if previous is not None:
+            raise thread_not_found(previous, self._WHY)
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"thread: not supported{self._WHY}; send the whole conversation without it.",
+            param="thread",
+            details={"error_code": "thread_unsupported_request"},
+        )
 
 
 def routes(responses: Responses | None, read: Reader) -> list[tuple[str, Any, str]]:

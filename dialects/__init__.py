@@ -147,7 +147,8 @@ class Passthrough:
     (the model is set already), `accounted` reads a whole answer, `relay` a stream;
     `headers` are the client's headers passed on, `query` the parameters of its query
     string that are (no others: one could choose what the provider does),
-    `scale` how many times the answer-size bound its answers may be."""
+    `own` the beta flags of what this service does itself (taken out of the headers
+    passed on), `scale` how many times the answer-size bound its answers may be."""
 
     prepare: Callable[[dict[str, Any]], None]
     accounted: Callable[[dict[str, Any]], Accounted]
@@ -155,6 +156,7 @@ class Passthrough:
     relay: Callable[[dict[str, Any], Any, chat.Request], Relay] | None = None
     headers: tuple[str, ...] = ()
     query: tuple[str, ...] = ()
+    own: tuple[str, ...] = ()
     scale: int = 1
     verbatim: bool = False  # the provider's refusals go back as they came
 
@@ -177,7 +179,8 @@ class Dialect:
     passthrough: Passthrough | None = None
     fallback: bool = True
     streams: Callable[[Any], bool] = lambda body: bool(getattr(body, "stream", False))
-    keeps: bool = False  # its answers are stored and continued (the Responses API's state)
+    # The state its answers are kept in and continued from (stored.py), by name.
+    keeps: str | None = None
 
 
 def nothing(data: dict[str, Any]) -> None:

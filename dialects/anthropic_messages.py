@@ -56,6 +56,8 @@ from usage import Usage
 WIRE = "anthropic_messages"
 PATH = "/v1/messages"
 VERSION = "2023-06-01"
+# Message threads (stored.py): ours to keep, whatever the provider, never forwarded.
+THREADS_BETA = "message-threads-2026-08-12"
 DEFAULT_MAX_TOKENS = 4096  # required by Anthropic; OpenAI's default is the model's maximum
 
 FINISH = {
@@ -559,7 +561,9 @@ class MessagesBody(BaseModel):
 
     model: str | None = Field(None, min_length=1, max_length=200)
     max_tokens: PositiveOrZero
-    messages: list[MessageItem] = Field(min_length=1)
+    # None at all only on a turn that continues a thread (stored.py), which gets its
+    # history before it is decoded: `decode_request` refuses an empty list.
+    messages: list[MessageItem]
     system: str | list[dict[str, Any]] | None = None
     stream: bool = False
     temperature: float | None = Field(None, ge=0.0, le=1.0)
@@ -571,6 +575,11 @@ class MessagesBody(BaseModel):
     thinking: dict[str, Any] | None = None
     output_config: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
+    thread: dict[str, Any] | None = Field(
+        None,
+        description='A message thread, kept by this service: {"type": "create"}, or '
+        '{"type": "continue", "previous_message_id": ...} with only the new messages',
+    )
 
 
 class CountTokensBody(BaseModel):
@@ -602,6 +611,8 @@ def _bounded(body: MessagesBody | CountTokensBody) -> None:
 
 
 def decode_request(body: MessagesBody | CountTokensBody, model: str, rid: str | None) -> Decoded:
+    if not body.messages:
+        raise bad("messages", "at least one message is needed")
     _bounded(body)
     lost: list[tuple[str, str]] = []
     dropped = sorted(k for k in (body.model_extra or {}) if k in ADVISORY or k not in _KNOWN)
@@ -985,6 +996,69 @@ class Relay:
         return []
 
 
+class Snapshot:
+    """A streamed message put back together from its events, as the whole answer would
+    have been (`reply`): what a thread keeps of a streamed turn (stored.py). `size`
+    counts the characters taken in, for the keeper's bound."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[int, dict[str, Any]] = {}
+        self.pieces: dict[int, tuple[str, list[str]]] = {}  # index: (key, its deltas)
+        self.size = 0
+
+    def feed(self, data: Mapping[str, Any]) -> None:
+        kind = data.get("type")
+        index = data.get("index")
+        if not isinstance(index, int):
+            return
+        if kind == "content_block_start" and isinstance(data.get("content_block"), dict):
+            self.blocks[index] = dict(data["content_block"])
+        elif kind == "content_block_delta" and index in self.blocks:
+            delta = data.get("delta")
+            if not isinstance(delta, dict):
+                return
+            step = delta.get("type")
+            if step == "signature_delta":
+                self.blocks[index]["signature"] = delta.get("signature")
+            elif step == "citations_delta":
+                self.blocks[index].setdefault("citations", []).append(delta.get("citation"))
+            elif step in _PIECES:
+                key, field = _PIECES[step]
+                text = delta.get(field)
+                if isinstance(text, str):
+                    self.pieces.setdefault(index, (key, []))[1].append(text)
+                    self.size += len(text)
+        elif kind == "content_block_stop":
+            self._close(index)
+
+    def _close(self, index: int) -> None:
+        key, pieces = self.pieces.pop(index, ("", []))
+        block = self.blocks.get(index)
+        if block is None or not key:
+            return
+        text = "".join(pieces)
+        if key == "input":
+            try:
+                block["input"] = jsonio.loads(text) if text.strip() else {}
+            except ValueError:
+                block["input"] = {}
+        else:
+            block[key] = block.get(key, "") + text
+
+    def reply(self) -> dict[str, Any]:
+        """The assistant message, every block closed."""
+        for index in list(self.pieces):
+            self._close(index)
+        return {"role": "assistant", "content": [self.blocks[i] for i in sorted(self.blocks)]}
+
+
+# Deltas that add to a block: the key of the block they add to, and their own.
+_PIECES = {
+    "text_delta": ("text", "text"),
+    "thinking_delta": ("thinking", "thinking"),
+    "input_json_delta": ("input", "partial_json"),
+}
+
 # The delta kinds the decoder reads (a signature carries no tokens to count).
 _READ = frozenset({"text_delta", "input_json_delta", "thinking_delta", "signature_delta"})
 
@@ -1040,9 +1114,11 @@ DIALECT = Dialect(
         # Its API version and beta flags go with it (`?beta=true` too), never its key.
         headers=("anthropic-version", "anthropic-beta"),
         query=("beta",),
+        own=(THREADS_BETA,),
         # Its refusals come back with their status and words: Claude Code matches on them.
         verbatim=True,
     ),
+    keeps="threads",
 )
 
 # count_tokens: the same format, counted (gateway.count_tokens); no answer to encode.

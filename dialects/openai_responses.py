@@ -886,5 +886,5 @@ DIALECT = Dialect(
     answer=answer,
     encoder=encoder,
     passthrough=Passthrough(prepare=prepare, accounted=accounted, relay=relay),
-    keeps=True,
+    keeps="responses",
 )

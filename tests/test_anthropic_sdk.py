@@ -10,12 +10,19 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anthropic
 import httpx
 import pytest
-from anthropic.types import MessageParam, ToolParam
+from anthropic import beta_tool
+from anthropic.types import (
+    MessageParam,
+    ThreadNotFoundError,
+    ThreadUnsupportedRequestError,
+    ToolParam,
+)
 
 from tests.conftest import CLIENT_KEY, PROVIDER_KEY, Process, start_mock, start_service
 
@@ -80,8 +87,9 @@ def served(
         mock.stop()
 
 
-def text_of(message: anthropic.types.Message) -> str:
-    return "".join(b.text for b in message.content if isinstance(b, anthropic.types.TextBlock))
+def text_of(message: Any) -> str:
+    """The text of a message, or of a beta one (whose blocks are the beta classes)."""
+    return "".join(b.text for b in message.content if b.type == "text")
 
 
 def user(text: str) -> list[MessageParam]:
@@ -363,3 +371,126 @@ def test_a_client_that_leaves_a_passed_through_stream_closes_the_upstream(served
     while served.mock_stats()["open"]:
         assert time.monotonic() < deadline, "the upstream stream stayed open"
         time.sleep(0.05)
+
+
+# --- message threads: the SDKs' defaults, whatever the provider ------------------------
+
+
+class Sent:
+    """The bodies the SDK sends, seen from its own HTTP client."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+
+    def __call__(self, request: Any) -> None:
+        if request.url.path.endswith("/v1/messages"):
+            self.bodies.append(json.loads(request.content))
+            self.headers.append(dict(request.headers))
+
+    def client(self, served: Served) -> anthropic.Anthropic:
+        http = anthropic.DefaultHttpxClient(event_hooks={"request": [self]})
+        return served.client(http_client=http)
+
+
+def test_the_tool_runner_threads_its_turns_on_its_defaults(served: Served) -> None:
+    called: list[str] = []
+
+    @beta_tool
+    def get_weather(location: str) -> str:
+        """The weather for a place."""
+        called.append(location)
+        return "18C and sunny"
+
+    call = {"name": "get_weather", "arguments": {"location": "Paris"}}
+    prompt = steer(served, "Use get_weather for Paris", tool_call=call)
+    sent = Sent()
+    with sent.client(served) as c:
+        runner = c.beta.messages.tool_runner(
+            model=served.model, max_tokens=200, tools=[get_weather], max_iterations=4,
+            messages=[{"role": "user", "content": prompt}],
+        )  # fmt: skip
+        replies = list(runner)
+    assert [m.stop_reason for m in replies] == ["tool_use", "end_turn"] and len(called) == 1
+    first, second = sent.bodies
+    assert first["thread"] == {"type": "create"} and "message-threads" in sent.headers[0][
+        "anthropic-beta"]  # fmt: skip
+    assert second["thread"] == {"type": "continue", "previous_message_id": replies[0].id}
+    assert [m["role"] for m in second["messages"]] == ["user"] and "tools" not in second
+    if served.provider == "echo":
+        assert text_of(replies[1]) == "18C and sunny"
+        return
+    upstream = served.sent()
+    assert "thread" not in upstream["body"]
+    if served.provider == "anthropic":  # the whole conversation, and its tools, as Anthropic's
+        assert [m["role"] for m in upstream["body"]["messages"]] == ["user", "assistant", "user"]
+        assert upstream["body"]["tools"][0]["name"] == "get_weather"
+        assert "message-threads" not in upstream["headers"].get("anthropic-beta", "")
+    else:
+        roles = [m["role"] for m in upstream["body"]["messages"]]
+        assert roles == ["user", "assistant", "tool"]
+
+
+def test_a_thread_sends_only_new_messages_and_its_replies_know_the_rest(served: Served) -> None:
+    sent = Sent()
+    with sent.client(served) as c:
+        thread = c.beta.messages.thread(model=served.model, max_tokens=100, system="Be brief.")
+        first = thread.send({"role": "user", "content": "My name is Ada"})
+        with thread.stream({"role": "user", "content": "Hello again"}) as stream:
+            streamed = stream.get_final_message()
+        last = thread.send({"role": "user", "content": "Goodbye now"})
+        with pytest.raises(ThreadNotFoundError) as lost:
+            c.beta.messages.create(
+                model=served.model, max_tokens=10, messages=[{"role": "user", "content": "hi"}],
+                thread={"type": "continue", "previous_message_id": "msg_" + "0" * 24},
+                betas=["message-threads-2026-08-12"],
+            )  # fmt: skip
+    assert lost.value.error_code == "thread_not_found"
+    assert [b["thread"] for b in sent.bodies[:3]] == [
+        {"type": "create"},
+        {"type": "continue", "previous_message_id": first.id},
+        {"type": "continue", "previous_message_id": streamed.id},
+    ]
+    assert len(sent.bodies[2]["messages"]) == 1 and "system" not in sent.bodies[2]
+    assert len({first.id, streamed.id, last.id}) == 3
+    if served.provider == "echo":  # echo counts what it was given: the whole conversation
+        assert text_of(last) == "Goodbye now"
+        assert last.usage.input_tokens > first.usage.input_tokens + 5
+        return
+    upstream = served.sent()["body"]
+    texts = [m["content"] if isinstance(m["content"], str) else m["content"][0]["text"]
+             for m in upstream["messages"]]  # fmt: skip
+    if served.provider == "anthropic":
+        assert upstream["system"] == "Be brief." and len(texts) == 5
+    else:
+        assert texts[0] == "Be brief." and len(texts) == 6
+    assert texts[-1] == "Goodbye now" and texts[-3] == "Hello again"
+
+
+def test_with_nothing_kept_the_tool_runner_goes_on_without_a_thread(
+    tmp_path: Path,
+) -> None:
+    env = {"API_KEYS": CLIENT_KEY, "STORE_STATE": "false", **PROVIDERS["echo"]}
+    service = start_service(tmp_path, env)
+    served = Served(service.url, "echo", "echo", None, service)
+    sent = Sent()
+
+    @beta_tool
+    def get_weather(location: str) -> str:
+        """The weather for a place."""
+        return "18C and sunny"
+
+    try:
+        with sent.client(served) as c:
+            runner = c.beta.messages.tool_runner(
+                model="echo", max_tokens=100, tools=[get_weather], max_iterations=2,
+                messages=[{"role": "user", "content": "Just say hello"}],
+            )  # fmt: skip
+            replies = list(runner)
+            thread = c.beta.messages.thread(model="echo", max_tokens=100)
+            with pytest.raises(ThreadUnsupportedRequestError):
+                thread.send({"role": "user", "content": "hi"})
+    finally:
+        service.stop()
+    assert replies[-1].stop_reason in ("end_turn", "tool_use")
+    assert sent.bodies[0]["thread"] == {"type": "create"} and "thread" not in sent.bodies[1]

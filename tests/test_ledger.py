@@ -365,15 +365,27 @@ def test_rows_past_the_retention_are_pruned(tmp_path: Path) -> None:
     conn = ledger.db.connect()
     for age_days in (8, 6):  # stored responses, kept 7 days
         ledger.execute(conn, stored, (f"r{age_days}", now - age_days * 86400))
+        # a message thread, kept 7 days after its last use, its turns with it
+        at = now - age_days * 86400
+        ledger.execute(conn, "INSERT INTO threads VALUES (?, 'k', ?, ?, '{}')",
+                       (f"t{age_days}", at - 86400 * 30, at))  # fmt: skip
+        ledger.execute(conn, "INSERT INTO thread_messages VALUES (?, ?, ?, NULL, '[]', '{}')",
+                       (f"m{age_days}", f"t{age_days}", at))  # fmt: skip
     conn.close()
     ledger.close()
     again = Ledger(store.backend(str(path)), logger=logging.getLogger("t"), interval_s=0.05,
                    retention_days=30, state_retention_days=7, clock=lambda: now)  # fmt: skip
     again.open()  # prunes on its first round, then about once an hour
     deadline = time.monotonic() + 5
-    while len(ledger_rows(path)) > 2 or len(again.read("SELECT id FROM responses")) > 1:
+    while (
+        len(ledger_rows(path)) > 2
+        or len(again.read("SELECT id FROM responses")) > 1
+        or len(again.read("SELECT id FROM thread_messages")) > 1
+    ):
         assert time.monotonic() < deadline, "the old rows were not pruned"
         time.sleep(0.02)
     assert again.read("SELECT id FROM responses") == [("r6",)]  # deleted, not flagged
+    assert again.read("SELECT id FROM threads") == [("t6",)]
+    assert again.read("SELECT id, thread_id FROM thread_messages") == [("m6", "t6")]
     again.close()
     assert [r["at"] for r in ledger_rows(path)] == [now - 29 * 86400, now - 86400]

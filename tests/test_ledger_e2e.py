@@ -217,11 +217,29 @@ def test_a_stored_response_is_continued_on_another_replica_and_after_a_restart(
         assert second.status_code == 200, second.text
         sent = httpx.get(mock_provider.url + "/_last", timeout=5).json()["body"]
         assert "My name is Ada." in json.dumps(sent["messages"])
+        # An Anthropic message thread, the same way
+        turn = {"max_tokens": 50, "messages": [{"role": "user", "content": "I am Bo."}],
+                "thread": {"type": "create"}}  # fmt: skip
+        created = httpx.post(one.url + "/v1/messages", json=turn, headers=AUTH_HEADERS,
+                             timeout=20)  # fmt: skip
+        assert created.status_code == 200, created.text
+        turn["thread"] = {"type": "continue", "previous_message_id": created.json()["id"]}
+        turn["messages"] = [{"role": "user", "content": "Who am I?"}]
+        continued = httpx.post(two.url + "/v1/messages", json=turn, headers=AUTH_HEADERS,
+                               timeout=20)  # fmt: skip
+        assert continued.status_code == 200, continued.text
     finally:
         one.stop()
         two.stop()
     again = start_service(tmp_path, env)
     try:
+        turn["thread"]["previous_message_id"] = continued.json()["id"]  # type: ignore[index]
+        turn["messages"] = [{"role": "user", "content": "And now?"}]
+        last = httpx.post(again.url + "/v1/messages", json=turn, headers=AUTH_HEADERS, timeout=20)
+        assert last.status_code == 200, last.text
+        sent = httpx.get(mock_provider.url + "/_last", timeout=5).json()["body"]
+        assert [m["content"] for m in sent["messages"] if m["role"] == "user"] == [
+            "I am Bo.", "Who am I?", "And now?"]  # fmt: skip
         got = httpx.get(again.url + f"/v1/responses/{second.json()['id']}",
                         headers=AUTH_HEADERS, timeout=10)  # fmt: skip
         assert got.status_code == 200 and got.json() == second.json()
