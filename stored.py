@@ -128,7 +128,9 @@ def as_items(value: Any, where: str = "input") -> list[dict[str, Any]]:
                 )  # fmt: skip
             if isinstance(content, str):
                 part = "output_text" if role == "assistant" else "input_text"
-                extra: dict[str, Any] = {"annotations": []} if role == "assistant" else {}
+                extra: dict[str, Any] = (
+                    {"annotations": [], "logprobs": []} if role == "assistant" else {}
+                )
                 item["content"] = [{"type": part, "text": content, **extra}]
             item.setdefault("status", "completed")
         elif not isinstance(kind, str):

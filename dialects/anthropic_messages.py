@@ -788,14 +788,46 @@ def stop_reason(end_reason: str, stop_sequence: str | None) -> str:
     return _STOP.get(end_reason, "end_turn")
 
 
-def usage_object(usage: Usage) -> dict[str, Any]:
-    """Anthropic counts cache reads and writes apart from `input_tokens`."""
+def usage_object(usage: Usage, *, whole: bool = False) -> dict[str, Any]:
+    """Anthropic counts cache reads and writes apart from `input_tokens`. `whole`: a
+    message's usage (its `Usage`), else a `message_delta`'s; each with every field the
+    SDKs' types require present, null where we know nothing."""
     plain = max(usage.input_tokens - usage.cached_input_tokens - usage.cache_write_tokens, 0)
-    return {
+    thinking = {"thinking_tokens": usage.reasoning_tokens} if usage.reasoning_tokens else None
+    out: dict[str, Any] = {
         "input_tokens": plain,
         "cache_creation_input_tokens": usage.cache_write_tokens,
         "cache_read_input_tokens": usage.cached_input_tokens,
         "output_tokens": usage.output_tokens,
+        "output_tokens_details": thinking,
+        "server_tool_use": None,
+    }
+    if whole:
+        out.update(cache_creation=None, inference_geo=None, service_tier=None, speed=None)
+    return out
+
+
+# A tool call made by the model itself (not by a server tool's code): the `caller` the
+# SDKs' types require on every tool_use block.
+DIRECT = {"type": "direct"}
+
+
+def message_object(
+    id_: str, model: str, content: list[dict[str, Any]], usage: Usage, stop: str | None
+) -> dict[str, Any]:
+    """A message as Anthropic's API answers it, every field its SDKs' types require."""
+    return {
+        "id": id_,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": stop,
+        "stop_sequence": None,
+        "stop_details": None,
+        "container": None,
+        "diagnostics": None,
+        "usage": usage_object(usage, whole=True),
     }
 
 
@@ -804,7 +836,7 @@ def encode_response(completion: chat.Completion) -> dict[str, Any]:
     for part in completion.parts:
         if isinstance(part, chat.Text | chat.Refusal):
             if part.text:
-                content.append({"type": "text", "text": part.text})
+                content.append({"type": "text", "text": part.text, "citations": None})
         elif isinstance(part, chat.ToolCall):
             content.append(
                 {
@@ -812,6 +844,7 @@ def encode_response(completion: chat.Completion) -> dict[str, Any]:
                     "id": part.id,
                     "name": part.name,
                     "input": _arguments(part.arguments),
+                    "caller": DIRECT,
                 }
             )
         elif isinstance(part, chat.Reasoning):
@@ -821,16 +854,9 @@ def encode_response(completion: chat.Completion) -> dict[str, Any]:
                 content.append(
                     {"type": "thinking", "thinking": part.text, "signature": part.signature or ""}
                 )
-    return {
-        "id": completion.id if completion.id.startswith("msg_") else "msg_" + completion.id,
-        "type": "message",
-        "role": "assistant",
-        "model": completion.model,
-        "content": content,
-        "stop_reason": stop_reason(completion.finish_reason, None),
-        "stop_sequence": None,
-        "usage": usage_object(completion.usage),
-    }
+    id_ = completion.id if completion.id.startswith("msg_") else "msg_" + completion.id
+    stop = stop_reason(completion.finish_reason, None)
+    return message_object(id_, completion.model, content, completion.usage, stop)
 
 
 def _arguments(text: str) -> Any:
@@ -852,8 +878,9 @@ class StreamEncoder:
 
     ping = _event("ping", {"type": "ping"})  # sent while the stream is idle
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, input_tokens: int = 0) -> None:
         self.model = model
+        self.input_tokens = input_tokens  # in message_start: the prompt's estimate
         self.index = -1
         self.open: str | None = None  # the kind of the block open, if any
         self.started = False
@@ -862,16 +889,10 @@ class StreamEncoder:
         if self.started:
             return []
         self.started = True
-        message: dict[str, Any] = {
-            "id": id_ or chat.new_id("msg_"),
-            "type": "message",
-            "role": "assistant",
-            "model": self.model,
-            "content": [],
-            "stop_reason": None,
-            "stop_sequence": None,
-            "usage": {"input_tokens": 0, "output_tokens": 0},
-        }
+        # The input as estimated (no provider of another format says it before its
+        # end): clients that meter the context read it here; message_delta has the count.
+        usage = Usage(input_tokens=self.input_tokens)
+        message = message_object(id_ or chat.new_id("msg_"), self.model, [], usage, None)
         return [_event("message_start", {"type": "message_start", "message": message})]
 
     def _block(self, kind: str, block: dict[str, Any]) -> list[bytes]:
@@ -897,12 +918,12 @@ class StreamEncoder:
         out = self._start()
         if isinstance(event, chat.TextDelta | chat.RefusalDelta):
             if self.open != "text":
-                out += self._block("text", {"type": "text", "text": ""})
+                out += self._block("text", {"type": "text", "text": "", "citations": None})
             out.append(self._delta({"type": "text_delta", "text": event.text}))
         elif isinstance(event, chat.ToolCallStart):
-            out += self._block(
-                "tool_use", {"type": "tool_use", "id": event.id, "name": event.name, "input": {}}
-            )
+            block = {"type": "tool_use", "id": event.id, "name": event.name, "input": {},
+                     "caller": DIRECT}  # fmt: skip
+            out += self._block("tool_use", block)
         elif isinstance(event, chat.ToolCallDelta):
             out.append(self._delta({"type": "input_json_delta", "partial_json": event.arguments}))
         elif isinstance(event, chat.ReasoningDelta):
@@ -928,6 +949,8 @@ class StreamEncoder:
         delta = {
             "stop_reason": stop_reason(end.finish_reason, end.stop_sequence),
             "stop_sequence": end.stop_sequence,
+            "stop_details": None,
+            "container": None,
         }
         out.append(
             _event(
@@ -941,7 +964,8 @@ class StreamEncoder:
     @staticmethod
     def error(error: ApiError, request_id: str) -> bytes:
         kind = ANTHROPIC_TYPES.get(error.status, "api_error")
-        return _event("error", {"type": "error", "error": {"type": kind, "message": error.message}})
+        inner = {"type": kind, "message": error.message}
+        return _event("error", {"type": "error", "error": inner, "request_id": request_id or None})
 
 
 # --- passed through ----------------------------------------------------------------------
@@ -980,8 +1004,11 @@ class Relay:
 
     def cut(self, sent: int) -> list[bytes]:
         stop = {"type": "content_block_stop", "index": max(self.decoder.blocks, default=0)}
-        delta = {"stop_reason": "max_tokens", "stop_sequence": None}
-        usage = {"output_tokens": sent}
+        delta = {"stop_reason": "max_tokens", "stop_sequence": None, "stop_details": None,
+                 "container": None}  # fmt: skip
+        # What was sent is known; the input the provider would have counted is not.
+        usage = {**usage_object(Usage(output_tokens=sent)), "input_tokens": None,
+                 "cache_creation_input_tokens": None, "cache_read_input_tokens": None}  # fmt: skip
         return [
             _event("content_block_stop", stop),
             _event("message_delta", {"type": "message_delta", "delta": delta, "usage": usage}),
@@ -1012,7 +1039,11 @@ class Snapshot:
         if not isinstance(index, int):
             return
         if kind == "content_block_start" and isinstance(data.get("content_block"), dict):
-            self.blocks[index] = dict(data["content_block"])
+            block = dict(data["content_block"])
+            # What it holds counts, and so does the block itself: endless empty blocks
+            # reach the bound as surely as endless text.
+            self.size += text_size(block) + _BLOCK_SIZE
+            self.blocks[index] = block
         elif kind == "content_block_delta" and index in self.blocks:
             delta = data.get("delta")
             if not isinstance(delta, dict):
@@ -1052,6 +1083,8 @@ class Snapshot:
         return {"role": "assistant", "content": [self.blocks[i] for i in sorted(self.blocks)]}
 
 
+# What a block counts toward a snapshot's bound, whatever it holds (about its memory).
+_BLOCK_SIZE = 200
 # Deltas that add to a block: the key of the block they add to, and their own.
 _PIECES = {
     "text_delta": ("text", "text"),
@@ -1068,11 +1101,20 @@ def relay(data: dict[str, Any], body: MessagesBody, call: chat.Request) -> Relay
 
 
 def model_object(model: str) -> dict[str, Any]:
+    """A `ModelInfo`: a model served here is `active`; what we do not know of it (its
+    context window, its capabilities, its line) is null, as the SDKs' types allow."""
     return {
         "type": "model",
         "id": model,
         "display_name": model,
         "created_at": "1970-01-01T00:00:00Z",
+        "lifecycle": "active",
+        "deprecated_at": None,
+        "retires_at": None,
+        "capabilities": None,
+        "line": None,
+        "max_input_tokens": None,
+        "max_tokens": None,
     }
 
 
@@ -1097,7 +1139,7 @@ def answer(
 
 
 def encoder(body: MessagesBody, call: chat.Request) -> StreamEncoder:
-    return StreamEncoder(call.model)
+    return StreamEncoder(call.model, chat.input_estimate(call))
 
 
 DIALECT = Dialect(

@@ -485,8 +485,9 @@ class ResponseEcho:
         else:
             asked = (body.text.format if body.text else None) or {}
             shown = {"type": "json_schema", "name": form.name or "answer",
-                     "description": asked.get("description"),
                      "schema": dict(form.schema or {}), "strict": bool(form.strict)}  # fmt: skip
+            if isinstance(asked.get("description"), str):  # a string, or not there at all
+                shown["description"] = asked["description"]
         choice = _choice_shown(request)
         self.settings: dict[str, Any] = {
             "instructions": body.instructions,
@@ -657,7 +658,7 @@ class StreamEncoder:
                 part: dict[str, Any] = {"type": "refusal", "refusal": text}
                 out.append(self._at("response.refusal.done", content_index=0, refusal=text))
             else:
-                part = {"type": "output_text", "text": text, "annotations": []}
+                part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
                 out.append(self._at("response.output_text.done", content_index=0, text=text,
                                     logprobs=[]))  # fmt: skip
             item["content"] = [part]
@@ -702,8 +703,10 @@ class StreamEncoder:
                            "role": "assistant", "content": []}  # fmt: skip
                 out += self._open(message, {})
                 self.part = kind
-                empty = {"type": "refusal", "refusal": ""} if kind == "refusal" else {
-                    "type": "output_text", "text": "", "annotations": []}  # fmt: skip
+                empty = (
+                    {"type": "refusal", "refusal": ""} if kind == "refusal"
+                    else {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+                )  # fmt: skip
                 out.append(self._at("response.content_part.added", content_index=0, part=empty))
             self.text.append(event.text)
             if kind == "refusal":

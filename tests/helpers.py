@@ -197,12 +197,17 @@ def conforming_response(data: dict[str, Any]) -> dict[str, Any]:
 def _for_the_typed_models(data: dict[str, Any]) -> dict[str, Any]:
     """The spec's JsonSchemaResponseFormat.json has `schema` an object or null (and
     OpenAI's SDK needs the object), but openresponses-types generated it as None
-    only: the echoed schema is checked as the spec says, then left out."""
+    only: the echoed schema is checked as the spec says, then left out. And Open
+    Responses requires `description` (a string or null) where OpenAI's OpenAPI
+    document allows a string or nothing: we follow OpenAI's, and the absent one is
+    given as null here."""
     form = data["text"]["format"]
     if form["type"] != "json_schema":
         return data
     assert form["schema"] is None or isinstance(form["schema"], dict)
-    return {**data, "text": {**data["text"], "format": {**form, "schema": None}}}
+    assert isinstance(form.get("description", ""), str)  # OpenAI's: never null
+    shown = {"description": None, **form, "schema": None}
+    return {**data, "text": {**data["text"], "format": shown}}
 
 
 def _in_the_spec(event: dict[str, Any]) -> bool:

@@ -382,8 +382,8 @@ async def test_a_conversation_is_created_read_updated_listed_and_deleted(
     assert [(i["role"], i["content"][0]["text"]) for i in listed["data"]] == [
         ("user", "Hello!"), ("assistant", "Hi, who is it?"), ("user", "Ada")]  # fmt: skip
     assert all(i["status"] == "completed" and i["id"].startswith("msg_") for i in listed["data"])
-    assert listed["data"][1]["content"][0] == {
-        "type": "output_text", "text": "Hi, who is it?", "annotations": []}  # fmt: skip
+    said = {"type": "output_text", "text": "Hi, who is it?", "annotations": [], "logprobs": []}
+    assert listed["data"][1]["content"][0] == said
     newest = (await c.get(path + "/items", params={"limit": 1})).json()
     assert newest["data"] == [listed["data"][-1]] and newest["has_more"] is True
 

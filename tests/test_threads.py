@@ -377,3 +377,11 @@ async def test_a_thread_past_the_history_bound_is_a_400_naming_thread(tmp_path: 
     close(app)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["message"].startswith("thread: the conversation holds over")
+
+
+def test_a_snapshot_counts_empty_blocks_toward_its_bound() -> None:
+    snapshot = Snapshot()
+    for index in range(1_000):
+        snapshot.feed({"type": "content_block_start", "index": index,
+                       "content_block": {"type": "text", "text": ""}})  # fmt: skip
+    assert snapshot.size >= 1_000 * 100  # a keeper with a bound stops keeping them
