@@ -22,6 +22,7 @@ import hashlib
 import logging
 import math
 import random
+import re
 import time
 from collections.abc import (
     AsyncGenerator,
@@ -531,22 +532,36 @@ def echo_vector(item: str | tuple[int, ...], dimensions: int) -> list[float]:
 
 
 def _tool_to_call(request: chat.Request, last: chat.Message) -> chat.Tool | None:
+    """The tool echo calls: the one the request forces (`tool_choice` named, or required:
+    the one the last message names, else the first), or, left to choose, the one the
+    last message names as a word ("use get_weather for Paris"). Otherwise none: Claude
+    Code and Codex offer tools on every turn, and a plain "hello" is answered in words."""
     choice = request.tool_choice
     if not request.tools or (choice is not None and choice.mode == "none"):
         return None
-    forced = choice is not None and choice.mode in ("required", "tool")
-    after_result = any(isinstance(p, chat.ToolResult) for p in last.parts)
-    if after_result and not forced:
-        return None  # the tool has answered: say so, and end the loop
     if choice is not None and choice.mode == "tool":
         return next((t for t in request.tools if t.name == choice.name), request.tools[0])
-    return request.tools[0]
+    text = last.text()
+    named = next((t for t in request.tools if _names(text, t.name)), None)
+    if choice is not None and choice.mode == "required":
+        return named or request.tools[0]
+    if any(isinstance(p, chat.ToolResult) for p in last.parts):
+        return None  # the tool has answered: say so, and end the loop
+    return named
+
+
+def _names(text: str, name: str) -> bool:
+    """Whether `text` has `name` as a word of its own (not inside another)."""
+    return re.search(r"(?<![\w-])" + re.escape(name) + r"(?![\w-])", text) is not None
 
 
 def _example(tool: chat.Tool, prompt: str) -> Any:
     if tool.kind == "custom":
         return {"input": prompt or "echo"}
-    return _example_of(tool.parameters or {"type": "object"}, prompt)
+    # The prompt's last word: what "use get_weather for Paris" asks about.
+    words = [w.strip(".,;:!?\"'()") for w in prompt.split()]
+    hint = next((w for w in reversed(words) if w), "echo")
+    return _example_of(tool.parameters or {"type": "object"}, hint)
 
 
 def _example_of(schema: Any, prompt: str) -> Any:

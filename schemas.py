@@ -6,13 +6,18 @@ Anthropic's structured outputs take.
 `example` covers what tool and output schemas use in practice: objects with required
 and optional properties, arrays, strings (enums, consts, formats, lengths), numbers
 with bounds, booleans, nulls, `$ref` into `$defs`, `anyOf`/`oneOf`/`allOf` and type
-lists. A `pattern` is not solved: the string made for it is the hint.
+lists, and `pattern`s made of literals, classes, repeats, groups and alternatives (one
+with lookarounds or backreferences that the string made does not match is left to the
+hint).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
+from re import _constants as sre  # type: ignore[attr-defined]  # a pattern parsed, as re reads it
+from re import _parser  # type: ignore[attr-defined]
 from typing import Any
 
 _FORMATS = {
@@ -155,6 +160,9 @@ class _Example:
 
     def _string(self, schema: Mapping[str, Any], depth: int) -> str:
         text = _FORMATS.get(str(schema.get("format")), self.hint)
+        pattern = schema.get("pattern")
+        if isinstance(pattern, str):
+            text = matching(pattern, text) or text
         low = schema.get("minLength")
         high = schema.get("maxLength")
         if isinstance(low, int) and len(text) < low:
@@ -195,21 +203,71 @@ def _without(schema: Mapping[str, Any], key: str) -> dict[str, Any]:
 
 
 def _bounded(schema: Mapping[str, Any], *, integer: bool) -> float | int:
-    low = schema.get("minimum", schema.get("exclusiveMinimum"))
-    high = schema.get("maximum", schema.get("exclusiveMaximum"))
-    value: float = 1
-    if isinstance(low, int | float):
-        value = max(
-            value, low + (1 if "exclusiveMinimum" in schema and "minimum" not in schema else 0)
-        )
-    if isinstance(high, int | float):
-        value = min(
-            value, high - (1 if "exclusiveMaximum" in schema and "maximum" not in schema else 0)
-        )
-    step = schema.get("multipleOf")
-    if isinstance(step, int | float) and step > 0:
-        value = math.ceil(value / step) * step
-    return math.ceil(value) if integer else value
+    """The number nearest 1 inside the schema's bounds, inclusive (`minimum`,
+    `maximum`) and exclusive (`exclusiveMinimum`, `exclusiveMaximum`; draft 4's
+    boolean form too), a multiple of `multipleOf` (and whole, for an integer)."""
+    low, low_open = _bound(schema, "minimum", "exclusiveMinimum")
+    high, high_open = _bound(schema, "maximum", "exclusiveMaximum")
+    step = _num(schema.get("multipleOf"))
+    unit = step if step is not None and step > 0 else None
+    if integer:
+        unit = 1 if unit is None else int(unit) if unit == int(unit) else _whole_multiple(unit)
+    if unit is None:  # any number: 1, else the middle of the range, else next to its end
+        if _inside(1, low, low_open, high, high_open):
+            return 1
+        if low is not None and high is not None:
+            middle = (low + high) / 2
+            if _inside(middle, low, low_open, high, high_open):
+                return middle
+            raise SchemaError("no number fits its bounds")
+        if low is not None:
+            return low + 1 if low_open else low
+        assert high is not None
+        return high - 1 if high_open else high
+    first = -math.inf if low is None else math.ceil(low / unit)
+    if low is not None and low_open and first * unit <= low:
+        first += 1
+    last = math.inf if high is None else math.floor(high / unit)
+    if high is not None and high_open and last * unit >= high:
+        last -= 1
+    if first > last:
+        raise SchemaError("no number fits its bounds and multipleOf")
+    k = min(max(round(1 / unit) or 1, first), last)
+    value = round(k * unit, 12)
+    return int(value) if integer or value == int(value) else value
+
+
+def _num(value: Any) -> float | None:
+    """A JSON number (not a boolean), or None."""
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _bound(schema: Mapping[str, Any], inclusive: str, exclusive: str) -> tuple[float | None, bool]:
+    """A bound and whether it is exclusive: the tighter of the two keywords."""
+    closed, opened = _num(schema.get(inclusive)), _num(schema.get(exclusive))
+    if schema.get(exclusive) is True and closed is not None:  # draft 4: a flag
+        return closed, True
+    if opened is not None and closed is not None:
+        tighter = opened >= closed if inclusive == "minimum" else opened <= closed
+        return (opened, True) if tighter else (closed, False)
+    if opened is not None:
+        return opened, True
+    return closed, False
+
+
+def _inside(value: float, low: float | None, low_open: bool, high: float | None,
+            high_open: bool) -> bool:  # fmt: skip
+    if low is not None and (value < low or (low_open and value == low)):
+        return False
+    return not (high is not None and (value > high or (high_open and value == high)))
+
+
+def _whole_multiple(step: float) -> int:
+    """The least whole number that is a multiple of `step` (an integer's multipleOf)."""
+    for n in range(1, 1001):
+        if abs(round(n / step) * step - n) < 1e-9:
+            return n
+    raise SchemaError("no integer is a multiple of its multipleOf")
 
 
 # --- what Anthropic's structured outputs take ---------------------------------------
@@ -280,3 +338,101 @@ def for_anthropic(schema: Any) -> dict[str, Any]:
         extra = "{" + ", ".join(f"{k}: {v}" for k, v in rest.items()) + "}"
         out["description"] = f"{out['description']}\n\n{extra}" if "description" in out else extra
     return out
+
+
+# --- a string that a pattern matches -------------------------------------------------
+
+
+class _Unsolved(Exception):
+    """A part of a pattern this maker does not write."""
+
+
+_MOST_REPEATS = 1_000
+
+
+def matching(pattern: str, hint: str) -> str | None:
+    """A string `pattern` finds (JSON Schema's patterns are unanchored): `hint` if it
+    does, else one made from the pattern's parts; None if none could be made."""
+    try:
+        compiled = re.compile(pattern)
+        if compiled.search(hint):
+            return hint
+        made = "".join(_made(_parser.parse(pattern), {}))
+    except (re.error, _Unsolved, RecursionError, OverflowError):
+        return None
+    return made if compiled.search(made) else None
+
+
+def _made(parsed: Any, groups: dict[int, str]) -> list[str]:
+    out: list[str] = []
+    for op, arg in parsed:
+        if op == sre.LITERAL:
+            out.append(chr(arg))
+        elif op == sre.NOT_LITERAL:
+            out.append("a" if arg != ord("a") else "b")
+        elif op == sre.ANY:
+            out.append("a")
+        elif op == sre.IN:
+            out.append(_one_of(arg))
+        elif op == sre.CATEGORY:
+            out.append(_one_of([(op, arg)]))
+        elif op in (sre.MAX_REPEAT, sre.MIN_REPEAT, sre.POSSESSIVE_REPEAT):
+            low, _, inner = arg
+            if low > _MOST_REPEATS:
+                raise _Unsolved("too many repeats")
+            out += [piece for _ in range(low) for piece in _made(inner, groups)]
+        elif op == sre.SUBPATTERN:
+            group, _, _, inner = arg
+            text = "".join(_made(inner, groups))
+            if group is not None:
+                groups[group] = text
+            out.append(text)
+        elif op == sre.ATOMIC_GROUP:
+            out += _made(arg, groups)
+        elif op == sre.BRANCH:
+            out += _made(arg[1][0], groups)
+        elif op == sre.GROUPREF:
+            out.append(groups.get(arg, ""))
+        elif op in (sre.AT, sre.ASSERT, sre.ASSERT_NOT):
+            continue  # anchors and lookarounds write nothing: the match is checked after
+        else:
+            raise _Unsolved(str(op))
+    return out
+
+
+_CANDIDATES = "a0A_ -.x9Z"
+_CATEGORIES: dict[Any, Callable[[str], bool]] = {
+    sre.CATEGORY_DIGIT: str.isdigit,
+    sre.CATEGORY_NOT_DIGIT: lambda c: not c.isdigit(),
+    sre.CATEGORY_WORD: lambda c: c.isalnum() or c == "_",
+    sre.CATEGORY_NOT_WORD: lambda c: not (c.isalnum() or c == "_"),
+    sre.CATEGORY_SPACE: str.isspace,
+    sre.CATEGORY_NOT_SPACE: lambda c: not c.isspace(),
+}
+
+
+def _class_test(op: Any, arg: Any) -> Callable[[str], bool]:
+    """Whether a character is one item of a class: a literal, a range, a category."""
+    if op == sre.LITERAL:
+        return lambda c: ord(c) == arg
+    if op == sre.RANGE:
+        return lambda c: bool(arg[0] <= ord(c) <= arg[1])
+    if op == sre.CATEGORY and arg in _CATEGORIES:
+        return _CATEGORIES[arg]
+    raise _Unsolved(str(op))
+
+
+def _one_of(items: Any) -> str:
+    """A character of a class ([a-z], [^0-9], \\d...)."""
+    negated = bool(items) and items[0][0] == sre.NEGATE
+    tests = [_class_test(op, arg) for op, arg in (items[1:] if negated else items)]
+    if not negated and items:
+        op, first = items[0]
+        if op == sre.LITERAL:
+            return chr(first)
+        if op == sre.RANGE:
+            return chr(first[0])
+    for char in _CANDIDATES + "".join(map(chr, range(33, 127))):
+        if any(test(char) for test in tests) != negated:
+            return char
+    raise _Unsolved("no character fits the class")

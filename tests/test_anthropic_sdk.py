@@ -144,7 +144,7 @@ def test_async_create_and_stream_helpers(served: Served) -> None:
 def test_a_tool_call_and_its_result_go_both_ways(served: Served) -> None:
     call = {"name": "get_weather", "arguments": {"location": "Paris"}}
     messages: list[Any] = [
-        {"role": "user", "content": steer(served, "Weather in Paris?", tool_call=call)}
+        {"role": "user", "content": steer(served, "Use get_weather for Paris", tool_call=call)}
     ]
     with served.client() as c:
         whole = c.messages.create(

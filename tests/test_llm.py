@@ -449,6 +449,59 @@ async def test_echo_answers_with_the_prompts_words_and_exact_counts() -> None:
     assert end.usage == result.usage and end.finish_reason == "length"
 
 
+BASH = chat.Tool("Bash", "Run a command", {"type": "object", "properties": {
+    "command": {"type": "string"}}, "required": ["command"]})  # fmt: skip
+WEATHER = chat.Tool("get_weather", "The weather", {"type": "object", "properties": {
+    "location": {"type": "string"}}, "required": ["location"]})  # fmt: skip
+
+
+def asked(text: str, choice: chat.ToolChoice | None = None) -> chat.Request:
+    return chat.Request(model="echo", messages=(chat.Message("user", (chat.Text(text),)),),
+                        tools=(BASH, WEATHER), tool_choice=choice)  # fmt: skip
+
+
+async def test_echo_answers_in_words_when_tools_are_offered_but_not_named() -> None:
+    # Claude Code and Codex offer their tools on every turn: a greeting is not a call.
+    answer = await llm.EchoProvider().complete(asked("hello there"))
+    assert answer.text == "hello there" and answer.finish_reason == "stop"
+    assert not [p for p in answer.parts if isinstance(p, chat.ToolCall)]
+    inside = await llm.EchoProvider().complete(asked("show my_get_weather_log"))
+    assert inside.finish_reason == "stop"  # a name inside another word is not the name
+
+
+async def test_echo_calls_the_tool_the_last_message_names_with_its_last_word() -> None:
+    answer = await llm.EchoProvider().complete(asked("Use get_weather for Paris."))
+    call = next(p for p in answer.parts if isinstance(p, chat.ToolCall))
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"location": "Paris"}
+    assert answer.finish_reason == "tool_calls"
+
+
+async def test_echo_calls_a_tool_the_request_forces() -> None:
+    named = await llm.EchoProvider().complete(asked("hi", chat.ToolChoice("tool", "get_weather")))
+    required = await llm.EchoProvider().complete(asked("hi", chat.ToolChoice("required")))
+    calls = [next(p for p in a.parts if isinstance(p, chat.ToolCall)) for a in (named, required)]
+    assert [c.name for c in calls] == ["get_weather", "Bash"]
+
+
+async def test_echo_structured_output_honours_bounds_multiples_and_patterns() -> None:
+    from pydantic import BaseModel, Field
+
+    class Reading(BaseModel):
+        share: float = Field(gt=0, lt=1)
+        count: int = Field(ge=10, le=20, multiple_of=3)
+        above: int = Field(gt=5)
+        step: float = Field(multiple_of=0.25, gt=1)
+        zip_code: str = Field(pattern=r"^\d{5}$")
+        code: str = Field(pattern=r"^[A-Z]{2}-\d{3}$")
+
+    form = chat.ResponseFormat("json_schema", schema=Reading.model_json_schema())
+    request = chat.Request(model="echo", messages=(chat.Message("user", (chat.Text("go"),)),),
+                           response_format=form)  # fmt: skip
+    answer = await llm.EchoProvider().complete(request)
+    reading = Reading.model_validate_json(answer.text)  # valid: each bound and pattern held
+    assert 0 < reading.share < 1 and reading.count == 12 and reading.above == 6
+
+
 async def test_shared_client_is_made_once_and_sized_on_purpose() -> None:
     shared = SharedClient(Settings(max_inflight=700, timeout_s=42, transport="httpx"))
     client = shared.get()

@@ -160,12 +160,13 @@ async def test_the_answer_echoes_the_requests_settings_and_counts_its_usage() ->
 
 async def test_a_function_call_round_trip_ends_with_the_tools_result() -> None:
     async with client(echo_app()) as c:
-        first = (await c.post("/v1/responses", json={"input": "Paris", "tools": [WEATHER]})).json()
+        ask = {"input": "Use get_weather for Paris", "tools": [WEATHER]}
+        first = (await c.post("/v1/responses", json=ask)).json()
         call = first["output"][0]
         assert call["type"] == "function_call" and call["id"].startswith("fc_")
         assert call["call_id"] != call["id"] and json.loads(call["arguments"])["location"]
         history = [
-            {"role": "user", "content": "Paris"},
+            {"role": "user", "content": "Use get_weather for Paris"},
             call,
             {"type": "function_call_output", "call_id": call["call_id"], "output": "sunny 21C"},
         ]
@@ -254,6 +255,7 @@ async def test_what_needs_stored_state_or_built_in_tools_is_a_400_naming_the_fie
             "tools": [
                 {"type": "function", "name": "f", "parameters": {"type": "object", "properties": 5}}
             ],
+            "tool_choice": "required",
         },
     ],
 )

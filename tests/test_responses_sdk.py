@@ -154,13 +154,13 @@ def test_a_function_call_round_trip(served: Served) -> None:
     client = served.client()
     prompt = served.mock_says(tool_call={"name": "get_weather", "arguments": {"location": "Paris"}})
     first = client.responses.create(
-        model=served.model, input=prompt + "Weather in Paris?", tools=[WEATHER]
+        model=served.model, input=prompt + "Use get_weather for Paris", tools=[WEATHER]
     )
     calls = [item for item in first.output if item.type == "function_call"]
     assert len(calls) == 1 and calls[0].name == "get_weather"
     assert "location" in json.loads(calls[0].arguments)
     history: list[Any] = [
-        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "user", "content": "Use get_weather for Paris"},
         *[item.model_dump(exclude_none=True) for item in first.output],
         {"type": "function_call_output", "call_id": calls[0].call_id, "output": "sunny 21C"},
     ]

@@ -95,7 +95,7 @@ def ask(served: Served, prompt: str, **options: object) -> str:
 
 def test_a_tool_call_comes_back_whole_and_streamed_and_its_result_goes_on(served: Served) -> None:
     call = {"name": "get_weather", "arguments": {"location": "Paris"}}
-    prompt = ask(served, "Weather in Paris?", tool_call=call)
+    prompt = ask(served, "Use get_weather for Paris", tool_call=call)
     messages: list[Any] = [{"role": "user", "content": prompt}]
     with served.client() as c:
         whole = c.chat.completions.create(model=served.model, messages=messages, tools=[WEATHER])
