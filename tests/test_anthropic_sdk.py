@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -494,3 +497,41 @@ def test_with_nothing_kept_the_tool_runner_goes_on_without_a_thread(
         service.stop()
     assert replies[-1].stop_reason in ("end_turn", "tool_use")
     assert sent.bodies[0]["thread"] == {"type": "create"} and "thread" not in sent.bodies[1]
+
+
+JS = Path(__file__).parent / "js"
+NODE = shutil.which("node")
+
+
+@pytest.mark.skipif(
+    NODE is None or not (JS / "node_modules" / "@anthropic-ai" / "sdk").is_dir(),
+    reason="node or the TypeScript SDK is missing (.ci/run: npm ci --prefix tests/js)",
+)
+def test_the_typescript_sdks_tool_runner_and_thread_on_their_defaults(served: Served) -> None:
+    call = {"name": "get_weather", "arguments": {"location": "Paris"}}
+    prompt = steer(served, "Use get_weather for Paris", tool_call=call)
+    env = {**os.environ, "TEXT_TOOL_URL": served.url, "TEXT_TOOL_KEY": CLIENT_KEY,
+           "TEXT_TOOL_MODEL": served.model, "TEXT_TOOL_PROMPT": prompt}  # fmt: skip
+    assert NODE is not None
+    done = subprocess.run([NODE, "threads.mjs"], cwd=JS, env=env, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [r["stop_reason"] for r in seen["replies"]] == ["tool_use", "end_turn"]
+    assert len(seen["called"]) == 1
+    created, continued = seen["runnerSent"]
+    assert created["thread"] == {"type": "create"}
+    assert continued["thread"] == {"type": "continue",
+                                   "previous_message_id": seen["replies"][0]["id"]}  # fmt: skip
+    assert "tools" not in continued and len(continued["messages"]) == 1
+    first, second = seen["threadSent"]
+    assert second["thread"]["previous_message_id"] == seen["first"]["id"]
+    assert second["messages"] == [{"role": "user", "content": "Goodbye now"}]
+    assert seen["lost"] == {"status": 404, "error_code": "thread_not_found",
+                            "details": {"error_code": "thread_not_found"}}  # fmt: skip
+    if served.provider == "echo":  # echo counts the whole conversation it was given
+        assert seen["second"]["text"] == "Goodbye now"
+        assert seen["second"]["input"] > seen["first"]["input"]
+    else:
+        upstream = json.dumps(served.sent()["body"])
+        assert "My name is Ada" in upstream and "Goodbye now" in upstream

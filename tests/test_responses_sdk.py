@@ -6,6 +6,7 @@ directives in the prompt, and the body it got is read back from it."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import Iterator
@@ -263,6 +264,49 @@ def test_a_conversation_carries_the_turns_of_the_sdks_calls(served: Served) -> N
     assert client.conversations.delete(conversation.id).deleted is True
     with pytest.raises(openai.NotFoundError):
         client.conversations.retrieve(conversation.id)
+
+
+def test_the_agents_sdk_remembers_through_previous_response_id_and_a_conversation(
+    served: Served,
+) -> None:
+    """The OpenAI Agents SDK's two memories, both kept here whatever the provider: a
+    run continued from the last one's `previous_response_id`, and a session on the
+    Conversations API (`OpenAIConversationsSession`)."""
+    from agents import (
+        Agent,
+        OpenAIConversationsSession,
+        OpenAIResponsesModel,
+        Runner,
+        set_tracing_disabled,
+    )
+
+    set_tracing_disabled(True)  # no traces to OpenAI's own servers
+
+    async def go() -> tuple[Any, Any, list[Any]]:
+        client = openai.AsyncOpenAI(base_url=served.url + "/v1", api_key=CLIENT_KEY,
+                                    max_retries=0)  # fmt: skip
+        model = OpenAIResponsesModel(model=served.model, openai_client=client)
+        agent = Agent(name="assistant", instructions="Answer briefly.", model=model)
+        first = await Runner.run(agent, "My name is Ada.")
+        second = await Runner.run(
+            agent, "What is my name?", previous_response_id=first.last_response_id
+        )
+        if served.mock is not None:  # the provider got the first turn with the second
+            assert "My name is Ada." in json.dumps(served.sent()["body"])
+        session = OpenAIConversationsSession(openai_client=client)
+        await Runner.run(agent, "I live in Nairobi.", session=session)
+        await Runner.run(agent, "Where do I live?", session=session)
+        items = await session.get_items()
+        await client.close()
+        return first, second, items
+
+    first, second, items = asyncio.run(go())
+    assert second.last_response_id != first.last_response_id
+    counted = [run.raw_responses[-1].usage.input_tokens for run in (first, second)]
+    assert counted[1] > counted[0]  # the history, counted as input
+    assert [item.get("role") for item in items] == ["user", "assistant", "user", "assistant"]
+    if served.mock is not None:  # the last turn reached the provider with the first
+        assert "I live in Nairobi." in json.dumps(served.sent()["body"])
 
 
 def test_the_access_line_has_the_key_model_tokens_and_cost(served: Served) -> None:
