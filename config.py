@@ -565,7 +565,11 @@ class Settings:
     )
     # Prices, logs, the HTTP pool, the shared store, browsers, traces
     prices_file: Path | None = row(
-        "PRICES_FILE", _file, None, None, "a TOML file adding or overriding model prices"
+        "PRICES_FILE",
+        _file,
+        None,
+        None,
+        "a TOML file adding or overriding model prices (and whether a model reasons)",
     )
     log_format: str = row("LOG_FORMAT", _lower, "json", _one_of("json", "text"), "json or text")
     transport: str = row(

@@ -139,6 +139,12 @@ class Gateway:
                 cost = ticket.settle(vectors.model, usage, "stop")
                 return JSONResponse(dialect.answer(vectors, body, decoded.request, cost))
             translated = decoded.translated(provider.name, upstream)
+            if translated.reasoning is not None and gate.prices.reasons(upstream) is False:
+                # A model that does not reason refuses the setting (OpenAI's gpt-4.1 and
+                # gpt-4o, Claude 3.5): it goes, named in the access line.
+                translated = dataclasses.replace(
+                    translated, reasoning=None, dropped=(*translated.dropped, "reasoning")
+                )
             if translated.dropped:
                 note(request, dropped=list(translated.dropped))
             if stream:

@@ -10,6 +10,12 @@ A TOML file (`PRICES_FILE`) adds models or overrides these:
     output = 1.20
     cached_input = 0.15      # optional, defaults to input
     cache_write = 0.375      # optional, defaults to input
+    reasoning = false        # optional: whether it takes a reasoning effort or thinking
+
+Beside the prices, what a model can take where a provider refuses it otherwise: whether
+it reasons (OpenAI refuses `reasoning_effort` for gpt-4.1 and gpt-4o; Anthropic
+`thinking` for the Claude 3.5 models). A model the table does not know is asked as the
+client asked.
 """
 
 from __future__ import annotations
@@ -88,6 +94,31 @@ DEFAULT_PRICES: dict[str, Price] = {
     "echo": Price(0.0, 0.0),
 }
 
+# Whether a model reasons (takes `reasoning_effort`, or Anthropic's `thinking`).
+REASONING: dict[str, bool] = {
+    **dict.fromkeys(
+        ("gpt-5.4", "gpt-5.1", "gpt-5", "gpt-5-mini", "gpt-5-nano", "o3", "o4-mini", "o3-mini"),
+        True,
+    ),  # fmt: skip
+    **dict.fromkeys(("gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "gpt-4o", "gpt-4o-mini"), False),
+    **dict.fromkeys(
+        (
+            "claude-opus-4-6",
+            "claude-sonnet-4-6",
+            "claude-opus-4-5",
+            "claude-sonnet-4-5",
+            "claude-haiku-4-5",
+            "claude-opus-4-1",
+            "claude-opus-4",
+            "claude-sonnet-4",
+            "claude-3-7-sonnet",
+        ),
+        True,
+    ),  # fmt: skip
+    **dict.fromkeys(("claude-3-5-sonnet", "claude-3-5-haiku", "claude-3-haiku"), False),
+    "echo": True,  # echo takes any setting, and ignores it
+}
+
 # Providers answer with dated snapshots: gpt-4o-mini-2024-07-18, claude-haiku-4-5-20251001.
 _SNAPSHOT = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
 
@@ -100,6 +131,7 @@ def undated(model: str) -> str:
 class PriceTable:
     def __init__(self, prices: dict[str, Price] | None = None) -> None:
         self._prices = dict(DEFAULT_PRICES if prices is None else prices)
+        self._reasoning = dict(REASONING)
 
     @classmethod
     def from_file(cls, path: Path | None) -> PriceTable:
@@ -110,6 +142,12 @@ class PriceTable:
         with path.open("rb") as fh:
             data = tomllib.load(fh)
         for model, entry in data.get("models", {}).items():
+            if "reasoning" in entry:
+                if not isinstance(entry["reasoning"], bool):
+                    raise ValueError(f"models.{model}.reasoning: true or false")
+                table._reasoning[model] = entry["reasoning"]
+                if "input" not in entry and "output" not in entry:
+                    continue  # only what it can take
             table._prices[model] = Price(
                 input=float(entry["input"]),
                 output=float(entry["output"]),
@@ -124,6 +162,11 @@ class PriceTable:
         if found is None:
             found = self._prices.get(undated(model))
         return found
+
+    def reasons(self, model: str) -> bool | None:
+        """Whether `model` takes a reasoning setting; None: not known."""
+        found = self._reasoning.get(model)
+        return self._reasoning.get(undated(model)) if found is None else found
 
     def cost(self, model: str, usage: Usage) -> float | None:
         price = self.price(model)

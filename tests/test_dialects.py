@@ -6,6 +6,8 @@ under the app's own client; each test reads what the app sent it."""
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,7 +20,16 @@ from config import Settings
 from dialects import anthropic_messages, openai_chat
 from server import create_app
 from tests.conftest import CLIENT_KEY, PROVIDER_KEY
-from tests.helpers import GOLDEN, MESSAGE_WITH_TOOLS, Provider, client, golden, sse_file
+from tests.helpers import (
+    GOLDEN,
+    MESSAGE_WITH_TOOLS,
+    Provider,
+    client,
+    golden,
+    openai_app,
+    sse_file,
+)
+from usage import PriceTable
 
 pytestmark = pytest.mark.anyio
 
@@ -595,3 +606,39 @@ def test_a_tool_id_anthropic_would_refuse_is_made_legal_the_same_way_twice() -> 
     odd = anthropic_messages.legal_id("call.with:odd/chars")
     assert odd == anthropic_messages.legal_id("call.with:odd/chars")
     assert odd.startswith("call_with_odd_chars_") and len(odd) <= 64
+
+
+CLAUDE_CODE_THINKING = {
+    "max_tokens": 2000,
+    "thinking": {"type": "adaptive"},
+    "output_config": {"effort": "high"},
+    "messages": [{"role": "user", "content": "Plan the trip"}],
+}
+
+
+@pytest.mark.parametrize(("model", "sent"), [("gpt-4.1", False), ("gpt-5-mini", True)])
+async def test_reasoning_goes_only_to_a_model_that_reasons(
+    model: str, sent: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="text_tool")
+    provider = Provider(lambda body: httpx.Response(200, json=golden("openai_completion.json")))
+    app = openai_app(provider, models=("gpt-4.1", "gpt-5-mini"), model="gpt-4.1")
+    async with client(app) as c:
+        r = await c.post("/v1/messages", json={**CLAUDE_CODE_THINKING, "model": model})
+    assert r.status_code == 200, r.text
+    assert ("reasoning_effort" in provider.bodies[0]) is sent
+    (line,) = [r for r in caplog.records if getattr(r, "event", None) == "access"]
+    assert ("reasoning" in (line.__dict__.get("dropped") or [])) is not sent
+
+
+def test_the_prices_file_says_which_models_reason(tmp_path: Path) -> None:
+    prices = tmp_path / "prices.toml"
+    prices.write_text('[models."gpt-4.1"]\nreasoning = true\n\n[models."my-local"]\n'
+                      'input = 0.1\noutput = 0.2\nreasoning = false\n')  # fmt: skip
+    table = PriceTable.from_file(prices)
+    assert table.reasons("gpt-4.1") is True and table.price("gpt-4.1") is not None
+    assert table.reasons("my-local") is False and table.reasons("gpt-4o-2024-08-06") is False
+    assert table.reasons("claude-sonnet-4-5-20250929") is True and table.reasons("vllm-x") is None
+    prices.write_text('[models."gpt-4.1"]\nreasoning = "yes"\n')
+    with pytest.raises(ValueError, match="reasoning"):
+        PriceTable.from_file(prices)

@@ -461,7 +461,7 @@ async def test_a_provider_error_after_the_start_is_an_error_event_then_response_
 async def test_to_a_chat_completions_server_the_request_is_translated_field_by_field() -> None:
     provider = Provider(lambda body: httpx.Response(200, json=golden("openai_completion.json")))
     body = {
-        "model": "gpt-4o-mini",
+        "model": "gpt-5-mini",  # a model that reasons: gpt-4o-mini would not get the effort
         "instructions": "Be brief.",
         "input": [
             {"role": "user", "content": [
@@ -478,7 +478,8 @@ async def test_to_a_chat_completions_server_the_request_is_translated_field_by_f
         "temperature": 0.5,
         "top_p": 0.9,
     }  # fmt: skip
-    async with client(provider_app(provider, "openai")) as c:
+    app = provider_app(provider, "openai", models=("gpt-4o-mini", "gpt-5-mini"))
+    async with client(app) as c:
         r = await c.post("/v1/responses", json=body)
     assert r.status_code == 200, r.text
     conforming_response(r.json())
