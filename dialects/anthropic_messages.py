@@ -395,14 +395,15 @@ def decode_response(
         raise ProviderError("the provider's answer has no content")
     forced = answer_tool(request)
     parts: list[chat.Part] = []
+    answer: chat.Text | None = None
     for block in content:
         if not isinstance(block, dict):
             continue
         kind = block.get("type")
         if kind == "text":
             parts.append(chat.Text(str(block.get("text", ""))))
-        elif kind == "tool_use" and block.get("name") == forced:
-            parts.append(chat.Text(jsonio.dumps(block.get("input") or {}).decode()))
+        elif kind == "tool_use" and block.get("name") == forced and answer is None:
+            answer = chat.Text(jsonio.dumps(block.get("input") or {}).decode())
         elif kind == "tool_use":
             arguments = jsonio.dumps(block.get("input") or {}).decode()
             parts.append(chat.ToolCall(str(block.get("id")), str(block.get("name")), arguments))
@@ -411,6 +412,10 @@ def decode_response(
             parts.append(chat.Reasoning(thought, signature=block.get("signature"), origin=origin))
         elif kind == "redacted_thinking":
             parts.append(chat.Reasoning(opaque=str(block.get("data", "")), origin=origin))
+    if answer is not None:
+        # The answer is the forced tool's input alone: text around the call (llama.cpp's
+        # server writes some first) would make it something that is not JSON.
+        parts = [p for p in parts if not isinstance(p, chat.Text)] + [answer]
     native = str(data.get("stop_reason") or "end_turn")
     called = any(isinstance(p, chat.ToolCall) for p in parts)
     return chat.Completion(
@@ -438,6 +443,12 @@ class StreamDecoder:
         self.blocks: dict[int, tuple[str, int]] = {}  # block index -> (kind, call index)
         self.argued: set[int] = set()  # calls that had arguments
         self.calls = 0
+        # With an answer tool forced, text is held until the answer comes (then it is
+        # dropped: the answer is the tool's input alone) or the answer ends without it
+        # (then it is the answer); past HELD_MOST characters it goes as it comes.
+        self.held: list[str] | None = [] if answer_tool else None
+        self.held_size = 0
+        self.answered = False
 
     def feed(self, event: str, data: str) -> Iterable[chat.Event]:
         obj = json_object(data)
@@ -461,8 +472,10 @@ class StreamDecoder:
                 self.finish = str(delta["stop_reason"])
                 self.stop_sequence = delta.get("stop_sequence")
             self.usage = usage_of(obj.get("usage"), self.usage)
+            return self._unheld()
         elif kind == "message_stop":
             self.done = True
+            return self._unheld()
         elif kind == "error":
             error = obj.get("error") or {}
             cls = ProviderUnavailable if error.get("type") in _UNAVAILABLE else ProviderError
@@ -475,6 +488,7 @@ class StreamDecoder:
         kind = str(block.get("type"))
         if kind == "tool_use" and block.get("name") == self.answer_tool:
             self.blocks[index] = ("answer", -1)
+            self.held, self.answered = None, True  # the text before it was not the answer
         elif kind == "tool_use":
             self.blocks[index] = ("tool_use", self.calls)
             self.calls += 1
@@ -488,8 +502,26 @@ class StreamDecoder:
             self.blocks[index] = (kind, -1)
             text = block.get("text") if kind == "text" else None
             if isinstance(text, str) and text:  # a server that sends the text with its start
-                return (chat.TextDelta(text),)
+                return self._text(text)
         return ()
+
+    def _text(self, text: str) -> tuple[chat.Event, ...]:
+        if self.answered:
+            return ()  # text after the forced answer: not part of it
+        if self.held is not None:
+            self.held.append(text)
+            self.held_size += len(text)
+            if self.held_size <= HELD_MOST:
+                return ()
+            return self._unheld()
+        return (chat.TextDelta(text),)
+
+    def _unheld(self) -> tuple[chat.Event, ...]:
+        """The text held, when it turns out to be the answer."""
+        if not self.held:
+            return ()
+        text, self.held = "".join(self.held), None
+        return (chat.TextDelta(text),)
 
     def _delta(self, obj: dict[str, Any]) -> Iterable[chat.Event]:
         delta = obj.get("delta")
@@ -498,7 +530,7 @@ class StreamDecoder:
         kind = delta.get("type")
         if kind == "text_delta" or (kind is None and "text" in delta):
             text = delta.get("text")
-            return (chat.TextDelta(text),) if isinstance(text, str) and text else ()
+            return self._text(text) if isinstance(text, str) and text else ()
         if kind == "input_json_delta":
             piece = str(delta.get("partial_json", ""))
             block, call = self.blocks.get(integer(obj.get("index")), ("tool_use", 0))
@@ -521,6 +553,10 @@ class StreamDecoder:
         native = self.finish or "end_turn"
         finish = "stop" if self.answer_tool and not self.calls else _finish(native, self.calls > 0)
         return chat.End(finish, self.usage, native, self.stop_sequence)
+
+
+# The text a stream with a forced answer tool holds back, at most (characters).
+HELD_MOST = 1_000_000
 
 
 def stream_decoder(request: chat.Request, origin: str = "") -> StreamDecoder:

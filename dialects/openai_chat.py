@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
@@ -397,7 +398,12 @@ def encode_request(request: chat.Request, *, stream: bool, origin: str = "") -> 
         body["tools"] = [_encode_tool(tool) for tool in request.tools]
         choice = request.tool_choice
         if choice is not None:
-            if choice.mode == "tool":
+            named = [t for t in body["tools"] if t["function"]["name"] == choice.name]
+            if choice.mode == "tool" and named and not _openais_own(origin):
+                # llama.cpp's server (and others) take only a string: "required" with
+                # the one tool offered means the same.
+                body["tools"], body["tool_choice"] = named, "required"
+            elif choice.mode == "tool":
                 body["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
             else:
                 body["tool_choice"] = choice.mode
@@ -418,6 +424,16 @@ def encode_request(request: chat.Request, *, stream: bool, origin: str = "") -> 
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
     return body
+
+
+def _openais_own(origin: str) -> bool:
+    """Whether the provider is OpenAI's own API (or Azure's), which honours a named
+    `tool_choice`; `origin` is the provider's name and base URL (none: the standard
+    form)."""
+    if not origin:
+        return True
+    host = urlsplit(origin.partition(":")[2]).hostname or ""
+    return host == "api.openai.com" or host.endswith((".openai.com", ".openai.azure.com"))
 
 
 def _effort(reasoning: chat.ReasoningConfig) -> str:

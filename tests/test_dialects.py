@@ -642,3 +642,141 @@ def test_the_prices_file_says_which_models_reason(tmp_path: Path) -> None:
     prices.write_text('[models."gpt-4.1"]\nreasoning = "yes"\n')
     with pytest.raises(ValueError, match="reasoning"):
         PriceTable.from_file(prices)
+
+
+# --- real compatible servers (llama.cpp's llama-server): what they do differently ----------
+
+CITY = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "n": {"type": "integer"}},
+    "required": ["city", "n"],
+}
+STRUCTURED = {
+    "model": "tiny",
+    "messages": [{"role": "user", "content": "Where?"}],
+    "response_format": {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY}},
+}
+
+
+def llama_server_answer(body: dict[str, Any]) -> httpx.Response:
+    """What llama-server's /v1/messages answers a forced tool: text first, then the call."""
+    call = {
+        "type": "tool_use",
+        "id": "toolu_1",
+        "name": body["tool_choice"]["name"],
+        "input": {"city": "Paris", "n": 1},
+    }
+    if not body.get("stream"):
+        return httpx.Response(
+            200,
+            json={
+                "id": "msg_1",
+                "type": "message",
+                "role": "assistant",
+                "model": "tiny",
+                "content": [{"type": "text", "text": "Hello world."}, call],
+                "stop_reason": "tool_use",
+                "usage": {"input_tokens": 5, "output_tokens": 9},
+            },
+        )
+    events = [
+        {
+            "type": "message_start",
+            "message": {
+                "id": "msg_1",
+                "type": "message",
+                "role": "assistant",
+                "model": "tiny",
+                "content": [],
+                "usage": {"input_tokens": 5},
+            },
+        },
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {
+            "type": "content_block_delta",
+            "index": 0,
+            "delta": {"type": "text_delta", "text": "Hello"},
+        },
+        {
+            "type": "content_block_delta",
+            "index": 0,
+            "delta": {"type": "text_delta", "text": " world."},
+        },
+        {"type": "content_block_stop", "index": 0},
+        {"type": "content_block_start", "index": 1, "content_block": {**call, "input": {}}},
+        {
+            "type": "content_block_delta",
+            "index": 1,
+            "delta": {"type": "input_json_delta", "partial_json": '{"city": "Paris", '},
+        },
+        {
+            "type": "content_block_delta",
+            "index": 1,
+            "delta": {"type": "input_json_delta", "partial_json": '"n": 1}'},
+        },
+        {"type": "content_block_stop", "index": 1},
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "tool_use"},
+            "usage": {"output_tokens": 9},
+        },
+        {"type": "message_stop"},
+    ]
+    sse = "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events)
+    return httpx.Response(200, text=sse, headers={"content-type": "text/event-stream"})
+
+
+async def test_a_forced_answer_tool_is_the_answer_alone_whole_and_streamed() -> None:
+    provider = Provider(llama_server_answer)
+    app = anthropic_app(
+        provider, model="tiny", models=("tiny",), anthropic_base_url="http://llama.test"
+    )
+    async with client(app) as c:
+        whole = await c.post("/v1/chat/completions", json=STRUCTURED)
+        streamed = await c.post("/v1/chat/completions", json={**STRUCTURED, "stream": True})
+    assert provider.bodies[0]["tool_choice"]["name"] == anthropic_messages.ANSWER_TOOL
+    message = whole.json()["choices"][0]
+    assert json.loads(message["message"]["content"]) == {"city": "Paris", "n": 1}
+    assert message["finish_reason"] == "stop"
+    chunks = chunks_of(streamed.text)
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert json.loads(text) == {"city": "Paris", "n": 1}
+
+
+async def test_a_named_tool_choice_is_required_with_that_tool_alone_but_for_openai() -> None:
+    tools = [
+        {"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
+        for n in ("get_weather", "get_time")
+    ]
+    ask = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "Paris?"}],
+        "tools": tools,
+        "tool_choice": {"type": "function", "function": {"name": "get_time"}},
+    }
+    sent = []
+    for base in ("http://llama.test/v1", "https://api.openai.com/v1"):
+        provider = Provider(lambda body: httpx.Response(200, json=golden("openai_completion.json")))
+        app = openai_app(provider, openai_base_url=base)
+        async with client(app) as c:
+            # /v1/messages is translated for both (Chat Completions would pass through)
+            r = await c.post(
+                "/v1/messages",
+                json={
+                    "model": "gpt-4o-mini",
+                    "max_tokens": 50,
+                    "messages": ask["messages"],
+                    "tools": [
+                        {"name": t["function"]["name"], "input_schema": {"type": "object"}}
+                        for t in tools
+                    ],
+                    "tool_choice": {"type": "tool", "name": "get_time"},
+                },
+            )
+        assert r.status_code == 200, r.text
+        sent.append(provider.bodies[0])
+    llama, openai = sent
+    assert llama["tool_choice"] == "required"
+    assert [t["function"]["name"] for t in llama["tools"]] == ["get_time"]
+    assert openai["tool_choice"] == {"type": "function", "function": {"name": "get_time"}}
+    assert len(openai["tools"]) == 2
