@@ -283,7 +283,7 @@ def create_app(
         if owns_process:
             tune_gc()
             tune_logging()
-            survive_sighup(logger, keys.reload)
+            survive_sighup(logger, keys.reread)
             Drain.on_sigterm(settings.shutdown_drain_s, logger)
         app.state.ready = True
         try:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import threading
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -12,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
+import auth
 from auth import AUTH, AuthMiddleware, KeyRing, default_name, digest
 from config import Rate, Settings, SettingsError
 from errors import REQUEST_ID
@@ -160,3 +164,35 @@ async def test_public_paths_pass_without_a_key_also_under_a_mount_prefix() -> No
         assert (await c.get("/llm/health")).json() == {"name": None}
         assert (await c.post("/llm/complete")).status_code == 401
         assert (await c.post("/llm/complete", headers={"X-API-Key": "good"})).status_code == 200
+
+
+@pytest.mark.anyio
+async def test_a_keys_file_is_read_off_the_request_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "keys.toml"
+    path.write_text('[[keys]]\nname = "old"\nkey = "old-key-0123456789"\n')
+    now = [0.0]
+    ring = KeyRing.from_settings(Settings(api_keys_file=path), clock=lambda: now[0])
+    reading, release = threading.Event(), threading.Event()
+    real = auth._load
+
+    def slow(settings: Settings) -> Any:  # a file of many keys: slow to read
+        reading.set()
+        assert release.wait(10)
+        return real(settings)
+
+    monkeypatch.setattr(auth, "_load", slow)
+    path.write_text('[[keys]]\nname = "new"\nkey = "new-key-0123456789"\n')
+    for _ in range(2):  # two looks that find the file the same: then it is read
+        now[0] += auth.KEYS_CHECK_S + 1
+        assert ring.lookup("old-key-0123456789") is not None
+    assert await asyncio.to_thread(reading.wait, 10)  # being read, in a thread...
+    assert ring.lookup("old-key-0123456789") is not None  # ...while lookups go on
+    release.set()
+    for _ in range(200):
+        if ring.lookup("new-key-0123456789") is not None:
+            break
+        await asyncio.sleep(0.01)
+    assert ring.lookup("new-key-0123456789") is not None
+    assert ring.lookup("old-key-0123456789") is None

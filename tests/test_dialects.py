@@ -679,7 +679,7 @@ def llama_server_answer(body: dict[str, Any]) -> httpx.Response:
                 "usage": {"input_tokens": 5, "output_tokens": 9},
             },
         )
-    events = [
+    events: list[dict[str, Any]] = [
         {
             "type": "message_start",
             "message": {
@@ -744,11 +744,11 @@ async def test_a_forced_answer_tool_is_the_answer_alone_whole_and_streamed() -> 
 
 
 async def test_a_named_tool_choice_is_required_with_that_tool_alone_but_for_openai() -> None:
-    tools = [
+    tools: list[dict[str, Any]] = [
         {"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
         for n in ("get_weather", "get_time")
     ]
-    ask = {
+    ask: dict[str, Any] = {
         "model": "gpt-4o-mini",
         "messages": [{"role": "user", "content": "Paris?"}],
         "tools": tools,
