@@ -57,6 +57,7 @@ from upstream import (
     USER_AGENT,
     SharedClient,
     close,
+    inflated,
     provider_errors,
     redact,
     status_error,
@@ -333,7 +334,7 @@ class HttpProvider(Provider):
         chunks: list[bytes] = []
         size = 0
         with provider_errors():
-            async for chunk in response.aiter_bytes():
+            async for chunk in inflated(response):
                 size += len(chunk)
                 if size > limit:
                     raise ProviderError(f"the provider's answer is over {limit} bytes")
@@ -414,7 +415,7 @@ class HttpProvider(Provider):
         response = await self._retrying(once)
         bounds = self._bounds
         try:
-            yield sse_events(response.aiter_bytes(), max_bytes=bounds.max_response_bytes,
+            yield sse_events(inflated(response), max_bytes=bounds.max_response_bytes,
                              idle_s=bounds.idle_s)  # fmt: skip
         except (httpx.TransportError, aiohttp.ClientError) as exc:
             raise transport_error(exc) from None

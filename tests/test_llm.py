@@ -20,6 +20,7 @@ from httpx_aiohttp import AiohttpTransport
 
 import chat
 import llm
+import upstream
 from config import Settings, SettingsError
 from deployments import Deployments, make_deployments
 from dialects import anthropic_messages, openai_chat
@@ -784,3 +785,49 @@ async def test_an_answer_that_trickles_in_meets_the_total_deadline() -> None:
     with pytest.raises(llm.ProviderTimeout, match="within 0.5 s"):
         await provider("openai", total_timeout_s=0.5).complete(request())
     assert time.monotonic() - started < 5
+
+
+def packed(data: bytes, wbits: int) -> bytes:
+    packer = zlib.compressobj(9, zlib.DEFLATED, wbits)
+    return packer.compress(data) + packer.flush()
+
+
+def encoded(body: bytes, encoding: str, chunk: int = 64 << 10) -> httpx.Response:
+    async def reads() -> AsyncIterator[bytes]:
+        for at in range(0, len(body), chunk):
+            yield body[at : at + chunk]
+
+    return httpx.Response(200, content=reads(), headers={"content-encoding": encoding})
+
+
+async def test_a_bomb_is_inflated_a_bounded_step_at_a_time_giving_others_their_turn() -> None:
+    bomb = packed(b"0" * (64 << 20), 31)  # 64 MB of zeros in about 64 KB: one read
+    turns = 0
+
+    async def other_requests() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    beside = asyncio.ensure_future(other_requests())
+    await asyncio.sleep(0)
+    sizes = []
+    async for piece in upstream.inflated(encoded(bomb, "gzip")):
+        sizes.append(len(piece))
+        if sum(sizes) > 16 << 20:
+            break  # where the bound cuts it
+    beside.cancel()
+    assert max(sizes) <= upstream.INFLATE_STEP
+    assert turns >= len(sizes) // 2  # the others ran between the steps
+
+
+@pytest.mark.parametrize("wbits", [zlib.MAX_WBITS, -zlib.MAX_WBITS])
+async def test_deflate_is_read_wrapped_or_raw_and_an_unknown_encoding_refused(wbits: int) -> None:
+    text = b"hello " * 50_000
+    got = b"".join([p async for p in upstream.inflated(encoded(packed(text, wbits), "deflate"))])
+    assert got == text
+    with pytest.raises(llm.ProviderError, match="not asked for"):
+        _ = [p async for p in upstream.inflated(encoded(b"x", "br"))]
+    with pytest.raises(llm.ProviderError, match="does not decompress"):
+        _ = [p async for p in upstream.inflated(encoded(b"not gzip at all", "gzip"))]
