@@ -40,7 +40,7 @@ import jsonio
 import llm
 from admission import Admission, Ticket, invalid_body, note, since_ms
 from deployments import Deployments
-from dialects import Decoded, Dialect, Encoder, Passthrough, Relay, bad, integer
+from dialects import Decoded, Dialect, Encoder, Passthrough, Relay, bad, integer, json_object
 from dialects import anthropic_messages as messages_format
 from errors import ApiError, ProviderError, request_id
 from jsonio import JSONResponse
@@ -208,8 +208,15 @@ class Gateway:
         query = forwarded_query(request, hooks)
         path = provider.paths[dialect.wire]
         if not stream or hooks.relay is None:
-            call = provider.post(data, rid, headers, path=path, query=query, scale=hooks.scale)
-            answer = await self.admission.call(request, call)
+            call = provider.post_raw(data, rid, headers, path=path, query=query,
+                                     scale=hooks.scale)  # fmt: skip
+            raw = await self.admission.call(request, call)
+            read = hooks.raw(raw) if hooks.raw is not None and keeping is None else None
+            if read is not None:  # accounted without a parse: the bytes go as they came
+                usage = read.usage or ticket.estimate(0)
+                ticket.settle(read.model or str(data["model"]), usage, read.finish)
+                return Response(raw, media_type="application/json")
+            answer = json_object(raw)
             accounted = hooks.accounted(answer)
             usage = accounted.usage or ticket.estimate(chat.estimate_tokens(accounted.text))
             ticket.settle(accounted.model or str(data["model"]), usage, accounted.finish)

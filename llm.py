@@ -357,6 +357,20 @@ class HttpProvider(Provider):
     ) -> dict[str, Any]:
         """The provider's JSON answer; `scale` raises its size bound, for an endpoint
         whose answers are big by nature (embeddings)."""
+        raw = await self.post_raw(body, request_id, headers, path=path, query=query, scale=scale)
+        return json_object(raw)
+
+    async def post_raw(
+        self,
+        body: dict[str, Any],
+        request_id: str | None,
+        headers: Mapping[str, str] | None = None,
+        *,
+        path: str | None = None,
+        query: str | None = None,
+        scale: int = 1,
+    ) -> bytes:
+        """`post`'s answer as it came, not parsed (an answer that is only relayed)."""
         data, sent = jsonio.dumps(body), self.headers(request_id, extra=headers)
         deadline = time.monotonic() + self._bounds.total_s
         url = self.url(path, query)
@@ -364,7 +378,7 @@ class HttpProvider(Provider):
         async def once() -> bytes:
             return await self._whole(await self._send(data, sent, url), deadline, scale)
 
-        return json_object(await self._retrying(once))
+        return await self._retrying(once)
 
     async def _whole(self, response: httpx.Response, deadline: float, scale: int = 1) -> bytes:
         """An answer read whole and closed; the error for it unless it is a 200, with

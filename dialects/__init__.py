@@ -152,6 +152,9 @@ class Passthrough:
 
     prepare: Callable[[dict[str, Any]], None]
     accounted: Callable[[dict[str, Any]], Accounted]
+    # For answers big by nature: what the accounting needs, read from the raw bytes
+    # (None: it could not, and the answer is parsed whole); the bytes then go as they came.
+    raw: Callable[[bytes], Accounted | None] | None = None
     # the body as it goes, as validated, and as decoded
     relay: Callable[[dict[str, Any], Any, chat.Request], Relay] | None = None
     headers: tuple[str, ...] = ()

@@ -12,6 +12,7 @@ embedding's cost is its input tokens at the model's input price.
 from __future__ import annotations
 
 import base64
+import json
 import struct
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
@@ -122,13 +123,48 @@ def accounted(answer: dict[str, Any]) -> Accounted:
     return Accounted(str(model) if model else None, usage_of(answer.get("usage")), "stop")
 
 
+def raw_accounted(raw: bytes) -> Accounted | None:
+    """What the accounting needs of a raw answer, without parsing it whole: a 2,048
+    vector answer is up to 64 MB, hundreds of MB of objects parsed, for two fields.
+    OpenAI's (and the compatible servers') `usage` and `model` come last or first; the
+    vectors, numbers or base64, hold no quote, so the keys found are these. None: not
+    an answer of that shape (it is then parsed whole, and refused if it is not JSON)."""
+    body = raw.strip()
+    if not (body.startswith(b"{") and body.endswith(b"}")):
+        return None
+    usage = _value_after(body[-_ENDS:], b"usage")
+    if not isinstance(usage, dict):
+        return None
+    model = _value_after(body[-_ENDS:], b"model") or _value_after(body[:_ENDS], b"model")
+    return Accounted(model if isinstance(model, str) else None, usage_of(usage), "stop")
+
+
+_ENDS = 64 << 10  # how much of each end of an answer is looked at
+_JSON = json.JSONDecoder()
+
+
+def _value_after(text: bytes, key: bytes) -> Any:
+    """The JSON value of the last `"key":` in `text`, or None."""
+    at = text.rfind(b'"' + key + b'"')
+    colon = text.find(b":", at + len(key) + 2) if at >= 0 else -1
+    if colon < 0:
+        return None
+    try:
+        value, _ = _JSON.raw_decode(text[colon + 1 :].decode().lstrip())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value
+
+
 DIALECT = Dialect(
     wire=WIRE,
     errors="openai",
     body=EmbeddingsBody,
     decode=decode,
     answer=answer,
-    passthrough=Passthrough(prepare=nothing, accounted=accounted, scale=ANSWER_SCALE),
+    passthrough=Passthrough(
+        prepare=nothing, accounted=accounted, raw=raw_accounted, scale=ANSWER_SCALE
+    ),
     # No fallback: another provider's vectors (echo's above all) are not this model's,
     # and would quietly spoil an index built with them. A failure is the client's to see.
     fallback=False,

@@ -20,6 +20,7 @@ from starlette.applications import Starlette
 
 import llm
 from config import Rate, Settings
+from dialects import Accounted, openai_embeddings
 from server import create_app
 from tests.conftest import CLIENT_KEY, PROVIDER_KEY
 from tests.helpers import (
@@ -32,6 +33,7 @@ from tests.helpers import (
     golden,
     sse_file,
 )
+from usage import Usage
 
 pytestmark = pytest.mark.anyio
 
@@ -687,6 +689,36 @@ async def test_embeddings_pass_through_to_an_openai_server_and_are_priced() -> N
     assert json.loads(seen[0].content) == body
     assert report["by_model"]["text-embedding-3-small"]["input_tokens"] == 5000
     assert math.isclose(report["cost_usd"], 5000 * 0.02 / 1e6)
+
+
+async def test_a_big_embeddings_answer_is_relayed_as_it_came_and_counted_from_its_ends() -> None:
+    vector = base64.b64encode(struct.pack("<3072f", *([0.5] * 3072))).decode()
+    data = [{"object": "embedding", "index": i, "embedding": vector} for i in range(2048)]
+    raw = json.dumps({"object": "list", "data": data, "model": "text-embedding-3-small",
+                      "usage": {"prompt_tokens": 7000, "total_tokens": 7000}}).encode()  # fmt: skip
+    answers = iter([raw, b'{"data": [], "usage": {"prompt_tokens": 3}}', b"{not json}"])
+    app = openai_service(lambda request: httpx.Response(200, content=next(answers)))
+    body = {"model": "text-embedding-3-small", "input": ["a"] * 2048, "encoding_format": "base64"}
+    async with client(app) as c:
+        big = await c.post("/v1/embeddings", json=body)  # 34 MB: not parsed, not re-encoded
+        small = await c.post("/v1/embeddings", json=body)
+        broken = await c.post("/v1/embeddings", json=body)
+        report = (await c.get("/usage")).json()
+    assert big.status_code == 200 and big.content == raw
+    assert small.status_code == 200 and small.json()["usage"] == {"prompt_tokens": 3}
+    assert report["by_model"]["text-embedding-3-small"]["input_tokens"] == 7003
+    assert broken.status_code == 502 and broken.json()["error"]["type"] == "upstream_error"
+
+
+def test_the_usage_of_a_raw_answer_is_read_from_its_ends_or_not_at_all() -> None:
+    read = openai_embeddings.raw_accounted
+    assert read(b'{"model": "m", "data": [], "usage": {"prompt_tokens": 4}}') == Accounted(
+        "m", Usage(input_tokens=4), "stop"
+    )
+    head = b'{"id": "x", "model": "vllm-e5", "data": [{"embedding": [0.1]}],'
+    assert read(head + b' "usage": {"prompt_tokens": 2}}').model == "vllm-e5"  # type: ignore[union-attr]
+    for raw in (b'{"data": []}', b"[1, 2]", b'{"usage": 5}', b"", b'{"usage": {'):
+        assert read(raw) is None  # then parsed whole (or refused as not JSON)
 
 
 async def test_anthropic_has_no_embeddings_and_says_so() -> None:
