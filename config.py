@@ -99,10 +99,17 @@ class DeploymentSpec:
     models: tuple[tuple[str, str], ...]  # (the name callers use, the name upstream)
     weight: float = 1.0
     priority: int = 0
+    # Fields of a passed-through body that choose models or routes at this provider
+    # (OpenRouter's), let through: refused otherwise, since a key's allowlist and budget
+    # do not cover what they reach.
+    allow_fields: frozenset[str] = frozenset()
 
+
+# Fields of a body that choose models or routes at the provider (OpenRouter reads them).
+UPSTREAM_CHOICES = ("models", "route", "provider", "fallbacks")
 
 _DEPLOYMENT_FIELDS = {"name", "provider", "base_url", "api_key", "api_key_env", "models",
-                      "weight", "priority"}  # fmt: skip
+                      "weight", "priority", "allow_fields"}  # fmt: skip
 
 
 def toml_tables(
@@ -198,6 +205,11 @@ def _deployment(
     priority = entry.get("priority", 0)
     if isinstance(priority, bool) or not isinstance(priority, int) or priority < 0:
         raise SettingsError(f"{where}: 'priority' must be a whole number, 0 or more")
+    allowed = entry.get("allow_fields", [])
+    if not isinstance(allowed, list) or not set(allowed) <= set(UPSTREAM_CHOICES):
+        raise SettingsError(
+            f"{where}: 'allow_fields' lists fields of {', '.join(UPSTREAM_CHOICES)}"
+        )
     return DeploymentSpec(
         name=name,
         provider=provider,
@@ -206,6 +218,7 @@ def _deployment(
         models=tuple(raw_models.items()),
         weight=float(weight),
         priority=priority,
+        allow_fields=frozenset(allowed),
     )
 
 

@@ -255,7 +255,7 @@ def make_deployments(
             # retried itself, as the single provider is.
             retries = None if _alone(spec, specs) else 0
             provider = _make(spec.provider, settings, client, codecs, spec.base_url,
-                             spec.api_key, retries=retries)  # fmt: skip
+                             spec.api_key, retries=retries, allows=spec.allow_fields)  # fmt: skip
             made.append(
                 Deployment(
                     spec.name,
@@ -308,6 +308,7 @@ def _make(
     key: str,
     *,
     retries: int | None = None,
+    allows: frozenset[str] = frozenset(),
 ) -> Provider:
     if kind == "echo":
         return EchoProvider()
@@ -335,4 +336,5 @@ def _make(
             first_byte_s=settings.first_byte_timeout_s,
         ),
         also=also,
+        allows=allows,
     )

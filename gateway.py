@@ -39,6 +39,7 @@ import chat
 import jsonio
 import llm
 from admission import Admission, Ticket, invalid_body, note, since_ms
+from config import UPSTREAM_CHOICES
 from deployments import Deployments
 from dialects import Decoded, Dialect, Encoder, Passthrough, Relay, bad, integer, json_object
 from dialects import anthropic_messages as messages_format
@@ -49,10 +50,6 @@ from requestlog import CALL
 from sse import EventStream, Streams
 from stored import Keeper, State
 from usage import Usage
-
-# Fields of a body that choose models or routes at the provider (OpenRouter reads them):
-# passed through, they would let a key reach models its allowlist and budget do not cover.
-UPSTREAM_CHOICES = ("models", "route", "provider", "fallbacks")
 
 # Headers naming the client's session, kept in the access line (Claude Code's).
 SESSION_HEADERS = ("x-claude-code-session-id",)
@@ -198,7 +195,9 @@ class Gateway:
         hooks = dialect.passthrough
         assert hooks is not None
         for field in UPSTREAM_CHOICES:
-            if field in data:
+            # Passed through, they would let a key reach models its allowlist and budget
+            # do not cover: only to a deployment that lets them through (allow_fields).
+            if field in data and field not in provider.allows:
                 raise bad(
                     field, "chooses models or routes at the provider, which this service does"
                 )

@@ -191,9 +191,11 @@ class HttpProvider(Provider):
         retry: RetryPolicy | None = None,
         bounds: Bounds | None = None,
         also: Mapping[str, str] | None = None,
+        allows: frozenset[str] = frozenset(),
     ) -> None:
         self.name = name
         self.codec = codec
+        self.allows = allows  # fields choosing models upstream that it may be sent
         self.wire = codec.WIRE
         # The wire formats whose bodies can pass through to it, each at its endpoint:
         # its codec's, and any other it serves (`also`: OpenAI's embeddings, Responses).

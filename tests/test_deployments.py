@@ -577,3 +577,30 @@ async def test_one_blip_under_many_calls_cools_once_not_once_a_call() -> None:
     a = deployments.all[0]
     assert a.cooling_s(101.0) == 1 and a.failed_calls == 20
     assert a.cooling_s(102.0) == 0  # back after a second
+
+
+async def test_a_deployment_lets_through_only_the_upstream_choices_it_allows() -> None:
+    seen: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(request.content))
+        return httpx.Response(200, json=CHAT_OK)
+
+    openrouter = DeploymentSpec(name="openrouter", provider="openai",
+                                base_url="http://openrouter.test/v1", models=(("m", "m"),),
+                                allow_fields=frozenset({"provider"}))  # fmt: skip
+    settings = Settings(deployments=(openrouter,), api_keys=(CLIENT_KEY,), max_retries=0)
+    ask = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    async with client(create_app(settings, transport=httpx.MockTransport(handler))) as c:
+        routed = await c.post("/v1/chat/completions", json={**ask, "provider": {"sort": "price"}})
+        chosen = await c.post("/v1/chat/completions", json={**ask, "models": ["pricey"]})
+    assert routed.status_code == 200 and seen[0]["provider"] == {"sort": "price"}
+    assert chosen.status_code == 400 and chosen.json()["error"]["param"] == "models"
+    assert len(seen) == 1
+
+
+def test_allow_fields_names_only_the_fields_that_choose_upstream(tmp_path: Path) -> None:
+    text = ("[[deployments]]\nname = 'or'\nprovider = 'openai'\nbase_url = 'http://or.test/v1'\n"
+            "models = ['m']\nallow_fields = ['provider', 'temperature']\n")  # fmt: skip
+    with pytest.raises(SettingsError, match="'allow_fields' lists fields of models, route"):
+        settings_with(tmp_path, text)

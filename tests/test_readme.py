@@ -188,13 +188,17 @@ def test_readme_deployments_file_example_loads(tmp_path: Path) -> None:
     path = tmp_path / "deployments.toml"
     path.write_text(example)
     settings = Settings.from_env(
-        environ={"LLM_DEPLOYMENTS": str(path), "OPENAI_API_KEY": "sk-o", "ANTHROPIC_API_KEY": "a"},
+        environ={"LLM_DEPLOYMENTS": str(path), "OPENAI_API_KEY": "sk-o", "ANTHROPIC_API_KEY": "a",
+                 "OPENROUTER_API_KEY": "sk-or"},
         env_file=None,
-    )
+    )  # fmt: skip
     names = [d.name for d in settings.deployments]
-    assert names == ["vllm-a", "vllm-b", "openai", "spare"]
-    assert settings.models == ("llama-3.1-8b", "gpt-4o-mini", "text-embedding-3-small")
+    assert names == ["vllm-a", "vllm-b", "openai", "spare", "openrouter"]
+    assert settings.models == (
+        "llama-3.1-8b", "gpt-4o-mini", "text-embedding-3-small", "openai/gpt-4o-mini"
+    )  # fmt: skip
     assert settings.deployments[2].api_key == "sk-o"
+    assert settings.deployments[4].allow_fields == {"provider"}
 
 
 @pytest.mark.e2e
