@@ -260,6 +260,15 @@ class RefusalDelta:
 
 
 @dataclass(frozen=True, slots=True)
+class Unread:
+    """Output of a kind no format here carries (another choice's, a delta kind not
+    read), `size` characters: never sent on, but counted against the stream's cap of
+    output, so that a provider cannot stream past it in a kind we do not read."""
+
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
 class End:
     """The answer is complete. `finish_reason` is "stop", "length", "tool_calls" or
     "content_filter"; `native` is the provider's own word for it, kept for a client of
@@ -271,7 +280,9 @@ class End:
     stop_sequence: str | None = None
 
 
-Event = Start | TextDelta | ToolCallStart | ToolCallDelta | ReasoningDelta | RefusalDelta | End
+Event = (
+    Start | TextDelta | ToolCallStart | ToolCallDelta | ReasoningDelta | RefusalDelta | Unread | End
+)
 Delta = TextDelta | ToolCallDelta | ReasoningDelta | RefusalDelta  # what a stream is made of
 
 

@@ -357,13 +357,20 @@ async def _translated(
     model = ticket.model
     try:
         async for event in events:
-            if isinstance(event, chat.Delta):
-                if not ticket.counts(event):
+            if isinstance(event, chat.Delta | chat.Unread):
+                counted = (
+                    ticket.passes(event.size)
+                    if isinstance(event, chat.Unread)
+                    else ticket.counts(event)
+                )
+                if not counted:
                     end = chat.End("length", ticket.estimate(ticket.sent))
                     cost = ticket.settle(model, end.usage, end.finish_reason)
                     for piece in encoder.last(end, model, cost):
                         yield piece
                     return
+                if isinstance(event, chat.Unread):
+                    continue  # no client format carries it
             elif isinstance(event, chat.End):
                 cost = ticket.settle(model, event.usage, event.finish_reason)
                 for piece in encoder.last(event, model, cost):

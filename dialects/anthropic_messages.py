@@ -545,7 +545,8 @@ class StreamDecoder:
         if kind == "signature_delta":
             signature = str(delta.get("signature", ""))
             return (chat.ReasoningDelta(signature=signature, origin=self.origin),)
-        return ()
+        # A kind not read (citations_delta...): counted against the cap, not carried.
+        return (chat.Unread(text_size(delta, frozenset({"type"}))),)
 
     def end(self) -> chat.End | None:
         if self.finish is None and not self.done:

@@ -640,6 +640,10 @@ def _detail(part: chat.Reasoning | chat.ReasoningDelta) -> dict[str, Any]:
     }
 
 
+# Keys of a delta that name or number it, not output.
+_NOT_OUTPUT = frozenset({"role", "index", "type", "id"})
+
+
 class StreamDecoder:
     """A provider's chunks as `chat` events (its first choice: ours are one choice)."""
 
@@ -668,7 +672,10 @@ class StreamDecoder:
             self.model = str(obj.get("model") or self.model)
             events.append(chat.Start(str(obj.get("id") or chat.new_id("chatcmpl-")), self.model))
         for choice in obj.get("choices") or ():
-            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+            if not isinstance(choice, dict):
+                continue
+            if choice.get("index", 0) != 0:  # another choice: counted, not carried
+                events.append(chat.Unread(text_size(choice.get("delta"), _NOT_OUTPUT)))
                 continue
             delta = choice.get("delta")
             if isinstance(delta, dict):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -780,3 +781,64 @@ async def test_a_named_tool_choice_is_required_with_that_tool_alone_but_for_open
     assert [t["function"]["name"] for t in llama["tools"]] == ["get_time"]
     assert openai["tool_choice"] == {"type": "function", "function": {"name": "get_time"}}
     assert len(openai["tools"]) == 2
+
+
+def endless(head: bytes, frame: bytes, times: int) -> Callable[[dict[str, Any]], httpx.Response]:
+    """A provider's stream: `head`, then `frame` `times` times."""
+
+    async def body() -> AsyncIterator[bytes]:
+        yield head
+        for _ in range(times):
+            yield frame
+
+    return lambda sent: httpx.Response(
+        200, content=body(), headers={"content-type": "text/event-stream"}
+    )
+
+
+async def test_a_translated_stream_is_cut_at_its_cap_whatever_kind_of_delta_carries_it() -> None:
+    """Another choice's deltas (an OpenAI-compatible server asked for one) and a delta
+    kind no format here reads (Anthropic's citations_delta) count against max_tokens:
+    a provider streaming them without end is stopped there."""
+    other_choice = b'data: {"id":"c","model":"m","choices":[{"index":1,"delta":{"content":"' + (
+        b"x" * 200 + b'"}}]}\n\n'
+    )
+    start = b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{"role":"assistant"}}]}\n\n'
+    provider = Provider(endless(start, other_choice, 100_000))
+    async with client(openai_app(provider)) as c:
+        r = await c.post(
+            "/v1/messages",
+            json={
+                "model": "gpt-4o-mini",
+                "max_tokens": 20,
+                "stream": True,
+                "messages": [{"role": "user", "content": "go"}],
+            },
+        )
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[-2]["delta"]["stop_reason"] == "max_tokens"
+
+    citation = (
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+        b'"delta":{"type":"citations_delta","citation":{"type":"char_location",'
+        b'"cited_text":"' + b"y" * 200 + b'"}}}\n\n'
+    )
+    opening = (
+        b'event: message_start\ndata: {"type":"message_start","message":{"id":"m",'
+        b'"model":"claude-haiku-4-5","usage":{"input_tokens":1}}}\n\n'
+        b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+        b'"content_block":{"type":"text","text":""}}\n\n'
+    )
+    provider = Provider(endless(opening, citation, 100_000))
+    async with client(anthropic_app(provider)) as c:
+        r = await c.post(
+            "/v1/chat/completions",
+            json={
+                "model": "claude-haiku-4-5",
+                "max_tokens": 20,
+                "stream": True,
+                "messages": [{"role": "user", "content": "go"}],
+            },
+        )
+    chunks = chunks_of(r.text)
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
