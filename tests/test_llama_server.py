@@ -66,7 +66,8 @@ def events(text: str) -> list[tuple[str, dict[str, object]]]:
     return out
 
 
-CHAT = {"model": "tiny", "max_tokens": 8, "messages": [{"role": "user", "content": "hello"}]}
+CHAT = {"model": "tiny", "max_tokens": 8, "temperature": 0,
+        "messages": [{"role": "user", "content": "hello"}]}  # fmt: skip
 
 
 def test_chat_completions_whole_and_streamed_with_the_servers_usage(
@@ -98,3 +99,33 @@ def test_messages_whole_and_streamed_passed_through_or_translated(
     names = [name for name, _ in events(streamed.text) if name != "ping"]
     assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
     assert "content_block_delta" in names
+
+
+CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 5},
+        "n": {"type": "integer"}}, "required": ["city", "n"]}  # fmt: skip
+
+
+@pytest.mark.parametrize("client", ["messages", "chat"])
+def test_structured_output_is_json_of_the_schema_through_either_protocol(
+    services: dict[str, str], client: str
+) -> None:
+    """Chat Completions' response_format (passed through to the OpenAI-compatible
+    endpoint, or Messages' output_config.format translated to it) is held by the
+    server's grammar: the gibberish is valid JSON of the schema."""
+    url = services["openai"]
+    asks = {
+        "chat": ("/v1/chat/completions", {**CHAT, "max_tokens": 400, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "city", "schema": CITY}}}),
+        "messages": ("/v1/messages", {**CHAT, "max_tokens": 400, "output_config": {
+            "format": {"type": "json_schema", "schema": CITY}}}),
+    }  # fmt: skip
+    path, body = asks[client]
+    r = httpx.post(url + path, json=body, headers=AUTH_HEADERS, timeout=60)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    text = (answer["choices"][0]["message"]["content"] if client == "chat"
+            else answer["content"][0]["text"])  # fmt: skip
+    value = json.loads(text)
+    # (its string's length is the grammar's in bytes: random bytes decode as they may)
+    assert set(value) == {"city", "n"} and isinstance(value["city"], str)
+    assert isinstance(value["n"], int)

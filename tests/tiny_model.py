@@ -1,7 +1,7 @@
 """A tiny llama model for llama.cpp's llama-server, written by the tests themselves: one
 layer, 64 wide, random weights (fixed seed) and a byte-level vocabulary, so any text and
 any grammar can be produced. It answers fixed gibberish, which is enough for wire
-formats, grammars (tools, JSON schemas), usage and cancellation.
+formats, grammars (JSON schemas), usage and cancellation.
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ import gguf
 import numpy as np
 
 WIDTH, LAYERS, HEADS, FEED = 64, 1, 4, 128
-# ChatML. Without tools: with this llama.cpp (build 11434) a grammar-constrained chat
-# answer (tools, a JSON schema) fails to start its sampler on this tiny vocabulary, so
-# the tests here drive plain text, streams, usage and cancellation.
+# ChatML. JSON schemas are held by the server's grammar; tools are not (this build of
+# llama.cpp does not take this template for one of the tool formats it knows).
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{{ message['content'] if message['content'] is string else '' }}<|im_end|>\n"
@@ -52,6 +51,9 @@ def write(path: Path) -> Path:
     writer.add_eos_token_id(4)  # <|im_end|>: where a turn ends
     writer.add_unk_token_id(0)
     writer.add_add_bos_token(False)
+    # No space before the text: llama-server's grammars begin with the generation prompt,
+    # and a " assistant" would never match it (the sampler refuses to start).
+    writer.add_add_space_prefix(False)
     writer.add_chat_template(CHATML)
 
     def weights(*shape: int) -> np.ndarray:
