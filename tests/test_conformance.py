@@ -1,12 +1,18 @@
-"""Every answer of the Anthropic routes checked against the Anthropic TypeScript SDK's
-own types, strictly (tests/sdk_types.py): whole messages, every stream event, token
-counts, models, and errors, through echo, a translating provider (an OpenAI-compatible
-server) and a passing-through one (Anthropic, answering in the current shape).
+"""Every answer checked against the official machine-readable descriptions, strictly:
+the Anthropic routes against the Anthropic TypeScript SDK's own types (tests/sdk_types.py:
+whole messages, every stream event, token counts, models, errors), through echo, a
+translating provider (an OpenAI-compatible server) and a passing-through one (Anthropic,
+answering in the current shape); the OpenAI routes (Chat Completions whole and streamed,
+embeddings, models, errors) against OpenAI's OpenAPI document (tests/openai_spec.py),
+through echo and a translating provider. /v1/responses is checked against the Open
+Responses schema and the openai SDK's types (tests/helpers.py).
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +24,7 @@ from dialects.anthropic_messages import message_object, model_object
 from server import create_app
 from tests.conftest import CLIENT_KEY, PROVIDER_KEY
 from tests.helpers import client, golden
+from tests.openai_spec import openai_schemas
 from tests.sdk_types import Types, anthropic_types
 from usage import Usage
 
@@ -181,3 +188,78 @@ def test_the_checker_refuses_a_missing_field_an_unknown_one_and_a_wrong_literal(
     assert TYPES.errors({**info, "extra": 1}, "ModelInfo")
     assert TYPES.errors({**info, "lifecycle": "gone"}, "ModelInfo")
     assert TYPES.errors({**info, "max_tokens": "many"}, "ModelInfo")
+
+
+# --- the OpenAI routes, against OpenAI's OpenAPI document (tests/openai_spec.py) ----------
+
+OPENAI = openai_schemas()
+
+
+def conforms_to_openai(value: Any, name: str) -> None:
+    wrong = OPENAI.errors(value, name)
+    assert not wrong, "\n".join(wrong[:10])
+
+
+OPENAI_SIDE: dict[str, dict[str, Any]] = {
+    "echo": {"provider": "echo", "model": "echo"},
+    "translated": {"provider": "anthropic", "anthropic_api_key": PROVIDER_KEY,
+                   "model": "claude-haiku-4-5"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", list(OPENAI_SIDE))
+async def test_every_chat_answer_is_openais_schema_strictly(kind: str, tmp_path: Path) -> None:
+    settings = Settings(api_keys=(CLIENT_KEY,), max_retries=0, ledger_url="off",
+                        **OPENAI_SIDE[kind])  # fmt: skip
+    app = create_app(settings, transport=httpx.MockTransport(_anthropic))  # translated to it
+    model = OPENAI_SIDE[kind]["model"]
+    ask = {"model": model, "max_tokens": 50, "messages": [{"role": "user", "content": "Hi"}]}
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": TOOL[
+        "input_schema"]}}  # fmt: skip
+    async with client(app) as c:
+        whole = await c.post("/v1/chat/completions", json=ask)
+        streamed = await c.post("/v1/chat/completions", json={
+            **ask, "stream": True, "stream_options": {"include_usage": True}})  # fmt: skip
+        called = await c.post("/v1/chat/completions", json={
+            **ask, "messages": [{"role": "user", "content": "Use get_weather for Paris"}],
+            "tools": [tool], "stream": True})  # fmt: skip
+        listed = await c.get("/v1/models")
+        one = await c.get(f"/v1/models/{model}")
+        errors = [
+            await c.post("/v1/chat/completions", json=ask, headers={"x-api-key": "wrong"}),
+            await c.post("/v1/chat/completions", json={**ask, "model": "nope"}),
+            await c.post("/v1/chat/completions", json={**ask, "max_tokens": -1}),
+        ]
+    assert whole.status_code == 200, whole.text
+    conforms_to_openai(whole.json(), "CreateChatCompletionResponse")
+    for text in (streamed.text, called.text):
+        for line in text.splitlines():
+            if line.startswith("data: {"):
+                conforms_to_openai(json.loads(line[6:]), "CreateChatCompletionStreamResponse")
+    conforms_to_openai(listed.json(), "ListModelsResponse")
+    conforms_to_openai(one.json(), "Model")
+    assert [e.status_code for e in errors] == [401, 404, 400]
+    for error in errors:
+        conforms_to_openai(_openai_error(error.json()), "ErrorResponse")
+
+
+def _openai_error(body: dict[str, Any]) -> dict[str, Any]:
+    """Our OpenAI-shaped error, less the fields of ours it adds (`request_id`, and the
+    list of fields of a schema violation), which clients of OpenAI's shape ignore."""
+    inner = {k: v for k, v in body["error"].items() if k not in ("request_id", "errors")}
+    return {**body, "error": inner}
+
+
+async def test_embeddings_answers_are_openais_schema_strictly(tmp_path: Path) -> None:
+    settings = Settings(api_keys=(CLIENT_KEY,), provider="echo", model="echo")
+    async with client(create_app(settings)) as c:
+        floats = await c.post("/v1/embeddings", json={"model": "echo", "input": ["a b", "c"]})
+        packed = await c.post("/v1/embeddings", json={"model": "echo", "input": "a",
+                                                       "encoding_format": "base64"})  # fmt: skip
+    conforms_to_openai(floats.json(), "CreateEmbeddingResponse")
+    # The document has only the floats; base64 (the SDKs' default) is their float32 bytes.
+    data = packed.json()
+    vector = base64.b64decode(data["data"][0]["embedding"])
+    floats_of = list(struct.unpack(f"<{len(vector) // 4}f", vector))
+    data["data"][0]["embedding"] = floats_of
+    conforms_to_openai(data, "CreateEmbeddingResponse")
