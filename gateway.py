@@ -406,6 +406,8 @@ async def _relayed(
                     for piece in relay.tail():
                         yield piece
                     return
+                for piece in step.lead:
+                    yield piece
                 if step.frame is not None:
                     yield step.frame
                 if step.failed:

@@ -90,14 +90,16 @@ class Step(NamedTuple):
     """One event of a stream passed through, read: the frame for the client (None:
     nothing), the deltas it carries as `chat` reads them, and the sizes of what else it
     carries (other choices, kinds of delta `chat` has no word for), all counted against
-    the cap; and whether it was the answer's last (`last`) or the provider's own error,
-    relayed (`failed`)."""
+    the cap; whether it was the answer's last (`last`) or the provider's own error,
+    relayed (`failed`); and frames of ours to send before it (`lead`: an event the
+    provider left out that the client's SDK needs)."""
 
     frame: bytes | None
     deltas: list[chat.Delta]
     last: bool = False
     failed: bool = False
     more: tuple[int, ...] = ()
+    lead: tuple[bytes, ...] = ()
 
 
 def text_size(value: Any, skip: frozenset[str] = frozenset()) -> int:

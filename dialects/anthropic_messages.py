@@ -446,6 +446,7 @@ class StreamDecoder:
         # With an answer tool forced, text is held until the answer comes (then it is
         # dropped: the answer is the tool's input alone) or the answer ends without it
         # (then it is the answer); past HELD_MOST characters it goes as it comes.
+        self.started = False  # message_start seen (or stood in for)
         self.held: list[str] | None = [] if answer_tool else None
         self.held_size = 0
         self.answered = False
@@ -453,6 +454,11 @@ class StreamDecoder:
     def feed(self, event: str, data: str) -> Iterable[chat.Event]:
         obj = json_object(data)
         kind = event if event != "message" else str(obj.get("type", ""))
+        if not self.started and kind in _CONTENT_EVENTS:
+            # llama.cpp's server may leave message_start out (seen on sampled answers):
+            # the answer starts all the same.
+            self.started = True
+            return (chat.Start(chat.new_id("msg_"), self.model), *self.feed(event, data))
         if kind == "content_block_delta":
             return self._delta(obj)
         if kind == "content_block_start":
@@ -462,6 +468,7 @@ class StreamDecoder:
             if block is not None and block[0] == "tool_use" and block[1] not in self.argued:
                 return (chat.ToolCallDelta(block[1], "{}"),)  # a call with no input
         elif kind == "message_start":
+            self.started = True
             message = obj.get("message") or {}
             self.model = str(message.get("model") or self.model)
             self.usage = usage_of(message.get("usage"), self.usage)
@@ -555,6 +562,11 @@ class StreamDecoder:
         finish = "stop" if self.answer_tool and not self.calls else _finish(native, self.calls > 0)
         return chat.End(finish, self.usage, native, self.stop_sequence)
 
+
+# The events of an answer's content: one before message_start means it was left out.
+_CONTENT_EVENTS = frozenset(
+    {"content_block_start", "content_block_delta", "content_block_stop", "message_delta"}
+)
 
 # The text a stream with a forced answer tool holds back, at most (characters).
 HELD_MOST = 1_000_000
@@ -1028,16 +1040,27 @@ class Relay:
         return self.decoder.model
 
     def read(self, event: str, data: str) -> Step:
+        started = self.decoder.started
         try:
-            deltas = [e for e in self.decoder.feed(event, data) if isinstance(e, chat.Delta)]
+            events = list(self.decoder.feed(event, data))
         except ProviderError:
             return Step(_event(event or "error", json_object(data)), [], failed=True)
+        deltas = [e for e in events if isinstance(e, chat.Delta)]
+        lead: tuple[bytes, ...] = ()
+        if (
+            not started
+            and event != "message_start"
+            and events[:1]
+            and isinstance(events[0], chat.Start)
+        ):  # the provider left message_start out: the client's SDK needs it first
+            message = message_object(events[0].id, self.model, [], Usage(), None)
+            lead = (_event("message_start", {"type": "message_start", "message": message}),)
         more: tuple[int, ...] = ()
         if event == "content_block_delta" and not deltas:  # a kind the decoder does not read
             delta = json_object(data).get("delta")
             if isinstance(delta, dict) and delta.get("type") not in _READ:
                 more = (text_size(delta, frozenset({"type"})),)
-        return Step(reframed(data, event), deltas, last=self.decoder.done, more=more)
+        return Step(reframed(data, event), deltas, last=self.decoder.done, more=more, lead=lead)
 
     def cut(self, sent: int) -> list[bytes]:
         stop = {"type": "content_block_stop", "index": max(self.decoder.blocks, default=0)}

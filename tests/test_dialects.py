@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import jsonschema
 import pytest
+from anthropic.lib.streaming._messages import accumulate_event
 from starlette.applications import Starlette
 
 import chat
@@ -842,3 +843,40 @@ async def test_a_translated_stream_is_cut_at_its_cap_whatever_kind_of_delta_carr
         )
     chunks = chunks_of(r.text)
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+
+
+async def test_a_stream_that_leaves_message_start_out_gets_one() -> None:
+    """llama.cpp's server sometimes starts its /v1/messages stream at content_block_start
+    (sampled answers): passed through, the client's SDK, which needs message_start
+    first, gets one of ours; translated, the answer starts all the same."""
+    events = [
+        ("content_block_start", {"type": "content_block_start", "index": 0,
+                                 "content_block": {"type": "text", "text": ""}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                 "delta": {"type": "text_delta", "text": "Hello"}}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                           "usage": {"input_tokens": 3, "output_tokens": 1}}),
+        ("message_stop", {"type": "message_stop"}),
+    ]  # fmt: skip
+    sse = "".join(f"event: {n}\ndata: {json.dumps(d)}\n\n" for n, d in events)
+    provider = Provider(
+        lambda body: httpx.Response(200, text=sse, headers={"content-type": "text/event-stream"})
+    )
+    ask = {"model": "claude-haiku-4-5", "max_tokens": 20, "stream": True,
+           "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+    async with client(anthropic_app(provider)) as c:
+        relayed = await c.post("/v1/messages", json=ask)
+        translated = await c.post("/v1/chat/completions", json=ask)
+    names = [line[7:] for line in relayed.text.splitlines() if line.startswith("event: ")]
+    assert names == ["message_start", *(n for n, _ in events)]
+    snapshot, buffers = None, dict[int, bytes]()
+    for line in relayed.text.splitlines():
+        if line.startswith("data: "):
+            snapshot = accumulate_event(event=json.loads(line[6:]), current_snapshot=snapshot,
+                                        json_bufs=buffers)  # fmt: skip
+    assert snapshot is not None and snapshot.content[0].text == "Hello"  # type: ignore[union-attr]
+    chunks = chunks_of(translated.text)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == "Hello"

@@ -129,3 +129,16 @@ def test_structured_output_is_json_of_the_schema_through_either_protocol(
     # (its string's length is the grammar's in bytes: random bytes decode as they may)
     assert set(value) == {"city", "n"} and isinstance(value["city"], str)
     assert isinstance(value["n"], int)
+
+
+def test_a_sampled_stream_starts_with_message_start_even_when_the_server_leaves_it_out(
+    services: dict[str, str],
+) -> None:
+    """llama-server leaves message_start out of about one sampled /v1/messages stream in
+    five (seen with this model): passed through, each stream still starts with one."""
+    url = services["anthropic"] + "/v1/messages"
+    for _ in range(20):
+        streamed = httpx.post(url, json={**CHAT, "temperature": 1.0, "stream": True},
+                              headers=AUTH_HEADERS, timeout=30)  # fmt: skip
+        names = [name for name, _ in events(streamed.text) if name != "ping"]
+        assert names[0] == "message_start" and names[-1] == "message_stop"
