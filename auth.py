@@ -166,7 +166,9 @@ class KeyRing:
             return
         self._reading = True
         read = loop.run_in_executor(None, _attempt, self._settings)
-        read.add_done_callback(lambda done: self._put(done.result(), reason))
+        read.add_done_callback(
+            lambda done: self._put(done.result(), reason) if not done.cancelled() else None
+        )
 
     def reload(self, reason: str = "SIGHUP") -> bool:
         """Read the keys again; False (and the previous keys kept) if they do not read.
