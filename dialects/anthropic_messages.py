@@ -1055,11 +1055,8 @@ class Relay:
         ):  # the provider left message_start out: the client's SDK needs it first
             message = message_object(events[0].id, self.model, [], Usage(), None)
             lead = (_event("message_start", {"type": "message_start", "message": message}),)
-        more: tuple[int, ...] = ()
-        if event == "content_block_delta" and not deltas:  # a kind the decoder does not read
-            delta = json_object(data).get("delta")
-            if isinstance(delta, dict) and delta.get("type") not in _READ:
-                more = (text_size(delta, frozenset({"type"})),)
+        # Kinds of delta the decoder does not read, by the size it found them
+        more = tuple(e.size for e in events if isinstance(e, chat.Unread))
         return Step(reframed(data, event), deltas, last=self.decoder.done, more=more, lead=lead)
 
     def cut(self, sent: int) -> list[bytes]:
@@ -1151,9 +1148,6 @@ _PIECES = {
     "thinking_delta": ("thinking", "thinking"),
     "input_json_delta": ("input", "partial_json"),
 }
-
-# The delta kinds the decoder reads (a signature carries no tokens to count).
-_READ = frozenset({"text_delta", "input_json_delta", "thinking_delta", "signature_delta"})
 
 
 def relay(data: dict[str, Any], body: MessagesBody, call: chat.Request) -> Relay:
