@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
 import signal
 import sqlite3
 import time
@@ -16,8 +17,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+import store
 from tests.conftest import AUTH_HEADERS, CLIENT_KEY, Process, openai_env, start_service
 from tests.helpers import POSTGRES_BIN, REDIS, Postgres, Redis
+from usage import Usage
 
 pytestmark = pytest.mark.e2e
 
@@ -72,6 +75,46 @@ def env_for(ledger_url: str, tmp_path: Path, mock: Process, **extra: str) -> dic
     if ledger_url.startswith("postgresql://"):
         env["LEDGER_URL"] = ledger_url  # else unset: the default file in its directory
     return env
+
+
+def test_a_call_without_notes_is_written_with_nulls_and_one_with_them_as_they_are(
+    ledger_url: str,
+) -> None:
+    """A row holds "" and -1 for what a call did not have (sqlite3 binds those as they
+    are, None and bool slowly); the INSERT makes them NULL again, on both databases."""
+    ledger = store.Ledger(store.backend(ledger_url), logger=logging.getLogger("test.ledger"))
+    ledger.open()
+    try:
+        fields = {"key": "k", "route": "/complete", "status": 200, "duration_ms": 1.5}
+        ledger.record(1.0, "bare", fields, {})
+        noted = {"call": type("Call", (), {"model": "m"})(), "upstream": "u", "deployment": "d",
+                 "provider": "p", "error": "upstream_error", "finish_reason": "stop",
+                 "cost_usd": 0.0, "provider_ms": 0.0, "ttft_ms": 2.5, "session": "s",
+                 "usage": Usage(input_tokens=3, estimated=True)}  # fmt: skip
+        ledger.record(2.0, "noted", fields, noted)
+        assert ledger.flush(10.0)
+        nullable = sorted(store.NULL_TEXT | store.NULL_NUMBER)
+        found = ledger.read(
+            f"SELECT request_id, input_tokens, estimated, {', '.join(nullable)} "
+            "FROM calls ORDER BY at"
+        )
+    finally:
+        ledger.close()
+    bare, full = (
+        dict(zip(["request_id", "input_tokens", "estimated", *nullable], r, strict=True))
+        for r in found
+    )
+    assert bare == {
+        "request_id": "bare",
+        "input_tokens": 0,
+        "estimated": False,
+        **dict.fromkeys(nullable),
+    }
+    assert full == {"request_id": "noted", "input_tokens": 3, "estimated": True,
+                    "model": "m", "upstream_model": "u",
+                    "deployment": "d", "provider": "p", "error": "upstream_error",
+                    "finish_reason": "stop", "cost_usd": 0.0, "provider_ms": 0.0,
+                    "ttft_ms": 2.5, "session": "s"}  # fmt: skip
 
 
 def test_sigterm_writes_a_row_for_every_call_in_flight(
