@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, NamedTuple, Protocol
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator
 
@@ -235,6 +236,17 @@ class Decoded:
         if refusal is not None:
             raise refusal
         return chat.with_model(self.request, model)
+
+
+def own_api(origin: str, *hosts: str) -> bool:
+    """Whether a provider is the vendor's own API (one of `hosts`, or a subdomain of one
+    given with a leading dot), not a server that speaks its protocol (llama.cpp's, vLLM,
+    a proxy), which may not honour every field; `origin` is the provider's name and base
+    URL, empty for the standard form."""
+    if not origin:
+        return True
+    host = urlsplit(origin.partition(":")[2]).hostname or ""
+    return any(host == h or (h.startswith(".") and host.endswith(h)) for h in hosts)
 
 
 def json_object(data: str | bytes) -> dict[str, Any]:

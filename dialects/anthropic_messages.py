@@ -47,6 +47,7 @@ from dialects import (
     integral,
     json_object,
     nothing,
+    own_api,
     reframed,
     text_size,
 )
@@ -84,6 +85,8 @@ MIN_BUDGET = 1024
 # Models that take `output_config.format`; others get the forced-tool fallback.
 _STRUCTURED = re.compile(r"^claude-(opus|sonnet|haiku)-(4-[1-9](?![0-9])|[5-9])")
 ANSWER_TOOL = "json_answer"
+# Anthropic's own API, which honours a named `tool_choice`.
+ANTHROPIC_HOSTS = ("api.anthropic.com",)
 _IMAGE_TYPES = {"image/jpeg", "image/png", "image/gif", "image/webp"}
 _ID = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -162,7 +165,12 @@ def encode_request(request: chat.Request, *, stream: bool, origin: str = "") -> 
             raise bad("response_format.json_schema.schema", str(exc)) from None
         body["output_config"] = {"format": {"type": "json_schema", "schema": cut}}
     tools = [_tool(tool) for tool in request.tools]
+    # A server that speaks the protocol but is not Anthropic's (llama.cpp's takes a named
+    # tool as "any" tool) is sent the tool it must call alone: it means the same.
+    alone = not own_api(origin, *ANTHROPIC_HOSTS)
     if forced is not None and form is not None:
+        if alone:
+            tools = []
         description = "Give your answer by calling this tool: its input is the answer."
         tools.append(
             {
@@ -171,9 +179,14 @@ def encode_request(request: chat.Request, *, stream: bool, origin: str = "") -> 
                 "input_schema": dict(form.schema or {"type": "object"}),
             }
         )
-        body["tool_choice"] = {"type": "tool", "name": forced}
+        # One answer: a second call of it would be a second JSON text after the first.
+        body["tool_choice"] = {"type": "tool", "name": forced, "disable_parallel_tool_use": True}
     elif request.tools and request.tool_choice is not None:
-        body["tool_choice"] = _tool_choice(request.tool_choice)
+        choice = request.tool_choice
+        body["tool_choice"] = _tool_choice(choice)
+        named = [t for t in tools if t["name"] == choice.name]
+        if choice.mode == "tool" and named and alone:
+            tools = named
     if tools:
         body["tools"] = tools
     if system:
@@ -402,8 +415,9 @@ def decode_response(
         kind = block.get("type")
         if kind == "text":
             parts.append(chat.Text(str(block.get("text", ""))))
-        elif kind == "tool_use" and block.get("name") == forced and answer is None:
-            answer = chat.Text(jsonio.dumps(block.get("input") or {}).decode())
+        elif kind == "tool_use" and forced and block.get("name") == forced:
+            if answer is None:  # the first call is the answer; a server's second, not
+                answer = chat.Text(jsonio.dumps(block.get("input") or {}).decode())
         elif kind == "tool_use":
             arguments = jsonio.dumps(block.get("input") or {}).decode()
             parts.append(chat.ToolCall(str(block.get("id")), str(block.get("name")), arguments))
@@ -493,8 +507,10 @@ class StreamDecoder:
         block = obj.get("content_block") or {}
         index = integer(obj.get("index"))
         kind = str(block.get("type"))
-        if kind == "tool_use" and block.get("name") == self.answer_tool:
-            self.blocks[index] = ("answer", -1)
+        if kind == "tool_use" and self.answer_tool and block.get("name") == self.answer_tool:
+            # The first call is the answer; a server's second is not read (its input
+            # would be a second JSON text after the first).
+            self.blocks[index] = ("unread" if self.answered else "answer", -1)
             self.held, self.answered = None, True  # the text before it was not the answer
         elif kind == "tool_use":
             self.blocks[index] = ("tool_use", self.calls)
@@ -545,6 +561,8 @@ class StreamDecoder:
                 return ()
             if block == "answer":
                 return (chat.TextDelta(piece),)
+            if block == "unread":
+                return (chat.Unread(len(piece)),)
             self.argued.add(call)
             return (chat.ToolCallDelta(call, piece),)
         if kind == "thinking_delta":

@@ -17,7 +17,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
@@ -37,6 +36,7 @@ from dialects import (
     integer,
     integral,
     json_object,
+    own_api,
     reframed,
     text_size,
 )
@@ -380,6 +380,10 @@ def _reasoning_parts(extra: Mapping[str, Any], where: str) -> list[chat.Part]:
     return [chat.Reasoning(plain)] if isinstance(plain, str) and plain else []
 
 
+# OpenAI's own API (and Azure's), which honours a named `tool_choice`.
+OPENAI_HOSTS = ("api.openai.com", ".openai.com", ".openai.azure.com")
+
+
 def encode_request(request: chat.Request, *, stream: bool, origin: str = "") -> dict[str, Any]:
     """The body for an OpenAI-protocol provider."""
     body: dict[str, Any] = {"model": request.model, "messages": _encode_messages(request.messages)}
@@ -399,7 +403,7 @@ def encode_request(request: chat.Request, *, stream: bool, origin: str = "") -> 
         choice = request.tool_choice
         if choice is not None:
             named = [t for t in body["tools"] if t["function"]["name"] == choice.name]
-            if choice.mode == "tool" and named and not _openais_own(origin):
+            if choice.mode == "tool" and named and not own_api(origin, *OPENAI_HOSTS):
                 # llama.cpp's server (and others) take only a string: "required" with
                 # the one tool offered means the same.
                 body["tools"], body["tool_choice"] = named, "required"
@@ -424,16 +428,6 @@ def encode_request(request: chat.Request, *, stream: bool, origin: str = "") -> 
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
     return body
-
-
-def _openais_own(origin: str) -> bool:
-    """Whether the provider is OpenAI's own API (or Azure's), which honours a named
-    `tool_choice`; `origin` is the provider's name and base URL (none: the standard
-    form)."""
-    if not origin:
-        return True
-    host = urlsplit(origin.partition(":")[2]).hostname or ""
-    return host == "api.openai.com" or host.endswith((".openai.com", ".openai.azure.com"))
 
 
 def _effort(reasoning: chat.ReasoningConfig) -> str:

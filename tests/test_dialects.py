@@ -308,6 +308,7 @@ async def test_a_json_schema_is_a_forced_tool_for_older_models_unwrapped_into_th
     assert "output_config" not in sent and sent["tool_choice"] == {
         "type": "tool",
         "name": "json_answer",
+        "disable_parallel_tool_use": True,
     }
     assert sent["tools"] == [
         {
@@ -660,14 +661,16 @@ STRUCTURED = {
 }
 
 
-def llama_server_answer(body: dict[str, Any]) -> httpx.Response:
-    """What llama-server's /v1/messages answers a forced tool: text first, then the call."""
+def llama_server_answer(body: dict[str, Any], twice: bool = False) -> httpx.Response:
+    """What llama-server's /v1/messages answers a forced tool: text first, then the call;
+    `twice`, a second call after it (llama-server does not read disable_parallel_tool_use)."""
     call = {
         "type": "tool_use",
         "id": "toolu_1",
         "name": body["tool_choice"]["name"],
         "input": {"city": "Paris", "n": 1},
     }
+    again = {**call, "id": "toolu_2", "input": {"city": "Rome", "n": 2}}
     if not body.get("stream"):
         return httpx.Response(
             200,
@@ -676,7 +679,7 @@ def llama_server_answer(body: dict[str, Any]) -> httpx.Response:
                 "type": "message",
                 "role": "assistant",
                 "model": "tiny",
-                "content": [{"type": "text", "text": "Hello world."}, call],
+                "content": [{"type": "text", "text": "Hello world."}, call, *[again][:twice]],
                 "stop_reason": "tool_use",
                 "usage": {"input_tokens": 5, "output_tokens": 9},
             },
@@ -717,6 +720,18 @@ def llama_server_answer(body: dict[str, Any]) -> httpx.Response:
             "delta": {"type": "input_json_delta", "partial_json": '"n": 1}'},
         },
         {"type": "content_block_stop", "index": 1},
+    ]
+    if twice:
+        events += [
+            {"type": "content_block_start", "index": 2, "content_block": {**again, "input": {}}},
+            {
+                "type": "content_block_delta",
+                "index": 2,
+                "delta": {"type": "input_json_delta", "partial_json": '{"city": "Rome", "n": 2}'},
+            },
+            {"type": "content_block_stop", "index": 2},
+        ]
+    events += [
         {
             "type": "message_delta",
             "delta": {"stop_reason": "tool_use"},
@@ -728,8 +743,9 @@ def llama_server_answer(body: dict[str, Any]) -> httpx.Response:
     return httpx.Response(200, text=sse, headers={"content-type": "text/event-stream"})
 
 
-async def test_a_forced_answer_tool_is_the_answer_alone_whole_and_streamed() -> None:
-    provider = Provider(llama_server_answer)
+@pytest.mark.parametrize("twice", [False, True], ids=["one call", "called twice"])
+async def test_a_forced_answer_tool_is_the_answer_alone_whole_and_streamed(twice: bool) -> None:
+    provider = Provider(lambda body: llama_server_answer(body, twice))
     app = anthropic_app(
         provider, model="tiny", models=("tiny",), anthropic_base_url="http://llama.test"
     )
@@ -737,12 +753,15 @@ async def test_a_forced_answer_tool_is_the_answer_alone_whole_and_streamed() -> 
         whole = await c.post("/v1/chat/completions", json=STRUCTURED)
         streamed = await c.post("/v1/chat/completions", json={**STRUCTURED, "stream": True})
     assert provider.bodies[0]["tool_choice"]["name"] == anthropic_messages.ANSWER_TOOL
+    assert provider.bodies[0]["tool_choice"]["disable_parallel_tool_use"] is True
     message = whole.json()["choices"][0]
     assert json.loads(message["message"]["content"]) == {"city": "Paris", "n": 1}
-    assert message["finish_reason"] == "stop"
+    assert message["finish_reason"] == "stop" and "tool_calls" not in message["message"]
     chunks = chunks_of(streamed.text)
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert json.loads(text) == {"city": "Paris", "n": 1}
+    assert not any(c["choices"][0]["delta"].get("tool_calls") for c in chunks if c["choices"])
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "stop"
 
 
 async def test_a_named_tool_choice_is_required_with_that_tool_alone_but_for_openai() -> None:
@@ -782,6 +801,40 @@ async def test_a_named_tool_choice_is_required_with_that_tool_alone_but_for_open
     assert [t["function"]["name"] for t in llama["tools"]] == ["get_time"]
     assert openai["tool_choice"] == {"type": "function", "function": {"name": "get_time"}}
     assert len(openai["tools"]) == 2
+
+
+async def test_a_named_or_forced_tool_goes_alone_to_anthropic_protocol_servers_not_anthropic() -> (
+    None
+):
+    """llama.cpp's /v1/messages takes `{"type": "tool", "name": ...}` as "any tool": to a
+    server other than Anthropic's, the tool that must be called is the only one sent."""
+    tools: list[dict[str, Any]] = [
+        {"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
+        for n in ("get_weather", "get_time")
+    ]
+    named = {
+        "model": "claude-3-5-haiku",
+        "messages": [{"role": "user", "content": "Paris?"}],
+        "tools": tools,
+        "tool_choice": {"type": "function", "function": {"name": "get_time"}},
+    }
+    answered = {**STRUCTURED, "model": "claude-3-5-haiku", "tools": tools}  # fmt: skip
+    sent: dict[str, list[dict[str, Any]]] = {}
+    for base in ("http://llama.test", "https://api.anthropic.com"):
+        provider = Provider(lambda body: llama_server_answer(body))
+        async with client(anthropic_app(provider, anthropic_base_url=base)) as c:
+            for ask in (named, answered):
+                r = await c.post("/v1/chat/completions", json=ask)
+                assert r.status_code == 200, r.text
+        sent[base] = provider.bodies
+    (llama_named, llama_answer), (own_named, own_answer) = sent.values()
+    assert llama_named["tool_choice"] == own_named["tool_choice"] == {
+        "type": "tool", "name": "get_time"}  # fmt: skip
+    assert [t["name"] for t in llama_named["tools"]] == ["get_time"]
+    assert [t["name"] for t in own_named["tools"]] == ["get_weather", "get_time"]
+    assert llama_answer["tool_choice"]["name"] == own_answer["tool_choice"]["name"] == "json_answer"
+    assert [t["name"] for t in llama_answer["tools"]] == ["json_answer"]
+    assert [t["name"] for t in own_answer["tools"]] == ["get_weather", "get_time", "json_answer"]
 
 
 def endless(head: bytes, frame: bytes, times: int) -> Callable[[dict[str, Any]], httpx.Response]:
