@@ -636,6 +636,8 @@ def _detail(part: chat.Reasoning | chat.ReasoningDelta) -> dict[str, Any]:
 
 # Keys of a delta that name or number it, not output.
 _NOT_OUTPUT = frozenset({"role", "index", "type", "id"})
+# What the decoder reads of the first choice's delta; the rest is counted by its size.
+_READ = frozenset({"role", "content", "reasoning_content", "reasoning", "refusal", "tool_calls"})
 
 
 class StreamDecoder:
@@ -681,6 +683,10 @@ class StreamDecoder:
         return events
 
     def _delta(self, delta: dict[str, Any], events: list[chat.Event]) -> None:
+        if not _READ.issuperset(delta):  # a kind not read (audio...): counted, not carried
+            size = text_size({k: v for k, v in delta.items() if k not in _READ})
+            if size:
+                events.append(chat.Unread(size))
         reasoning = delta.get("reasoning_content") or delta.get("reasoning")
         if isinstance(reasoning, str) and reasoning:
             events.append(chat.ReasoningDelta(reasoning, origin=self.origin))
@@ -829,10 +835,11 @@ class Relay:
             self.decoder.done = True
             return Step(None, [], last=True)
         obj = json_object(data)
-        deltas = [e for e in self.decoder.chunk(obj) if isinstance(e, chat.Delta)]
+        events = self.decoder.chunk(obj)
+        deltas = [e for e in events if isinstance(e, chat.Delta)]
         self.model = str(obj.get("model") or self.model)
         self.last = obj
-        more = tuple(_unread(obj))
+        more = tuple(e.size for e in events if isinstance(e, chat.Unread))
         if obj.get("usage") and not self.include_usage and not obj.get("choices"):
             return Step(None, deltas, more=more)  # the usage chunk this client did not ask for
         return Step(reframed(data), deltas, more=more)
@@ -850,33 +857,6 @@ class Relay:
 
     def tail(self) -> list[bytes]:
         return [DONE]
-
-
-# What the decoder reads of the first choice's delta; the rest is counted by its size.
-_READ = frozenset({"role", "content", "reasoning_content", "reasoning", "refusal", "tool_calls"})
-
-
-def _unread(obj: dict[str, Any]) -> list[int]:
-    """The sizes of the deltas the decoder does not read: every choice but the first
-    (`n` > 1), and kinds of delta it has no word for (audio...)."""
-    choices = obj.get("choices")
-    if not isinstance(choices, list) or not choices:
-        return []
-    first = choices[0]
-    if len(choices) == 1 and isinstance(first, dict) and first.get("index", 0) == 0:
-        delta = first.get("delta")
-        if not isinstance(delta, dict) or _READ.issuperset(delta):
-            return []  # the first choice, of kinds the decoder reads: nearly every chunk
-    sizes = []
-    for choice in choices:
-        if not isinstance(choice, dict) or not isinstance(choice.get("delta"), dict):
-            continue
-        delta = choice["delta"]
-        if choice.get("index", 0) != 0:
-            sizes.append(text_size(delta, frozenset({"role"})))
-        elif not _READ.issuperset(delta):
-            sizes.append(text_size({k: v for k, v in delta.items() if k not in _READ}))
-    return sizes
 
 
 def relay(data: dict[str, Any], body: ChatCompletionBody, call: chat.Request) -> Relay:

@@ -851,14 +851,32 @@ def endless(head: bytes, frame: bytes, times: int) -> Callable[[dict[str, Any]],
 
 
 async def test_a_translated_stream_is_cut_at_its_cap_whatever_kind_of_delta_carries_it() -> None:
-    """Another choice's deltas (an OpenAI-compatible server asked for one) and a delta
-    kind no format here reads (Anthropic's citations_delta) count against max_tokens:
+    """Another choice's deltas (an OpenAI-compatible server asked for one) and delta
+    kinds no format here reads (OpenAI's audio, Anthropic's citations_delta) count
+    against max_tokens:
     a provider streaming them without end is stopped there."""
     other_choice = b'data: {"id":"c","model":"m","choices":[{"index":1,"delta":{"content":"' + (
         b"x" * 200 + b'"}}]}\n\n'
     )
     start = b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{"role":"assistant"}}]}\n\n'
     provider = Provider(endless(start, other_choice, 100_000))
+    async with client(openai_app(provider)) as c:
+        r = await c.post(
+            "/v1/messages",
+            json={
+                "model": "gpt-4o-mini",
+                "max_tokens": 20,
+                "stream": True,
+                "messages": [{"role": "user", "content": "go"}],
+            },
+        )
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[-2]["delta"]["stop_reason"] == "max_tokens"
+
+    audio = b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{"audio":{"data":"' + (
+        b"A" * 200 + b'"}}}]}\n\n'
+    )  # the first choice, in a kind of delta no format here reads
+    provider = Provider(endless(start, audio, 100_000))
     async with client(openai_app(provider)) as c:
         r = await c.post(
             "/v1/messages",

@@ -60,6 +60,14 @@ def chat_other_choice() -> Iterator[bytes]:
         yield sse({"id": "c", "model": "m", "choices": [{"index": 1, "delta": {"content": "w "}}]})
 
 
+def chat_audio() -> Iterator[bytes]:
+    """The first choice, in a kind of delta no format here reads, for ever."""
+    yield sse({"id": "c", "model": "m", "choices": [{"index": 0, "delta": {"role": "assistant"}}]})
+    for _ in range(ENDLESS):
+        delta = {"audio": {"data": "A" * 40}}
+        yield sse({"id": "c", "model": "m", "choices": [{"index": 0, "delta": delta}]})
+
+
 def anthropic_citations() -> Iterator[bytes]:
     message: dict[str, Any] = {"id": "msg_1", "type": "message", "role": "assistant", "model": "m",
                "content": [], "stop_reason": None, "usage": {"input_tokens": 5,
@@ -118,6 +126,9 @@ def app_with(transport: httpx.MockTransport, provider: str, **changes: object) -
         ("openai", "/v1/chat/completions",
          {"messages": [{"role": "user", "content": "hi"}], "n": 2}, chat_other_choice,
          b'"finish_reason":"length"'),
+        ("openai", "/v1/chat/completions",
+         {"messages": [{"role": "user", "content": "hi"}]}, chat_audio,
+         b'"finish_reason":"length"'),
         ("anthropic", "/v1/messages",
          {"messages": [{"role": "user", "content": "hi"}]}, anthropic_citations,
          b'"stop_reason":"max_tokens"'),
@@ -126,7 +137,8 @@ def app_with(transport: httpx.MockTransport, provider: str, **changes: object) -
         ("openai", "/v1/responses", {"input": "hi"}, lambda: responses_reasoning("items"),
          b"response.failed"),
     ],
-    ids=["chat-second-choice", "anthropic-citations", "responses-reasoning", "responses-items"],
+    ids=["chat-second-choice", "chat-audio", "anthropic-citations", "responses-reasoning",
+         "responses-items"],
 )  # fmt: skip
 async def test_a_passed_through_stream_is_cut_at_its_cap_whatever_carries_the_output(
     provider: str, path: str, body: dict[str, Any], frames: Any, ending: bytes
