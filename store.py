@@ -283,11 +283,14 @@ def upgrade(conn: Any, db: Backend) -> int:
             raise
 
 
-# A row holds "" for a NULL text and -1 for a NULL number, and `estimated` as 0 or 1,
-# which the INSERT turns back (`insert_sql`): the standard library's sqlite3 binds str,
-# int and float as they are but passes None and bool through its adapters' registry,
-# which looks up a protocol attribute that is not there and formats the AttributeError,
-# each time: 8.7k of a row's 48.7k instructions (bench/README.md). None still works.
+# A row holds "" for a NULL text and -1 for a NULL number, and `estimated` as 0 or 1
+# (an int: PostgreSQL has no `boolean <> integer`), which the INSERT turns back
+# (`insert_sql`): the standard library's sqlite3 binds str, int and float as they are
+# but passes None and bool through its adapters' registry, which looks up a protocol
+# attribute that is not there and formats the AttributeError, each time: 8.7k of a
+# row's 48.7k instructions (bench/README.md). None works as well. So an empty text or
+# a -1 is NULL too: neither is a value a call has (a model, an error, a session id; a
+# cost, a time).
 NULL_TEXT = frozenset(
     {"model", "upstream_model", "deployment", "provider", "error", "finish_reason", "session"}
 )

@@ -554,8 +554,8 @@ def decode_response(
     except (KeyError, IndexError, TypeError):
         raise ProviderError("the provider's answer has no choices") from None
     parts: list[chat.Part] = []
-    reasoning = message.get("reasoning_content") or message.get("reasoning")
-    if isinstance(reasoning, str) and reasoning:
+    reasoning, _ = _reasoning_text(message)
+    if reasoning:
         parts.append(chat.Reasoning(reasoning, origin=origin or None))
     if isinstance(message.get("content"), str) and message["content"]:
         parts.append(chat.Text(message["content"]))
@@ -637,7 +637,34 @@ def _detail(part: chat.Reasoning | chat.ReasoningDelta) -> dict[str, Any]:
 # Keys of a delta that name or number it, not output.
 _NOT_OUTPUT = frozenset({"role", "index", "type", "id"})
 # What the decoder reads of the first choice's delta; the rest is counted by its size.
-_READ = frozenset({"role", "content", "reasoning_content", "reasoning", "refusal", "tool_calls"})
+_READ = frozenset(
+    {"role", "content", "reasoning_content", "reasoning", "reasoning_details", "refusal",
+     "tool_calls"}
+)  # fmt: skip
+
+
+def _reasoning_text(message: Mapping[str, Any]) -> tuple[str, int]:
+    """A provider's reasoning text (of a message or a delta), and the size of what it
+    sends of it that we do not carry: `reasoning_content` (vLLM, DeepSeek) or
+    `reasoning` (OpenRouter, Ollama); else the text of OpenRouter's `reasoning_details`,
+    which repeat `reasoning` when both come, so that it is read, and counted against
+    the cap, once. Their encrypted blocks are only counted: a translated request sends
+    no reasoning back to an OpenAI-protocol provider, so they would have no use."""
+    plain = message.get("reasoning_content") or message.get("reasoning")
+    details = message.get("reasoning_details")
+    if not isinstance(details, list):
+        return (plain if isinstance(plain, str) else ""), 0
+    texts, hidden = [], 0
+    for detail in details:
+        if not isinstance(detail, dict):
+            continue
+        if detail.get("type") == "reasoning.encrypted":
+            hidden += text_size(detail.get("data"))
+        elif isinstance(text := detail.get("text") or detail.get("summary"), str):
+            texts.append(text)
+    if isinstance(plain, str) and plain:
+        return plain, hidden
+    return "".join(texts), hidden
 
 
 class StreamDecoder:
@@ -687,9 +714,11 @@ class StreamDecoder:
             size = text_size({k: v for k, v in delta.items() if k not in _READ})
             if size:
                 events.append(chat.Unread(size))
-        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-        if isinstance(reasoning, str) and reasoning:
+        reasoning, hidden = _reasoning_text(delta)
+        if reasoning:
             events.append(chat.ReasoningDelta(reasoning, origin=self.origin))
+        if hidden:
+            events.append(chat.Unread(hidden))
         text = delta.get("content")
         if isinstance(text, str) and text:
             events.append(chat.TextDelta(text))

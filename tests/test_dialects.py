@@ -876,19 +876,24 @@ async def test_a_translated_stream_is_cut_at_its_cap_whatever_kind_of_delta_carr
     audio = b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{"audio":{"data":"' + (
         b"A" * 200 + b'"}}}]}\n\n'
     )  # the first choice, in a kind of delta no format here reads
-    provider = Provider(endless(start, audio, 100_000))
-    async with client(openai_app(provider)) as c:
-        r = await c.post(
-            "/v1/messages",
-            json={
-                "model": "gpt-4o-mini",
-                "max_tokens": 20,
-                "stream": True,
-                "messages": [{"role": "user", "content": "go"}],
-            },
-        )
-    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
-    assert events[-2]["delta"]["stop_reason"] == "max_tokens"
+    encrypted = (
+        b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{"reasoning_details":'
+        b'[{"type":"reasoning.encrypted","data":"' + b"Z" * 200 + b'"}]}}]}\n\n'
+    )  # reasoning only its origin reads
+    for frame in (audio, encrypted):
+        provider = Provider(endless(start, frame, 100_000))
+        async with client(openai_app(provider)) as c:
+            r = await c.post(
+                "/v1/messages",
+                json={
+                    "model": "gpt-4o-mini",
+                    "max_tokens": 20,
+                    "stream": True,
+                    "messages": [{"role": "user", "content": "go"}],
+                },
+            )
+        events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+        assert events[-2]["delta"]["stop_reason"] == "max_tokens"
 
     citation = (
         b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
@@ -914,6 +919,46 @@ async def test_a_translated_stream_is_cut_at_its_cap_whatever_kind_of_delta_carr
         )
     chunks = chunks_of(r.text)
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+
+
+def openrouter_reasoning(chunks: int, plain: bool) -> bytes:
+    """OpenRouter's stream of reasoning: `reasoning_details` repeating `reasoning`'s
+    text (`plain`) or alone, then the answer."""
+    out = [b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{"role":"assistant"}}]}\n\n']
+    for _ in range(chunks):
+        detail = {"type": "reasoning.text", "text": "abcd", "format": "anthropic-claude-v1",
+                  "index": 0}  # fmt: skip
+        delta: dict[str, Any] = {"reasoning_details": [detail]}
+        if plain:
+            delta["reasoning"] = "abcd"
+        out.append(b"data: " + json.dumps({"id": "c", "model": "m", "choices": [
+            {"index": 0, "delta": delta}]}).encode() + b"\n\n")  # fmt: skip
+    out.append(b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{"content":"done"},'
+               b'"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')  # fmt: skip
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("plain", [True, False], ids=["with reasoning", "details alone"])
+async def test_openrouters_reasoning_details_are_read_once_and_counted_once(plain: bool) -> None:
+    """1,700 reasoning chunks of 4 characters fit in max_tokens 2,000 when counted once;
+    the details that repeat `reasoning` are not counted again (they were, and the
+    answer was cut), and details alone are the reasoning."""
+    sse_body = openrouter_reasoning(1700, plain)
+    provider = Provider(
+        lambda sent: httpx.Response(
+            200, content=sse_body, headers={"content-type": "text/event-stream"}
+        )
+    )
+    async with client(openai_app(provider)) as c:
+        r = await c.post(
+            "/v1/messages",
+            json={"model": "gpt-4o-mini", "max_tokens": 2000, "stream": True,
+                  "messages": [{"role": "user", "content": "go"}]},
+        )  # fmt: skip
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[-2]["delta"]["stop_reason"] == "end_turn"
+    thought = "".join(e["delta"].get("thinking", "") for e in events if e.get("delta"))
+    assert thought == "abcd" * 1700
 
 
 async def test_a_stream_that_leaves_message_start_out_gets_one() -> None:

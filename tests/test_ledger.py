@@ -287,7 +287,7 @@ class Flaky:
 def row(n: int) -> tuple[Any, ...]:
     values: dict[str, Any] = dict.fromkeys(COLUMNS, 0)
     values.update(at=float(n), request_id=f"r{n}", key="k", route="/complete",
-                  estimated=False, duration_ms=1.0)  # fmt: skip
+                  estimated=0, duration_ms=1.0)  # fmt: skip
     return tuple(values[c] for c in COLUMNS)
 
 

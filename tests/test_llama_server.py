@@ -177,19 +177,20 @@ def tools_for(client: str, names: list[str]) -> list[dict[str, object]]:
 def ask_for_tools(
     client: str, names: list[str], choice: str | None
 ) -> tuple[str, dict[str, object]]:
-    """The route and body that offer `names` and require a call (of `choice`, if named)."""
-    tools = tools_for(client, names)
+    """The route and body that offer `names` and require a call (of `choice`, if named),
+    sampled greedily: the model's choice among the tools is then the same every time."""
+    common = {"model": "tiny", "temperature": 0, "tools": tools_for(client, names)}
     if client == "messages":
         picked = {"type": "tool", "name": choice} if choice else {"type": "any"}
-        return "/v1/messages", {"model": "tiny", "max_tokens": 200, "messages": ASK,
-                                "tools": tools, "tool_choice": picked}  # fmt: skip
+        return "/v1/messages", {**common, "max_tokens": 200, "messages": ASK,
+                                "tool_choice": picked}  # fmt: skip
     if client == "responses":
         named = {"type": "function", "name": choice} if choice else "required"
-        return "/v1/responses", {"model": "tiny", "max_output_tokens": 200, "input": ASK,
-                                 "tools": tools, "tool_choice": named}  # fmt: skip
-    named_chat = {"type": "function", "function": {"name": choice}} if choice else "required"
-    return "/v1/chat/completions", {"model": "tiny", "max_tokens": 200, "messages": ASK,
-                                    "tools": tools, "tool_choice": named_chat}  # fmt: skip
+        return "/v1/responses", {**common, "max_output_tokens": 200, "input": ASK,
+                                 "tool_choice": named}  # fmt: skip
+    function = {"type": "function", "function": {"name": choice}} if choice else "required"
+    return "/v1/chat/completions", {**common, "max_tokens": 200, "messages": ASK,
+                                    "tool_choice": function}  # fmt: skip
 
 
 def calls_in(client: str, text: str, stream: bool) -> list[tuple[str, dict[str, object]]]:
@@ -292,7 +293,7 @@ def test_structured_output_through_the_forced_answer_tool_of_the_real_server(
 ) -> None:
     """A JSON schema for a model without output_config.format goes to /v1/messages as the
     forced json_answer tool; the answer is that call's input alone: JSON of the schema."""
-    body = {"model": "tiny", "max_tokens": 200, "messages": ASK, "stream": stream,
+    body = {"model": "tiny", "max_tokens": 200, "messages": ASK, "stream": stream, "temperature": 0,
             "response_format": {"type": "json_schema",
                                 "json_schema": {"name": "weather", "schema": WEATHER}}}  # fmt: skip
     r = httpx.post(callers["anthropic"] + "/v1/chat/completions", json=body,
