@@ -961,6 +961,22 @@ async def test_openrouters_reasoning_details_are_read_once_and_counted_once(plai
     assert thought == "abcd" * 1700
 
 
+async def test_reasoning_details_alone_are_the_reasoning_of_a_whole_answer() -> None:
+    answer = {"id": "c", "object": "chat.completion", "model": "m", "choices": [{
+        "index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "done",
+        "reasoning_details": [{"type": "reasoning.text", "text": "first this",
+                               "format": "anthropic-claude-v1"},
+                              {"type": "reasoning.encrypted", "data": "opaque"}]}}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 5}}  # fmt: skip
+    provider = Provider(lambda sent: httpx.Response(200, json=answer))
+    async with client(openai_app(provider)) as c:
+        r = await c.post("/v1/messages", json={"model": "gpt-4o-mini", "max_tokens": 100,
+                         "messages": [{"role": "user", "content": "go"}]})  # fmt: skip
+    blocks = r.json()["content"]
+    assert [b["type"] for b in blocks] == ["thinking", "text"]
+    assert blocks[0]["thinking"] == "first this" and blocks[1]["text"] == "done"
+
+
 async def test_a_stream_that_leaves_message_start_out_gets_one() -> None:
     """llama.cpp's server sometimes starts its /v1/messages stream at content_block_start
     (sampled answers): passed through, the client's SDK, which needs message_start
